@@ -1,0 +1,44 @@
+# Two commands for a newcomer (see README):
+#   make lab    create .venv, install minillama4 with the course extras, open JupyterLab on notebooks/
+#   make test   create .venv, install everything the tests need, run the whole test suite
+#
+# torch: if the Python that creates the venv already has torch (say, a CUDA build), the venv
+# reuses it through --system-site-packages and nothing reinstalls it. Otherwise TORCH_SPEC is
+# installed first: torch==2.13.0, which pip takes from a local wheel where one is configured
+# (the course's CPU machines) and from PyPI elsewhere. For a CPU-only wheel on a laptop:
+#   make lab TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu"
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+TORCH_PIP_ARGS ?=
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+
+.PHONY: lab test install clean-venv
+
+$(PY):
+	@if $(PYTHON) -c "import torch" 2>/dev/null; then \
+	  echo "torch found in $(PYTHON): the venv will reuse it"; \
+	  $(PYTHON) -m venv --system-site-packages $(VENV); \
+	else \
+	  $(PYTHON) -m venv $(VENV); \
+	fi
+
+$(STAMP): $(PY) pyproject.toml
+	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
+	$(PIP) install -e ".[notebooks,dev]"
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+lab: $(STAMP)
+	$(VENV)/bin/jupyter lab notebooks/
+
+test: $(STAMP)
+	$(PY) -m pytest tests
+	@if ls notebooks/*.ipynb >/dev/null 2>&1; then $(PY) -m pytest --nbval-lax --nbval-cell-timeout=180 notebooks/; \
+	else echo "no notebooks yet: nbval skipped"; fi
+
+clean-venv:
+	rm -rf $(VENV)

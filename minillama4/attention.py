@@ -1,0 +1,108 @@
+"""Grouped-query attention with Llama 4's two layer kinds, and the KV cache.
+
+  RoPE layers: interleaved RoPE on q and k, then (Scout) the weightless QK RMS norm, and
+               chunked causal attention: a token sees only earlier tokens of its own chunk.
+  NoPE layers: no positional encoding, full causal attention, and temperature tuning:
+               queries are scaled up with their absolute position so attention stays sharp
+               over very long contexts.
+
+Axes (einops names used in this file):
+  b batch, t query tokens, s key/value tokens (cache included), h query heads, k kv heads,
+  g query heads per kv head (h = k * g), dh head dim, d model dim
+
+Simplifications: no attention padding mask (batches hold equal-length prompts); the cache keeps
+every position (a chunk ring buffer, like Hugging Face's sliding cache, gives the same result
+with less memory: issue "Full Scout on one H100").
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange, repeat
+from torch import nn
+
+from .config import TextConfig
+from .layers import apply_rope, rms_norm
+
+
+def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, chunk: int | None) -> torch.Tensor:
+    """Boolean [t, s], True where query position q may attend to key position k:
+    causal (k <= q) and, for chunked layers, in the same chunk (q // chunk == k // chunk)."""
+    allowed = k_pos[None, :] <= q_pos[:, None]
+    if chunk is not None:
+        allowed &= (k_pos[None, :] // chunk) == (q_pos[:, None] // chunk)
+    return allowed
+
+
+def nope_temperature(positions: torch.Tensor, floor_scale: int, attn_scale: float) -> torch.Tensor:
+    """Query scale per absolute 0-based position p (fp32), exactly 1 for p < floor_scale - 1:
+    s(p) = 1 + attn_scale * log(floor((p + 1) / floor_scale) + 1)      (Llama 4; arXiv 2501.19399)"""
+    return 1.0 + attn_scale * torch.log1p(torch.floor((positions.float() + 1.0) / floor_scale))
+
+
+class KVCache:
+    """Keys and values for every layer, preallocated for `max_len` positions.
+    `length` is the number of positions already written (the next token's position)."""
+
+    def __init__(self, cfg: TextConfig, batch: int, max_len: int, dtype, device):
+        shape = (batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
+        self.max_len, self.batch, self.length = max_len, batch, 0
+
+    def check_room(self, new_tokens: int, batch: int) -> None:
+        if batch != self.batch:
+            raise ValueError(f"batch of {batch} does not match the KV cache's batch of {self.batch}")
+        if self.length + new_tokens > self.max_len:
+            raise ValueError(f"context of {self.length + new_tokens} tokens is longer than the KV cache "
+                             f"({self.max_len} positions); allocate a larger cache")
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Write k, v ([b, k, t, dh]) at the current positions; return all positions so far."""
+        end = self.length + k.shape[2]
+        self.keys[layer][:, :, self.length:end] = k
+        self.values[layer][:, :, self.length:end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TextConfig, layer: int):
+        super().__init__()
+        self.layer, self.cfg = layer, cfg
+        self.n_heads, self.n_kv, self.dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.use_rope = cfg.uses_rope(layer)
+        self.use_qk_norm = cfg.use_qk_norm and self.use_rope  # never on NoPE layers
+        self.chunk = cfg.attention_chunk_size if cfg.is_chunked(layer) else None
+        self.temperature = cfg.attn_temperature_tuning and not self.use_rope  # only on NoPE layers
+        bias = cfg.attention_bias
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.dh, bias=bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.dh, bias=bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.dh, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * self.dh, cfg.hidden_size, bias=bias)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, freqs_cis: torch.Tensor,
+                cache: KVCache | None = None) -> torch.Tensor:
+        """x [b, t, d] at absolute positions [t] -> [b, t, d]."""
+        q = rearrange(self.q_proj(x), "b t (h dh) -> b t h dh", dh=self.dh)
+        k = rearrange(self.k_proj(x), "b t (k dh) -> b t k dh", dh=self.dh)
+        v = rearrange(self.v_proj(x), "b t (k dh) -> b k t dh", dh=self.dh)
+        if self.use_rope:
+            q, k = apply_rope(q, freqs_cis), apply_rope(k, freqs_cis)
+        if self.use_qk_norm:  # after RoPE, per head over dh, no weight
+            q, k = rms_norm(q, self.cfg.rms_norm_eps), rms_norm(k, self.cfg.rms_norm_eps)
+        if self.temperature:
+            s = nope_temperature(positions, self.cfg.floor_scale, self.cfg.attn_scale)
+            q = (q * rearrange(s, "t -> 1 t 1 1")).to(q.dtype)
+        q = rearrange(q, "b t h dh -> b h t dh")
+        k = rearrange(k, "b t k dh -> b k t dh")
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)
+        k_pos = torch.arange(k.shape[2], device=x.device)
+        mask = attention_mask(positions, k_pos, self.chunk)
+        g = self.n_heads // self.n_kv  # each kv head serves g consecutive query heads
+        k = repeat(k, "b k s dh -> b (k g) s dh", g=g)
+        v = repeat(v, "b k s dh -> b (k g) s dh", g=g)
+        # softmax(q k^T / sqrt(dh) + mask) v      (Vaswani et al. 2017, eq. 1)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.dh**-0.5)
+        return self.o_proj(rearrange(o, "b h t dh -> b t (h dh)"))

@@ -1,0 +1,190 @@
+"""Read and write Hugging Face Llama 4 checkpoint directories (config.json + safetensors).
+
+Accepted layouts:
+  Llama4ForCausalLM               keys model.*, lm_head.*
+  Llama4ForConditionalGeneration  keys language_model.model.*, language_model.lm_head.*, plus
+                                  vision_model.* and multi_modal_projector.* (skipped: the text
+                                  model does not use them)
+  one model.safetensors, or shards listed in model.safetensors.index.json
+
+Loading streams tensor by tensor into a model built on the meta device, so peak host memory is
+about one copy of the model. Names and shapes are checked from the safetensors headers before
+any weight is read. Only safetensors is read: pickle files (.bin/.pt) can run code when loaded,
+and are refused with a message, never opened.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from .config import from_hf_dict, to_hf_dict
+from .model import Llama4Text
+
+INDEX = "model.safetensors.index.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+SKIPPED_PREFIXES = ("vision_model.", "multi_modal_projector.")  # read by the vision issue's model
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def _dtype(dtype):
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r}: expected a torch.dtype or one of {sorted(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def _names(items, limit: int = 12) -> str:
+    items = sorted(items)
+    more = f" ... and {len(items) - limit} more" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more
+
+
+def weight_files(path: Path) -> list[Path]:
+    """The safetensors files of a checkpoint directory, or a clear error."""
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: not a directory (expected a Hugging Face checkpoint folder)")
+    index = path / INDEX
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = sorted(set(weight_map.values()))
+        missing = [f for f in files if not (path / f).exists()]
+        if missing:
+            raise FileNotFoundError(f"{path}: shards listed in {INDEX} are missing: {_names(missing)}")
+        return [path / f for f in files]
+    files = sorted(path.glob("*.safetensors"))
+    if files:
+        return files
+    pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise ValueError(
+            f"{path}: found only pickle checkpoint files ({_names(pickles)}). minillama4 reads "
+            "safetensors only and never unpickles (loading a pickle can run arbitrary code). Convert it "
+            "where you trust the file, e.g. with transformers: model.save_pretrained(dir, safe_serialization=True)")
+    raise FileNotFoundError(f"{path}: no *.safetensors weights found")
+
+
+def _read_headers(files: list[Path]) -> dict[str, tuple[Path, list[int]]]:
+    """key -> (file, shape), from the headers only."""
+    out = {}
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                for key in f.keys():
+                    out[key] = (file, list(f.get_slice(key).get_shape()))
+        except SafetensorError as e:
+            raise ValueError(f"{file}: not a readable safetensors file ({e}); it may be truncated or "
+                             "corrupt: download or save it again") from None
+    return out
+
+
+def _strip(key: str) -> str | None:
+    """Checkpoint key -> our parameter name; None for keys the text model does not use."""
+    if key.startswith(SKIPPED_PREFIXES):
+        return None
+    return key.removeprefix("language_model.")
+
+
+def read_config(path) -> "Llama4Config":  # noqa: F821
+    path = Path(path)
+    cfg_file = path / "config.json"
+    if not cfg_file.exists():
+        raise FileNotFoundError(f"{path}: no config.json (expected a Hugging Face checkpoint folder)")
+    try:
+        return from_hf_dict(json.loads(cfg_file.read_text()))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{cfg_file}: not valid JSON ({e})") from None
+
+
+def from_pretrained(path, dtype=None, device="cpu") -> Llama4Text:
+    """Load a Hugging Face Llama 4 directory. dtype None keeps the stored dtype (bf16 for Meta's)."""
+    path, dtype = Path(path), _dtype(dtype)
+    cfg = read_config(path)
+    headers = _read_headers(weight_files(path))
+    with torch.device("meta"):
+        model = Llama4Text(cfg)
+    expected = {name: list(p.shape) for name, p in model.named_parameters()}
+    plan, unexpected, mismatched = {}, [], []
+    for key, (file, shape) in headers.items():
+        name = _strip(key)
+        if name is None:
+            continue
+        if name not in expected:
+            unexpected.append(key)
+        elif shape != expected[name]:
+            mismatched.append(f"{key} {shape} (expected {expected[name]})")
+        else:
+            plan[name] = (file, key)
+    missing = sorted(set(expected) - set(plan) - {m.split(" ")[0].removeprefix("language_model.") for m in mismatched})
+    problems = [f"{label} ({len(items)}): {_names(items)}" for label, items in
+                (("missing tensors", missing), ("mis-shaped tensors", mismatched), ("unexpected tensors", unexpected)) if items]
+    if problems:
+        raise ValueError(f"{path}: checkpoint does not match its config.json:\n  " + "\n  ".join(problems))
+    by_file: dict[Path, list[tuple[str, str]]] = {}
+    for name, (file, key) in plan.items():
+        by_file.setdefault(file, []).append((name, key))
+    for file, items in by_file.items():
+        with safe_open(str(file), framework="pt") as f:
+            for name, key in items:
+                tensor = f.get_tensor(key).to(device=device, dtype=dtype or None)
+                owner, attr = name.rsplit(".", 1)
+                setattr(model.get_submodule(owner), attr, nn.Parameter(tensor))
+    return model.eval()
+
+
+def _parse_size(size) -> int:
+    if isinstance(size, int):
+        return size
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    s = str(size).strip().upper()
+    for unit, mult in sorted(units.items(), key=lambda kv: -len(kv[0])):
+        if s.endswith(unit):
+            return int(float(s[: -len(unit)]) * mult)
+    return int(s)
+
+
+def save_pretrained(model: Llama4Text, path, max_shard_size="5GB", form: str = "v5") -> None:
+    """Write config.json and safetensors (sharded above max_shard_size) as transformers'
+    Llama4ForCausalLM.save_pretrained does, so transformers and from_pretrained both load it.
+    New files are written under temporary names and renamed at the end, so a failed save leaves
+    an earlier checkpoint in the folder intact."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    limit = _parse_size(max_shard_size)
+    shards, current, size = [], {}, 0
+    for name, tensor in model.state_dict().items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if current and size + nbytes > limit:
+            shards.append(current)
+            current, size = {}, 0
+        current[name] = tensor.detach().contiguous().cpu()
+        size += nbytes
+    shards.append(current)
+    n = len(shards)
+    names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    written = []
+    for fname, shard in zip(names, shards):
+        save_file(shard, str(path / (fname + ".tmp")), metadata={"format": "pt"})
+        written.append(fname)
+    dtype = str(model.dtype).removeprefix("torch.")
+    config = to_hf_dict(model.config, form, text_only=True, dtype=dtype)
+    (path / "config.json.tmp").write_text(json.dumps(config, indent=2))
+    if n > 1:
+        weight_map = {k: fname for fname, shard in zip(names, shards) for k in shard}
+        total = sum(t.numel() * t.element_size() for shard in shards for t in shard.values())
+        (path / (INDEX + ".tmp")).write_text(json.dumps({"metadata": {"total_size": total},
+                                                         "weight_map": weight_map}, indent=2))
+        written.append(INDEX)
+    for old in list(path.glob("model*.safetensors")) + [path / INDEX]:
+        if old.exists() and old.name not in written:
+            old.unlink()  # stale shards of an earlier save would shadow or mix with the new weights
+    for fname in written + ["config.json"]:
+        os.replace(path / (fname + ".tmp"), path / fname)

@@ -1,0 +1,146 @@
+"""The Llama 4 text model: embeddings, decoder layers, final norm, lm_head.
+
+    h = embed(ids)
+    for each layer:  h = h + attention(norm(h))      RoPE+chunked or NoPE+temperature (attention.py)
+                     h = h + ffn(norm(h))            MoE (moe.py) or dense SwiGLU (Maverick's even layers)
+    logits = lm_head(norm(h))
+
+Module names match the Hugging Face `Llama4ForCausalLM` state dict (`model.layers.0.self_attn.q_proj`,
+`lm_head`, ...), so checkpoints load without renaming. Axes: b batch, t tokens, d model dim, v vocab.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .attention import Attention, KVCache
+from .config import Llama4Config, TextConfig
+from .layers import RMSNorm, SwiGLU, rope_angles, rope_inv_freq
+from .moe import DISPATCH_MODES, MoE
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: TextConfig, layer: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.feed_forward = MoE(cfg, layer) if cfg.is_moe(layer) else SwiGLU(cfg.hidden_size, cfg.intermediate_size_mlp)
+
+    def forward(self, h, positions, freqs_cis, cache=None):
+        h = h + self.self_attn(self.input_layernorm(h), positions, freqs_cis, cache)
+        return h + self.feed_forward(self.post_attention_layernorm(h))
+
+
+class TextBackbone(nn.Module):
+    """Named `model` inside Llama4Text, as in Hugging Face."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class Llama4Text(nn.Module):
+    """Llama 4 language model (Hugging Face `Llama4ForCausalLM`): model(ids) -> logits [b, t, v]."""
+
+    def __init__(self, config: TextConfig | Llama4Config):
+        super().__init__()
+        self.config = config if isinstance(config, Llama4Config) else Llama4Config(text=config, vision=None)
+        self.cfg = self.config.text
+        self.model = TextBackbone(self.cfg)
+        self.lm_head = nn.Linear(self.cfg.hidden_size, self.cfg.vocab_size, bias=False)
+        self.trace = None  # the active RouterTrace, if any
+
+    # ----------------------------------------------------------------- construction
+    @classmethod
+    def random(cls, config, seed: int = 0, dtype=torch.float32, device="cpu") -> "Llama4Text":
+        """Random weights like Hugging Face's init: normal(0, initializer_range), norms at 1."""
+        torch.manual_seed(seed)
+        model = cls(config).to(device=device, dtype=dtype)
+        model.init_weights()
+        return model
+
+    @torch.no_grad()
+    def init_weights(self):
+        std = self.cfg.initializer_range
+        for name, p in self.named_parameters():
+            if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif name.endswith(".bias"):
+                p.zero_()
+            else:
+                p.normal_(0.0, std)
+
+    def set_dispatch(self, mode: str) -> "Llama4Text":
+        """Choose the MoE dispatch path: "fast" (default) or "reference" (loop over experts)."""
+        if mode not in DISPATCH_MODES:
+            raise ValueError(f"dispatch={mode!r}: expected one of {DISPATCH_MODES}")
+        for m in self.modules():
+            if isinstance(m, MoE):
+                m.dispatch = mode
+        return self
+
+    @property
+    def device(self):
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self):
+        return self.lm_head.weight.dtype
+
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        return KVCache(self.cfg, batch, max_len, self.dtype, self.device)
+
+    # ----------------------------------------------------------------- forward
+    def check_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if not isinstance(input_ids, torch.Tensor):
+            input_ids = torch.as_tensor(input_ids)
+        if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
+            raise TypeError(f"input_ids must be integer token ids, got dtype {input_ids.dtype}")
+        if input_ids.dim() == 1:
+            input_ids = input_ids[None]
+        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+            raise ValueError(f"input_ids must have shape [batch, tokens] with tokens > 0, got {tuple(input_ids.shape)}")
+        lo, hi = int(input_ids.min()), int(input_ids.max())
+        if lo < 0 or hi >= self.cfg.vocab_size:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"token id {bad} is out of range for vocab_size={self.cfg.vocab_size}")
+        return input_ids.to(self.device)
+
+    def forward(self, input_ids, cache: KVCache | None = None, inputs_embeds: torch.Tensor | None = None,
+                is_image: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids [b, t] (or [t]) -> logits [b, t, v]. With a cache, positions continue from
+        cache.length and the cache advances by t. `inputs_embeds` replaces the embedding lookup
+        (early fusion puts image features there); `is_image` marks those tokens for the trace."""
+        input_ids = self.check_ids(input_ids)
+        b, t = input_ids.shape
+        start = 0
+        if cache is not None:
+            cache.check_room(t, b)
+            start = cache.length
+        positions = torch.arange(start, start + t, device=self.device)
+        h = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        if self.trace is not None:
+            self.trace.begin(input_ids, positions, torch.zeros_like(input_ids, dtype=torch.bool) if is_image is None else is_image)
+        freqs_cis = rope_angles(positions, rope_inv_freq(self.cfg, self.device))
+        for layer in self.model.layers:
+            h = layer(h, positions, freqs_cis, cache)
+        if cache is not None:
+            cache.length += t
+        return self.lm_head(self.model.norm(h))
+
+    # ----------------------------------------------------------------- conveniences
+    def generate(self, input_ids, max_new_tokens: int, **kwargs) -> torch.Tensor:
+        """Greedy by default; see minillama4.generate.generate for sampling and stop tokens."""
+        from .generate import generate
+
+        return generate(self, input_ids, max_new_tokens, **kwargs)
+
+    def save_pretrained(self, path, **kwargs) -> None:
+        """Write a Hugging Face directory (config.json + safetensors) that transformers loads."""
+        from .checkpoint import save_pretrained
+
+        save_pretrained(self, path, **kwargs)
