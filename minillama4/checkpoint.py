@@ -95,6 +95,8 @@ def _strip(key: str) -> str | None:
 
 def read_config(path) -> "Llama4Config":  # noqa: F821
     path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: not a directory (expected a Hugging Face checkpoint folder)")
     cfg_file = path / "config.json"
     if not cfg_file.exists():
         raise FileNotFoundError(f"{path}: no config.json (expected a Hugging Face checkpoint folder)")

@@ -167,8 +167,8 @@ class VisionConfig:
         if self.image_size % self.patch_size:
             bad("patch_size", f"must divide image_size={self.image_size}")
         side = self.image_size // self.patch_size
-        shuffle = round(1 / self.pixel_shuffle_ratio) if self.pixel_shuffle_ratio > 0 else 0
-        if shuffle < 1 or side % shuffle:
+        shuffle = 1 / self.pixel_shuffle_ratio if self.pixel_shuffle_ratio > 0 else 0
+        if shuffle < 1 or abs(shuffle - round(shuffle)) > 1e-6 or side % round(shuffle):
             bad("pixel_shuffle_ratio", f"1/ratio must divide the {side}-patch grid side")
 
 
@@ -279,11 +279,10 @@ def text_config_to_hf(t: TextConfig, form: str = "v5") -> dict:
 def to_hf_dict(cfg: Llama4Config, form: str = "v5", text_only: bool | None = None,
                dtype: str = "bfloat16") -> dict:
     """Write a Hugging Face config.json dict. `form` is "v5" (rope_parameters) or "legacy"
-    (rope_theta + rope_scaling, attn_temperature_tuning as the int 4 like the 4.51 configs).
+    (rope_theta + rope_scaling, as the hub files written with transformers 4.51). We always write
+    attn_temperature_tuning as a bool: transformers 5.x rejects the int 4 that old configs hold.
     `dtype` is the stored weights' dtype (transformers loads in it by default)."""
     text = text_config_to_hf(cfg.text, form)
-    if form == "legacy":
-        text["attn_temperature_tuning"] = 4 if cfg.text.attn_temperature_tuning else 0
     text_only = cfg.vision is None if text_only is None else text_only
     if text_only:
         return {"architectures": ["Llama4ForCausalLM"], "model_type": "llama4_text",

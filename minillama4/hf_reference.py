@@ -1,0 +1,40 @@
+"""The same weights in Hugging Face transformers' Llama 4, for parity tests and benchmarks.
+
+transformers is a test/benchmark dependency only: this module imports it when called, and
+`import minillama4` never imports this module.
+"""
+
+from __future__ import annotations
+
+from .config import to_hf_dict
+
+
+def hf_text_config(cfg, attn_implementation: str = "sdpa"):
+    """Our TextConfig / Llama4Config -> transformers.Llama4TextConfig."""
+    from transformers import Llama4TextConfig
+
+    from .config import Llama4Config
+
+    full = cfg if isinstance(cfg, Llama4Config) else Llama4Config(text=cfg, vision=None)
+    d = to_hf_dict(full, text_only=True)
+    for key in ("architectures", "model_type", "torch_dtype"):
+        d.pop(key)
+    hcfg = Llama4TextConfig(**d)
+    hcfg._attn_implementation = attn_implementation
+    return hcfg
+
+
+def to_transformers(model, attn_implementation: str = "sdpa"):
+    """A transformers Llama4ForCausalLM holding exactly our model's weights (same dtype, device)."""
+    import torch
+    from transformers import Llama4ForCausalLM
+    from transformers.models.llama4.modeling_llama4 import Llama4TextRotaryEmbedding
+
+    hcfg = hf_text_config(model.config, attn_implementation)
+    with torch.device("meta"):  # no random init: every weight comes from our model
+        hf = Llama4ForCausalLM(hcfg)
+    hf.load_state_dict(model.state_dict(), strict=True, assign=True)
+    with torch.device(model.device):  # the one non-persistent buffer (inv_freq), rebuilt for real
+        hf.model.rotary_emb = Llama4TextRotaryEmbedding(hcfg)
+    hf.generation_config.eos_token_id = None  # generate exactly max_new_tokens, like ours without stops
+    return hf.eval()

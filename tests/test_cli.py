@@ -1,0 +1,176 @@
+"""The `minillama4` command line, called in-process through main(argv)."""
+
+import json
+import os
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+import minillama4
+from minillama4.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_params_scout_json_exact(capsys):
+    code, out, _ = run(capsys, "params", "scout", "--json")
+    d = json.loads(out)
+    assert code == 0
+    assert d["total"] == 108_641_793_536 == d["published_total"]
+    assert d["text_total"] == 107_769_861_120
+    assert d["vision_total"] == 871_932_416
+    assert d["total"] == sum(c["total"] for c in d["components"].values())
+    assert set(d["memory_gib"]) == {"bf16", "fp8", "int4"}
+
+
+def test_params_maverick_json_exact(capsys):
+    code, out, _ = run(capsys, "params", "maverick", "--json")
+    assert code == 0 and json.loads(out)["total"] == 401_583_781_376
+
+
+def test_params_table(capsys):
+    code, out, _ = run(capsys, "params", "scout")
+    assert code == 0
+    assert "108,641,793,536" in out and "bf16" in out and "int4" in out and "GiB" in out
+    assert "exact match" in out and "text.routed_experts" in out
+
+
+def test_params_behemoth_is_marked_illustrative(capsys):
+    code, out, _ = run(capsys, "params", "behemoth")
+    assert code == 0 and "illustrative" in out.lower()
+    code, out, _ = run(capsys, "params", "behemoth", "--json")
+    assert code == 0 and "illustrative" in json.loads(out)["note"].lower()
+
+
+def _routing_rows(out):
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("layer")) + 2
+    return [line.split() for line in lines[start:] if line.strip()]
+
+
+def test_generate_preset(capsys):
+    code, out, err = run(capsys, "generate", "--preset", "tiny", "--prompt", "hi", "--max-new-tokens", "5")
+    assert code == 0, err
+    assert "RANDOM" in out and "gibberish" in out
+    rows = _routing_rows(out)
+    assert [r[0] for r in rows] == ["0", "1", "2", "3"]  # tiny: every layer is MoE
+    assert all(int(r[1]) > 0 for r in rows)
+
+
+def test_generate_deterministic_with_seed(capsys):
+    argv = ["generate", "--preset", "tiny", "--prompt", "hello", "--max-new-tokens", "6",
+            "--temperature", "1.0", "--top-p", "0.9", "--seed", "7"]
+    first = run(capsys, *argv)
+    assert first[0] == 0
+    assert run(capsys, *argv) == first
+
+
+def test_trace_one_row_per_token(capsys):
+    code, out, err = run(capsys, "trace", "--preset", "tiny", "--prompt", "abc")
+    assert code == 0, err
+    lines = out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("pos"))
+    assert lines[header].split() == ["pos", "token", "L0", "L1", "L2", "L3"]
+    rows = [line.split() for line in lines[header + 2:] if line.strip()]
+    assert [r[:2] for r in rows] == [["0", "<|begin_of_text|>"], ["1", "a"], ["2", "b"], ["3", "c"]]
+    assert all(0 <= int(x) < 4 for r in rows for x in r[2:])
+
+
+def test_trace_layers(capsys):
+    code, out, _ = run(capsys, "trace", "--preset", "tiny", "--prompt", "abc", "--layers", "1,3")
+    header = next(line for line in out.splitlines() if line.startswith("pos"))
+    assert code == 0 and header.split() == ["pos", "token", "L1", "L3"]
+    code, _, err = run(capsys, "trace", "--preset", "tiny", "--prompt", "abc", "--layers", "9")
+    assert code == 2 and err.startswith("error:")
+
+
+def test_checkpoint(capsys, tmp_path):
+    minillama4.Llama4Text.random(minillama4.configs.tiny()).save_pretrained(tmp_path)
+    code, out, err = run(capsys, "generate", "--checkpoint", str(tmp_path), "--prompt", "hi",
+                         "--max-new-tokens", "3")
+    assert code == 0, err
+    assert "checkpoint" in out and len(_routing_rows(out)) == 4
+    # same weights as the preset with seed 0, so the same routing
+    code, preset_out, _ = run(capsys, "generate", "--preset", "tiny", "--prompt", "hi", "--max-new-tokens", "3")
+    assert _routing_rows(out) == _routing_rows(preset_out)
+    code, out, err = run(capsys, "trace", "--checkpoint", str(tmp_path), "--prompt", "hi", "--dtype", "bf16")
+    assert code == 0, err
+
+
+@pytest.mark.parametrize("argv", [
+    ["params", "nope"],
+    ["generate", "--preset", "nope", "--prompt", "x"],
+    ["generate", "--preset", "scout", "--prompt", "x"],  # far too big for random weights
+    ["generate", "--checkpoint", "/definitely/not/here", "--prompt", "x"],
+    ["generate", "--preset", "tiny", "--prompt", ""],
+    ["trace", "--preset", "tiny", "--prompt", ""],
+    ["generate", "--preset", "tiny", "--prompt", "x", "--top-p", "0"],  # ValueError from the library
+    ["generate", "--prompt", "x"],  # neither --preset nor --checkpoint
+    [],
+])
+def test_bad_input_exits_2_with_one_line_error(capsys, argv):
+    code, _, err = run(capsys, *argv)
+    assert code == 2
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1
+    assert "Traceback" not in err
+
+
+def test_empty_checkpoint_dir(capsys, tmp_path):
+    code, _, err = run(capsys, "generate", "--checkpoint", str(tmp_path), "--prompt", "x")
+    assert code == 2 and err.startswith("error:") and "config.json" in err
+
+
+def test_help_exits_0(capsys):
+    assert main(["--help"]) == 0
+    assert "generate" in capsys.readouterr().out
+
+
+def test_doctor(capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "nbval", None)  # import fails: must be reported, not raised
+    code, out, _ = run(capsys, "doctor")
+    assert code == 0
+    assert "OK       torch:" in out and "python" in out
+    assert "MISSING  nbval" in out
+    for name in ("einops", "safetensors", "numpy", "jupyterlab", "ipywidgets", "plotly", "pytest",
+                 "transformers", "jupyterlab_widgets", "cuda", "ram", "torch threads"):
+        assert name in out
+
+
+def test_bench_forwards_all_arguments(capsys, monkeypatch):
+    seen = []
+    fake = types.ModuleType("minillama4.bench")
+    fake.main = lambda argv=None: seen.append(argv) or 0
+    monkeypatch.setitem(sys.modules, "minillama4.bench", fake)
+    assert main(["bench", "--help", "--steps", "3", "extra"]) == 0
+    assert seen == [["--help", "--steps", "3", "extra"]]
+
+
+def test_import_does_not_pull_optional_packages():
+    code = ("import minillama4.cli, sys; bad = [m for m in ('transformers', 'plotly', 'ipywidgets', "
+            "'jupyterlab') if m in sys.modules]; assert not bad, bad")
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def test_bench_help_returns_instead_of_raising(capsys, monkeypatch):
+    def fake_main(argv=None):
+        raise SystemExit(0)
+
+    monkeypatch.setitem(sys.modules, "minillama4.bench", types.SimpleNamespace(main=fake_main))
+    assert main(["bench", "--help"]) == 0
+
+
+def test_bench_missing_module_is_an_error(capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "minillama4.bench", None)
+    code, _, err = run(capsys, "bench")
+    assert code == 2 and err.startswith("error:") and "bench" in err

@@ -1,0 +1,90 @@
+"""The MoE block: both dispatch paths agree with each other and with the dense definition."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import small_text
+
+from minillama4.moe import MoE
+
+
+def make(top_k=1, experts=4, seed=0):
+    torch.manual_seed(seed)
+    moe = MoE(small_text(num_local_experts=experts, num_experts_per_tok=top_k), layer=0)
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    return moe
+
+
+def dense_definition(moe, x):
+    """What Hugging Face computes: every expert on every token, unchosen experts gated by 0."""
+    x = x.reshape(-1, x.shape[-1])
+    logits = moe.router(x)
+    top, ids = logits.topk(moe.top_k, dim=-1)
+    gates = torch.zeros_like(logits).scatter_(1, ids, torch.sigmoid(top))
+    out = moe.shared_expert(x)
+    for e in range(moe.n_experts):
+        gate, up = (x * gates[:, e:e + 1] @ moe.experts.gate_up_proj[e]).chunk(2, -1)
+        out = out + (up * F.silu(gate)) @ moe.experts.down_proj[e]
+    return out
+
+
+@pytest.mark.parametrize("top_k, experts, tokens", [(1, 4, 37), (2, 6, 37), (3, 8, 5), (1, 16, 1), (4, 4, 9)])
+def test_fast_equals_reference_equals_dense(top_k, experts, tokens):
+    moe = make(top_k, experts)
+    x = torch.randn(1, tokens, 64)
+    with torch.no_grad():
+        moe.dispatch = "reference"
+        ref = moe(x)
+        moe.dispatch = "fast"
+        fast = moe(x)
+        dense = dense_definition(moe, x)
+    torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ref.reshape(-1, 64), dense, rtol=1e-5, atol=1e-6)
+
+
+def test_fast_path_handles_unbalanced_and_idle_experts():
+    moe = make(1, 8)
+    with torch.no_grad():
+        moe.router.weight.zero_()
+        moe.router.weight[5, 0] = 10.0  # almost every token prefers expert 5
+        x = torch.randn(2, 20, 64).abs()
+        moe.dispatch = "reference"
+        ref = moe(x)
+        moe.dispatch = "fast"
+        torch.testing.assert_close(moe(x), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_gate_scales_the_expert_input_not_output():
+    """Llama 4 multiplies the expert's input by sigmoid(logit); scaling the output instead
+    (the bug several inference engines shipped) gives a different answer, since SwiGLU is not
+    homogeneous."""
+    moe = make(1, 4)
+    x = torch.randn(1, 7, 64)
+    with torch.no_grad():
+        logits, ids, gates = moe.route(x[0])
+        expected = moe.shared_expert(x[0])
+        wrong = expected.clone()
+        for n in range(7):
+            e = int(ids[n, 0])
+            expected[n] += moe.experts.one(e, x[0, n:n + 1] * gates[n])[0]
+            wrong[n] += gates[n] * moe.experts.one(e, x[0, n:n + 1])[0]
+        got = moe(x)[0]
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    assert (got - wrong).abs().max() > 1e-3
+    assert torch.all((gates > 0) & (gates < 1))  # sigmoid, not renormalised softmax
+    assert torch.equal(ids[:, 0], logits.argmax(-1))  # top-1 on raw logits
+
+
+def test_gradients_flow_through_both_paths():
+    moe = make(2, 4)
+    x = torch.randn(1, 9, 64)
+    grads = []
+    for mode in ("reference", "fast"):
+        moe.zero_grad()
+        moe.dispatch = mode
+        moe(x).square().sum().backward()
+        grads.append(moe.experts.gate_up_proj.grad.clone())
+    scale = grads[0].abs().max()
+    assert scale > 0
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-5 * float(scale))

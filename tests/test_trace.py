@@ -1,0 +1,55 @@
+"""RouterTrace records what the router decided, and costs nothing when off."""
+
+import pytest
+import torch
+from helpers import small_text
+
+import minillama4 as ml4
+from minillama4.trace import load_stats
+
+
+@pytest.fixture(scope="module")
+def model():
+    return ml4.Llama4Text.random(small_text(num_experts_per_tok=2, num_local_experts=6), seed=2)
+
+
+def test_trace_records_every_moe_layer_and_token(model):
+    ids = torch.randint(0, 320, (2, 9))
+    with ml4.RouterTrace(model) as trace:
+        logits = model(ids)
+    assert trace.moe_layers == [0, 1, 2, 3]
+    for layer in trace.moe_layers:
+        ids_l = trace.expert_ids(layer)
+        assert ids_l.shape == (18, 2) and trace.gates(layer).shape == (18, 2)
+        assert torch.equal(ids_l, trace.logits(layer).topk(2, dim=-1).indices)
+        assert torch.allclose(trace.gates(layer), torch.sigmoid(trace.logits(layer).topk(2, dim=-1).values))
+        assert int(trace.load(layer).sum()) == 36
+    assert torch.equal(trace.token_ids(), ids.flatten())
+    assert trace.positions().tolist() == list(range(9)) * 2
+    assert not trace.is_image().any()
+    # tracing does not change the output, and the model is clean afterwards
+    with torch.no_grad():
+        assert torch.equal(model(ids), logits.detach())
+    assert model.trace is None and all(getattr(m, "trace", None) is None for m in model.modules())
+
+
+def test_trace_follows_generation(model):
+    with ml4.RouterTrace(model) as trace:
+        out = model.generate([[1, 2, 3]], 5)
+    assert trace.positions().tolist() == list(range(7))  # prompt, then one per step (last not fed back)
+    assert torch.equal(trace.token_ids(), out[0, :7])
+    rows = trace.table(ml4.ByteTokenizer())
+    assert len(rows) == 7 and set(rows[0]) >= {"position", "token", "L0", "L3"}
+
+
+def test_load_stats():
+    s = load_stats(torch.tensor([5, 5, 5, 5]))
+    assert s["max_over_mean"] == 1.0 and s["cv"] == 0.0 and abs(s["entropy_frac"] - 1) < 1e-6
+    s = load_stats(torch.tensor([20, 0, 0, 0]))
+    assert s["max_over_mean"] == 4.0 and s["entropy"] == 0.0
+
+
+def test_nested_traces_refused(model):
+    with ml4.RouterTrace(model):
+        with pytest.raises(RuntimeError, match="already active"):
+            ml4.RouterTrace(model).__enter__()
