@@ -19,7 +19,8 @@ What is measured, and how:
   for the experts not chosen: a dense MoE). The candidates are timed in interleaved rounds
   (A, B, C, A, B, C, ...) after warmup rounds, so a slow patch of the machine hits all of them.
 * Decode throughput: greedy `generate` of N new tokens from a short prompt with a KV cache
-  (ours: `model.generate`; transformers: `hf.generate(..., min_new_tokens=N, do_sample=False)`).
+  (ours: `model.generate`, with each MoE dispatch; transformers:
+  `hf.generate(..., min_new_tokens=N, do_sample=False)`), timed in interleaved rounds.
   Both do one prefill that yields the first new token, then N - 1 one-token forwards. We time
   the whole generate call and, separately, a prefill of the prompt into a fresh cache, and report
     decode tokens/s     = (N - 1) / (median generate time - median prefill time)
@@ -85,6 +86,7 @@ def machine_info(device: str | torch.device = "cpu") -> dict:
         "python": platform.python_version(),
         "date": _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
         "device": str(device),
+        "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
     }
     if torch.device(device).type == "cuda" and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(torch.device(device))
@@ -241,7 +243,7 @@ def bench_forward(ours: Llama4Text, hf, tokens: int = 256, batch: int = 1, warmu
     out = {"batch": batch, "tokens": tokens, "warmup": warmup, "repeats": repeats, "results": {}}
     for name, ts in times.items():
         med = _median(ts)
-        out["results"][name] = {"median_s": med, "tokens_per_s": n / med, "times_s": ts}
+        out["results"][name] = {"median_s": med, "min_s": min(ts), "tokens_per_s": n / med, "times_s": ts}
     tf = out["results"]["transformers"]["tokens_per_s"]
     for name in ("ours_fast", "ours_reference"):
         out["results"][name]["speedup_vs_transformers"] = out["results"][name]["tokens_per_s"] / tf
@@ -251,26 +253,27 @@ def bench_forward(ours: Llama4Text, hf, tokens: int = 256, batch: int = 1, warmu
 @torch.inference_mode()
 def bench_decode(ours: Llama4Text, hf, new_tokens: int = 64, prompt_tokens: int = 16, batch: int = 1,
                  warmup: int = 1, repeats: int = 7, seed: int = 1) -> dict:
-    """Greedy generation with a KV cache: decode-phase and end-to-end tokens/s (see module doc)."""
+    """Greedy generation with a KV cache: decode-phase and end-to-end tokens/s (see module doc),
+    for ours with each MoE dispatch and for transformers."""
     if new_tokens < 1:
         raise ValueError(f"new_tokens={new_tokens} must be >= 1")
     prompt = random_ids(ours.cfg.vocab_size, batch, prompt_tokens, seed, ours.device)
     previous = _dispatch_of(ours)
-    ours.set_dispatch("fast")
-    fns = {
-        "ours_generate": lambda: ours.generate(prompt, new_tokens),
-        "ours_prefill": lambda: ours(prompt, cache=ours.new_cache(batch, prompt_tokens + new_tokens)),
-        "transformers_generate": lambda: _hf_generate(hf, prompt, new_tokens),
-        "transformers_prefill": lambda: hf(prompt, attention_mask=torch.ones_like(prompt), use_cache=True),
-    }
+    fns, setup = {}, {}
+    for who, mode in (("ours_fast", "fast"), ("ours_reference", "reference")):
+        fns[f"{who}_generate"] = lambda: ours.generate(prompt, new_tokens)
+        fns[f"{who}_prefill"] = lambda: ours(prompt, cache=ours.new_cache(batch, prompt_tokens + new_tokens))
+        setup[f"{who}_generate"] = setup[f"{who}_prefill"] = lambda mode=mode: ours.set_dispatch(mode)
+    fns["transformers_generate"] = lambda: _hf_generate(hf, prompt, new_tokens)
+    fns["transformers_prefill"] = lambda: hf(prompt, attention_mask=torch.ones_like(prompt), use_cache=True)
     try:
         with _quiet_transformers():
-            times = time_interleaved(fns, warmup, repeats, ours.device)
+            times = time_interleaved(fns, warmup, repeats, ours.device, setup)
     finally:
         ours.set_dispatch(previous)
     out = {"batch": batch, "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "warmup": warmup,
            "repeats": repeats, "results": {}}
-    for who in ("ours", "transformers"):
+    for who in ("ours_fast", "ours_reference", "transformers"):
         gen, pre = _median(times[f"{who}_generate"]), _median(times[f"{who}_prefill"])
         decode_s = gen - pre
         steps = new_tokens - 1  # one-token forwards after the prefill
@@ -284,9 +287,11 @@ def bench_decode(ours: Llama4Text, hf, new_tokens: int = 64, prompt_tokens: int 
             "generate_times_s": times[f"{who}_generate"],
             "prefill_times_s": times[f"{who}_prefill"],
         }
-    o, t = out["results"]["ours"], out["results"]["transformers"]
-    out["decode_speedup_vs_transformers"] = o["decode_tokens_per_s"] / t["decode_tokens_per_s"]
-    out["end_to_end_speedup_vs_transformers"] = o["end_to_end_tokens_per_s"] / t["end_to_end_tokens_per_s"]
+    t = out["results"]["transformers"]
+    for who in ("ours_fast", "ours_reference"):
+        o = out["results"][who]
+        o["decode_speedup_vs_transformers"] = o["decode_tokens_per_s"] / t["decode_tokens_per_s"]
+        o["end_to_end_speedup_vs_transformers"] = o["end_to_end_tokens_per_s"] / t["end_to_end_tokens_per_s"]
     return out
 
 
@@ -311,7 +316,7 @@ def bench_trace(ours: Llama4Text, tokens: int = 256, batch: int = 1, warmup: int
     out = {"batch": batch, "tokens": tokens, "warmup": warmup, "repeats": repeats, "results": {}}
     for name, ts in times.items():
         med = _median(ts)
-        out["results"][name] = {"median_s": med, "tokens_per_s": n / med, "times_s": ts}
+        out["results"][name] = {"median_s": med, "min_s": min(ts), "tokens_per_s": n / med, "times_s": ts}
     a = out["results"]["no_trace_a"]["median_s"]
     out["noise_pct"] = 100 * (out["results"]["no_trace_b"]["median_s"] / a - 1)
     out["trace_overhead_pct"] = 100 * (out["results"]["trace_on"]["median_s"] / a - 1)
@@ -349,7 +354,8 @@ def format_report(r: dict) -> str:
     lines = [
         f"minillama4 bench: preset={s['preset']} dtype={s['dtype']} device={s['device']} threads={s['threads']}",
         f"machine: {m['cpu']} | {m['cores']} cores | torch {m['torch']} | transformers {m['transformers']} "
-        f"| python {m['python']} | {m['date']}" + (f" | GPU {m['gpu']}" if "gpu" in m else ""),
+        f"| python {m['python']} | {m['date']}" + (f" | GPU {m['gpu']}" if "gpu" in m else "")
+        + (f" | load avg {m['load_average_1min']:.2f} at start" if m.get("load_average_1min") is not None else ""),
         f"model: {mi['layers']} layers, d={mi['hidden_size']}, {mi['experts']} experts top-{mi['top_k']} "
         f"in {mi['moe_layers']} MoE layers, vocab {mi['vocab_size']}; {mi['params_total']:,} params, "
         f"{mi['params_active']:,} active per token (transformers' dense MoE touches "
@@ -379,16 +385,18 @@ def format_report(r: dict) -> str:
     d = r["decode"]
     dr = d["results"]
     lines += ["", f"decode (greedy generate, KV cache): batch {d['batch']}, prompt {d['prompt_tokens']} + "
-                  f"{d['new_tokens']} new tokens, median of {d['repeats']} runs",
+                  f"{d['new_tokens']} new tokens, median of {d['repeats']} interleaved runs",
               "  decode tok/s = (new - 1) / (generate time - prefill time); end-to-end = new / generate time",
-              f"  {'implementation':<16}{'generate ms':>13}{'prefill ms':>12}{'ms/step':>10}{'decode tok/s':>14}"
+              f"  {'implementation':<28}{'generate ms':>12}{'prefill ms':>12}{'ms/step':>9}{'decode tok/s':>14}"
               f"{'end-to-end tok/s':>18}"]
-    for key in ("ours", "transformers"):
+    for key, label in names.items():
         x = dr[key]
-        lines.append(f"  {key:<16}{1e3 * x['generate_median_s']:>13.1f}{1e3 * x['prefill_median_s']:>12.2f}"
-                     f"{x['ms_per_decode_step']:>10.2f}{x['decode_tokens_per_s']:>14,.0f}{x['end_to_end_tokens_per_s']:>18,.0f}")
-    lines += [f"  -> decode phase: {ratio_phrase(dr['ours']['decode_tokens_per_s'], dr['transformers']['decode_tokens_per_s'])}",
-              f"  -> end to end:   {ratio_phrase(dr['ours']['end_to_end_tokens_per_s'], dr['transformers']['end_to_end_tokens_per_s'])}"]
+        lines.append(f"  {label:<28}{1e3 * x['generate_median_s']:>12.1f}{1e3 * x['prefill_median_s']:>12.2f}"
+                     f"{x['ms_per_decode_step']:>9.2f}{x['decode_tokens_per_s']:>14,.0f}{x['end_to_end_tokens_per_s']:>18,.0f}")
+    tf = dr["transformers"]
+    for key, label in (("ours_fast", "ours (fast)"), ("ours_reference", "ours (reference)")):
+        lines.append(f"  -> decode phase: {ratio_phrase(dr[key]['decode_tokens_per_s'], tf['decode_tokens_per_s'], label)}"
+                     f"; end to end: {ratio_phrase(dr[key]['end_to_end_tokens_per_s'], tf['end_to_end_tokens_per_s'], label)}")
 
     if "trace" in r:
         t = r["trace"]
@@ -403,7 +411,7 @@ def format_report(r: dict) -> str:
             lines.append(f"  {label:<28}{1e3 * x['median_s']:>12.2f}{x['tokens_per_s']:>12,.0f}{pct:>+15.1f}%")
         lines += ["  -> with no trace active the model pays one `is None` check per MoE layer; the A/B gap is",
                   f"     this machine's noise ({t['noise_pct']:+.1f}%), the trace's cost is {t['trace_overhead_pct']:+.1f}%"
-                  " (copies of logits, ids and gates per MoE layer)"]
+                  " (recording router logits, ids and gates per MoE layer)"]
     return "\n".join(lines)
 
 
