@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange, repeat
+from einops import rearrange
 from torch import nn
 
 from .config import TextConfig
@@ -100,9 +100,9 @@ class Attention(nn.Module):
             k, v = cache.update(self.layer, k, v)
         k_pos = torch.arange(k.shape[2], device=x.device)
         mask = attention_mask(positions, k_pos, self.chunk)
-        g = self.n_heads // self.n_kv  # each kv head serves g consecutive query heads
-        k = repeat(k, "b k s dh -> b (k g) s dh", g=g)
-        v = repeat(v, "b k s dh -> b (k g) s dh", g=g)
+        # GQA: kv head i serves the g = h // k consecutive query heads i*g .. i*g + g - 1, as if
+        # k and v were repeated "b k s dh -> b (k g) s dh"; enable_gqa does that without a copy.
         # softmax(q k^T / sqrt(dh) + mask) v      (Vaswani et al. 2017, eq. 1)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.dh**-0.5)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.dh**-0.5,
+                                           enable_gqa=self.n_heads != self.n_kv)
         return self.o_proj(rearrange(o, "b h t dh -> b t (h dh)"))

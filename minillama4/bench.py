@@ -1,6 +1,6 @@
 """CPU/GPU throughput benchmark: minillama4 against Hugging Face transformers on the same weights.
 
-    python -m minillama4.bench                       # preset small, fp32, about 15 s on 2 cores
+    python -m minillama4.bench                       # preset small, fp32, about 10 s on 2 cores
     python -m minillama4.bench --preset tiny --json bench.json
     minillama4 bench --dtype bf16 --threads 1        # the same, through the CLI
 
@@ -29,8 +29,10 @@ What is measured, and how:
   per-step overhead (Python, cache bookkeeping, logits processing).
 * Router trace overhead: forward tokens/s of ours (fast) with no `RouterTrace` active, measured
   twice (runs A and B: their difference is the noise level of this machine), against the same
-  forward inside `with RouterTrace(model):` (entering and leaving the trace is inside the timed
-  region). With no trace active the model pays one `is None` check per MoE layer.
+  forward while a RouterTrace is active (a fresh one per call, entered and left outside the timed
+  region: what is timed is the recording). The one-off cost of creating, entering and leaving a
+  RouterTrace is timed separately. With no trace active the model pays one `is None` check per
+  MoE layer.
 
 Every figure is a median over repeats; timings use `time.perf_counter` (with
 `torch.cuda.synchronize()` on CUDA). Ratios are ours / transformers in tokens/s: above 1 means
@@ -159,10 +161,11 @@ def _sync(device) -> None:
 
 
 def time_interleaved(fns: dict[str, Callable[[], object]], warmup: int, repeats: int, device="cpu",
-                     setup: dict[str, Callable[[], object]] | None = None) -> dict[str, list[float]]:
+                     setup: dict[str, Callable[[], object]] | None = None,
+                     teardown: dict[str, Callable[[], object]] | None = None) -> dict[str, list[float]]:
     """Seconds per call for each fn, timed in interleaved rounds after `warmup` untimed rounds.
-    setup[name] (optional) runs before each call of fns[name], outside the timed region."""
-    setup = setup or {}
+    setup[name] / teardown[name] (optional) run before / after each call of fns[name], untimed."""
+    setup, teardown = setup or {}, teardown or {}
     times = {name: [] for name in fns}
     for r in range(warmup + repeats):
         for name, fn in fns.items():
@@ -172,8 +175,11 @@ def time_interleaved(fns: dict[str, Callable[[], object]], warmup: int, repeats:
             start = time.perf_counter()
             fn()
             _sync(device)
+            elapsed = time.perf_counter() - start
+            if name in teardown:
+                teardown[name]()
             if r >= warmup:
-                times[name].append(time.perf_counter() - start)
+                times[name].append(elapsed)
     return times
 
 
@@ -186,9 +192,9 @@ def ratio_phrase(ours: float, theirs: float, what: str = "ours", other: str = "t
     if not ours > 0 or not theirs > 0:
         return f"{what} vs {other}: not measurable"
     r = ours / theirs
-    if r >= 1:
-        return f"{what} is {r:.1f}x faster than {other}"
-    return f"{what} is {1 / r:.1f}x slower than {other}"
+    x = max(r, 1 / r)
+    digits = 2 if x < 1.1 else 1  # "1.04x", not "1.0x faster"
+    return f"{what} is {x:.{digits}f}x {'faster' if r >= 1 else 'slower'} than {other}"
 
 
 # --------------------------------------------------------------------------- the measurements
@@ -228,13 +234,15 @@ def _hf_generate(hf, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def bench_forward(ours: Llama4Text, hf, tokens: int = 256, batch: int = 1, warmup: int = 3,
-                  repeats: int = 15, seed: int = 0) -> dict:
+def bench_forward(ours: Llama4Text, hf, tokens: int = 256, batch: int = 1, warmup: int = 5,
+                  repeats: int = 30, seed: int = 0) -> dict:
     """Prefill throughput (no cache): ours fast, ours reference, transformers."""
     ids = random_ids(ours.cfg.vocab_size, batch, tokens, seed, ours.device)
     previous = _dispatch_of(ours)
-    fns = {"ours_fast": lambda: ours(ids), "ours_reference": lambda: ours(ids), "transformers": lambda: hf(ids)}
-    setup = {"ours_fast": lambda: ours.set_dispatch("fast"), "ours_reference": lambda: ours.set_dispatch("reference")}
+    fns = {"ours_fast": lambda: ours(ids), "ours_reference": lambda: ours(ids),
+           "transformers": lambda: hf(ids, use_cache=False)}
+    setup = {"ours_fast": lambda: ours.set_dispatch("fast"),
+             "ours_reference": lambda: ours.set_dispatch("reference")}
     try:
         times = time_interleaved(fns, warmup, repeats, ours.device, setup)
     finally:
@@ -252,7 +260,7 @@ def bench_forward(ours: Llama4Text, hf, tokens: int = 256, batch: int = 1, warmu
 
 @torch.inference_mode()
 def bench_decode(ours: Llama4Text, hf, new_tokens: int = 64, prompt_tokens: int = 16, batch: int = 1,
-                 warmup: int = 1, repeats: int = 7, seed: int = 1) -> dict:
+                 warmup: int = 1, repeats: int = 10, seed: int = 1) -> dict:
     """Greedy generation with a KV cache: decode-phase and end-to-end tokens/s (see module doc),
     for ours with each MoE dispatch and for transformers."""
     if new_tokens < 1:
@@ -296,24 +304,38 @@ def bench_decode(ours: Llama4Text, hf, new_tokens: int = 64, prompt_tokens: int 
 
 
 @torch.inference_mode()
-def bench_trace(ours: Llama4Text, tokens: int = 256, batch: int = 1, warmup: int = 3, repeats: int = 15,
+def bench_trace(ours: Llama4Text, tokens: int = 256, batch: int = 1, warmup: int = 5, repeats: int = 30,
                 seed: int = 2) -> dict:
-    """Forward tokens/s with no RouterTrace (twice: A and B, the noise level) and with one active."""
+    """Forward tokens/s with no RouterTrace (twice: A and B, the noise level) and inside an active
+    one (a fresh trace per call, entered and left outside the timed region), plus the median
+    cost of creating, entering and leaving a RouterTrace, timed on its own."""
     ids = random_ids(ours.cfg.vocab_size, batch, tokens, seed, ours.device)
+    active: list[RouterTrace] = []
 
-    def traced():
-        with RouterTrace(ours):
-            ours(ids)
+    def enter():
+        active.append(RouterTrace(ours).__enter__())
+
+    def leave():
+        active.pop().__exit__(None, None, None)
 
     previous = _dispatch_of(ours)
     ours.set_dispatch("fast")
-    fns = {"no_trace_a": lambda: ours(ids), "no_trace_b": lambda: ours(ids), "trace_on": traced}
+    fns = {"no_trace_a": lambda: ours(ids), "no_trace_b": lambda: ours(ids), "trace_on": lambda: ours(ids)}
     try:
-        times = time_interleaved(fns, warmup, repeats, ours.device)
+        times = time_interleaved(fns, warmup, repeats, ours.device, {"trace_on": enter}, {"trace_on": leave})
     finally:
+        while active:
+            leave()
         ours.set_dispatch(previous)
+
+    def enter_exit():
+        with RouterTrace(ours):
+            pass
+
+    enter_exit_s = _median(time_interleaved({"enter_exit": enter_exit}, 5, 50)["enter_exit"])
     n = batch * tokens
-    out = {"batch": batch, "tokens": tokens, "warmup": warmup, "repeats": repeats, "results": {}}
+    out = {"batch": batch, "tokens": tokens, "warmup": warmup, "repeats": repeats, "results": {},
+           "enter_exit_s": enter_exit_s}
     for name, ts in times.items():
         med = _median(ts)
         out["results"][name] = {"median_s": med, "min_s": min(ts), "tokens_per_s": n / med, "times_s": ts}
@@ -324,8 +346,8 @@ def bench_trace(ours: Llama4Text, tokens: int = 256, batch: int = 1, warmup: int
 
 
 def run_all(preset: str = "small", dtype: str = "fp32", device: str = "cpu", tokens: int = 256,
-            new_tokens: int = 64, prompt_tokens: int = 16, batch: int = 1, warmup: int = 3,
-            repeats: int = 15, decode_repeats: int = 7, threads: int | None = None, seed: int = 0,
+            new_tokens: int = 64, prompt_tokens: int = 16, batch: int = 1, warmup: int = 5,
+            repeats: int = 30, decode_repeats: int = 10, threads: int | None = None, seed: int = 0,
             trace: bool = True) -> dict:
     """Every measurement; the dict that `--json` writes."""
     if threads is not None:
@@ -378,9 +400,10 @@ def format_report(r: dict) -> str:
         x = fr[key]
         ratio = x["tokens_per_s"] / fr["transformers"]["tokens_per_s"]
         lines.append(f"  {label:<28}{1e3 * x['median_s']:>12.2f}{x['tokens_per_s']:>12,.0f}{ratio:>17.2f}x")
-    lines += [f"  -> {ratio_phrase(fr['ours_fast']['tokens_per_s'], fr['transformers']['tokens_per_s'], 'ours (fast)')}",
-              f"  -> {ratio_phrase(fr['ours_reference']['tokens_per_s'], fr['transformers']['tokens_per_s'], 'ours (reference)')}",
-              f"  -> {ratio_phrase(fr['ours_fast']['tokens_per_s'], fr['ours_reference']['tokens_per_s'], 'fast dispatch', 'reference dispatch')}"]
+    fast, ref, hf = (fr[k]["tokens_per_s"] for k in ("ours_fast", "ours_reference", "transformers"))
+    lines += [f"  -> {ratio_phrase(fast, hf, 'ours (fast)')}",
+              f"  -> {ratio_phrase(ref, hf, 'ours (reference)')}",
+              f"  -> {ratio_phrase(fast, ref, 'fast dispatch', 'reference dispatch')}"]
 
     d = r["decode"]
     dr = d["results"]
@@ -392,17 +415,19 @@ def format_report(r: dict) -> str:
     for key, label in names.items():
         x = dr[key]
         lines.append(f"  {label:<28}{1e3 * x['generate_median_s']:>12.1f}{1e3 * x['prefill_median_s']:>12.2f}"
-                     f"{x['ms_per_decode_step']:>9.2f}{x['decode_tokens_per_s']:>14,.0f}{x['end_to_end_tokens_per_s']:>18,.0f}")
+                     f"{x['ms_per_decode_step']:>9.2f}{x['decode_tokens_per_s']:>14,.0f}"
+                     f"{x['end_to_end_tokens_per_s']:>18,.0f}")
     tf = dr["transformers"]
     for key, label in (("ours_fast", "ours (fast)"), ("ours_reference", "ours (reference)")):
-        lines.append(f"  -> decode phase: {ratio_phrase(dr[key]['decode_tokens_per_s'], tf['decode_tokens_per_s'], label)}"
-                     f"; end to end: {ratio_phrase(dr[key]['end_to_end_tokens_per_s'], tf['end_to_end_tokens_per_s'], label)}")
+        decode = ratio_phrase(dr[key]["decode_tokens_per_s"], tf["decode_tokens_per_s"], label)
+        e2e = ratio_phrase(dr[key]["end_to_end_tokens_per_s"], tf["end_to_end_tokens_per_s"], label)
+        lines.append(f"  -> decode phase: {decode}; end to end: {e2e}")
 
     if "trace" in r:
         t = r["trace"]
         tr = t["results"]
-        lines += ["", f"router trace overhead: ours (fast), forward batch {t['batch']} x {t['tokens']} tokens, median of "
-                      f"{t['repeats']} interleaved runs",
+        lines += ["", f"router trace overhead: ours (fast), forward batch {t['batch']} x {t['tokens']} tokens, "
+                      f"median of {t['repeats']} interleaved runs",
                   f"  {'':<28}{'ms/forward':>12}{'tokens/s':>12}{'vs no trace A':>16}"]
         for key, label in (("no_trace_a", "no trace (run A)"), ("no_trace_b", "no trace (run B: noise)"),
                            ("trace_on", "RouterTrace active")):
@@ -410,8 +435,10 @@ def format_report(r: dict) -> str:
             pct = 100 * (x["median_s"] / tr["no_trace_a"]["median_s"] - 1)
             lines.append(f"  {label:<28}{1e3 * x['median_s']:>12.2f}{x['tokens_per_s']:>12,.0f}{pct:>+15.1f}%")
         lines += ["  -> with no trace active the model pays one `is None` check per MoE layer; the A/B gap is",
-                  f"     this machine's noise ({t['noise_pct']:+.1f}%), the trace's cost is {t['trace_overhead_pct']:+.1f}%"
-                  " (recording router logits, ids and gates per MoE layer)"]
+                  f"     this machine's noise ({t['noise_pct']:+.1f}%); recording router logits, ids and gates costs "
+                  f"{t['trace_overhead_pct']:+.1f}%",
+                  f"  -> creating + entering + leaving a RouterTrace (once per `with`, not timed above): "
+                  f"{1e6 * t['enter_exit_s']:.0f} us"]
     return "\n".join(lines)
 
 
@@ -426,11 +453,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's default)")
     p.add_argument("--tokens", type=int, default=256, help="tokens per forward in the prefill benchmark (default: 256)")
     p.add_argument("--batch", type=int, default=1, help="batch size (default: 1)")
-    p.add_argument("--new-tokens", type=int, default=64, help="tokens to generate in the decode benchmark (default: 64)")
+    p.add_argument("--new-tokens", type=int, default=64,
+                   help="tokens to generate in the decode benchmark (default: 64)")
     p.add_argument("--prompt-tokens", type=int, default=16, help="prompt length for the decode benchmark (default: 16)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed rounds before timing (default: 3)")
-    p.add_argument("--repeats", type=int, default=15, help="timed forward rounds (default: 15)")
-    p.add_argument("--decode-repeats", type=int, default=7, help="timed generate rounds (default: 7)")
+    p.add_argument("--warmup", type=int, default=5, help="untimed rounds before timing (default: 5)")
+    p.add_argument("--repeats", type=int, default=30, help="timed forward rounds (default: 30)")
+    p.add_argument("--decode-repeats", type=int, default=10, help="timed generate rounds (default: 10)")
     p.add_argument("--seed", type=int, default=0, help="weights and input ids seed (default: 0)")
     p.add_argument("--no-trace", action="store_true", help="skip the RouterTrace overhead benchmark")
     p.add_argument("--json", metavar="PATH", help="also write every number (and raw times) to this JSON file")

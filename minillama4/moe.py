@@ -10,11 +10,13 @@ ones, which is the same math.
 
 Two dispatch paths give the same result (tests/test_moe.py):
   "reference": a loop over the experts that received tokens (read this one first)
-  "fast":      sort token copies by expert, pad into one [experts, slots, d] batch, two bmm calls
+  "fast":      sort the token copies by expert once, then a grouped matmul over the contiguous
+               per-expert slices (torch._grouped_mm), or a loop over the slices without it
+(A padded batched-matmul variant was slower on CPU: it copied the active experts' weights on
+every call and padded every expert to the busiest one; see docs/benchmarks.md.)
 
 Axes (einops names used in this file):
-  n tokens (batch and time flattened), d model dim, e experts, f expert hidden dim,
-  k top-k slot, a active experts, c slots per active expert (padded)
+  n tokens (batch and time flattened), d model dim, e experts, f expert hidden dim, k top-k slot
 """
 
 from __future__ import annotations
@@ -44,14 +46,6 @@ class Experts(nn.Module):
         """Expert e on tokens x [n, d]: SwiGLU with the stacked weights."""
         gate, up = (x @ self.gate_up_proj[e]).chunk(2, dim=-1)
         return (up * F.silu(gate)) @ self.down_proj[e]
-
-    def batched(self, x: torch.Tensor, experts: torch.Tensor | None) -> torch.Tensor:
-        """x [a, c, d] holds tokens for experts `experts` [a] (None = all, in order) -> [a, c, d]."""
-        w_in, w_out = self.gate_up_proj, self.down_proj
-        if experts is not None:
-            w_in, w_out = w_in[experts], w_out[experts]
-        gate, up = torch.bmm(x, w_in).chunk(2, dim=-1)
-        return torch.bmm(up * F.silu(gate), w_out)
 
 
 class MoE(nn.Module):
@@ -91,21 +85,46 @@ class MoE(nn.Module):
         return out
 
     def _fast(self, x, top_ids, gates):
-        """Sort the n*k token copies by expert, pad each active expert's group to c slots,
-        run all active experts in two batched matmuls, and add the results back per token."""
-        n, k = top_ids.shape
+        """Sort the n*k token copies by expert once, then run each expert on its contiguous
+        slice: one grouped matmul per weight where torch has one for this device and dtype
+        (no host sync, no padding, no weight copies), else a loop over the slices."""
+        k = top_ids.shape[1]
         flat_ids = rearrange(top_ids, "n k -> (n k)")
         order = torch.argsort(flat_ids, stable=True)
-        sorted_ids = flat_ids[order]
         tokens = order // k  # which token each sorted copy came from
+        expert_in = x[tokens] * rearrange(gates, "n k -> (n k) 1")[order]  # u_e = s_e * x
         counts = torch.bincount(flat_ids, minlength=self.n_experts)
-        active = torch.nonzero(counts).flatten()  # experts with at least one token [a]
-        group = torch.cumsum(counts > 0, 0)[sorted_ids] - 1  # index into `active` per copy
-        starts = torch.cumsum(counts, 0) - counts
-        slot = torch.arange(n * k, device=x.device) - starts[sorted_ids]  # place within its group
-        expert_in = x[tokens] * rearrange(gates, "n k -> (n k) 1")[order]
-        padded = x.new_zeros(len(active), int(counts.max()), x.shape[1])
-        padded[group, slot] = expert_in
-        experts = None if len(active) == self.n_experts else active
-        expert_out = self.experts.batched(padded, experts)[group, slot]
+        w_in, w_out = self.experts.gate_up_proj, self.experts.down_proj
+        # On CPU a handful of token copies (decode) is faster as a loop: measured in docs/benchmarks.md
+        few = x.device.type == "cpu" and len(flat_ids) < self.n_experts
+        if not few and grouped_mm_supported(expert_in, w_in, w_out):
+            ends = torch.cumsum(counts, 0).to(torch.int32)  # slice e is rows ends[e-1]:ends[e]
+            gate, up = torch._grouped_mm(expert_in, w_in, offs=ends).chunk(2, dim=-1)
+            expert_out = torch._grouped_mm(up * F.silu(gate), w_out, offs=ends)
+        else:
+            counts = counts.tolist()
+            expert_out = torch.cat([self.experts.one(e, chunk) for e, chunk in
+                                    enumerate(expert_in.split(counts)) if counts[e]])
         return torch.zeros_like(x).index_add_(0, tokens, expert_out)
+
+
+_GROUPED_MM_PROBE: dict = {}
+
+
+def grouped_mm_supported(x: torch.Tensor, *weights: torch.Tensor) -> bool:
+    """torch._grouped_mm exists in recent torch, on CPU (fp32, bf16) and on recent GPUs (bf16);
+    rows must be 16-byte aligned. Probed once per device type and dtype with a tiny call."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    if any(w.stride(-2) * w.element_size() % 16 or w.shape[-1] * w.element_size() % 16 or not w.is_contiguous()
+           for w in weights) or x.shape[-1] * x.element_size() % 16:
+        return False
+    key = (x.device.type, x.dtype)
+    if key not in _GROUPED_MM_PROBE:
+        try:
+            a, b = torch.ones(2, 8, dtype=x.dtype, device=x.device), torch.ones(2, 8, 8, dtype=x.dtype, device=x.device)
+            torch._grouped_mm(a, b, offs=torch.tensor([1, 2], dtype=torch.int32, device=x.device))
+            _GROUPED_MM_PROBE[key] = True
+        except (RuntimeError, NotImplementedError):
+            _GROUPED_MM_PROBE[key] = False
+    return _GROUPED_MM_PROBE[key]
