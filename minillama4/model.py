@@ -28,9 +28,12 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.feed_forward = MoE(cfg, layer) if cfg.is_moe(layer) else SwiGLU(cfg.hidden_size, cfg.intermediate_size_mlp)
 
-    def forward(self, h, positions, freqs_cis, cache=None):
+    def forward(self, h, positions, freqs_cis, cache=None, router_outputs=None):
         h = h + self.self_attn(self.input_layernorm(h), positions, freqs_cis, cache)
-        return h + self.feed_forward(self.post_attention_layernorm(h))
+        x = self.post_attention_layernorm(h)
+        if isinstance(self.feed_forward, MoE):
+            return h + self.feed_forward(x, router_outputs)
+        return h + self.feed_forward(x)
 
 
 class TextBackbone(nn.Module):
@@ -111,10 +114,12 @@ class Llama4Text(nn.Module):
         return input_ids.to(self.device)
 
     def forward(self, input_ids, cache: KVCache | None = None, inputs_embeds: torch.Tensor | None = None,
-                is_image: torch.Tensor | None = None) -> torch.Tensor:
+                is_image: torch.Tensor | None = None, router_outputs: list | None = None) -> torch.Tensor:
         """input_ids [b, t] (or [t]) -> logits [b, t, v]. With a cache, positions continue from
         cache.length and the cache advances by t. `inputs_embeds` replaces the embedding lookup
-        (early fusion puts image features there); `is_image` marks those tokens for the trace."""
+        (early fusion puts image features there); `is_image` marks those tokens for the trace.
+        Pass a list as `router_outputs` to receive (layer, logits, top_ids, gates) per MoE layer
+        with gradients (for balancing losses; see moe.py)."""
         input_ids = self.check_ids(input_ids)
         b, t = input_ids.shape
         start = 0
@@ -127,7 +132,7 @@ class Llama4Text(nn.Module):
             self.trace.begin(input_ids, positions, torch.zeros_like(input_ids, dtype=torch.bool) if is_image is None else is_image)
         freqs_cis = rope_angles(positions, rope_inv_freq(self.cfg, self.device))
         for layer in self.model.layers:
-            h = layer(h, positions, freqs_cis, cache)
+            h = layer(h, positions, freqs_cis, cache, router_outputs)
         if cache is not None:
             cache.length += t
         return self.lm_head(self.model.norm(h))

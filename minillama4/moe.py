@@ -57,20 +57,32 @@ class MoE(nn.Module):
         self.shared_expert = SwiGLU(cfg.hidden_size, cfg.intermediate_size)
         self.dispatch = "fast"  # or "reference"
         self.trace = None  # a RouterTrace while one is active; costs one `is None` check when off
+        # Auxiliary-loss-free balancing (DeepSeek-V3): a per-expert bias [e] added to the logits
+        # for choosing experts only, never for the gates. None = Llama 4 as published. A plain
+        # attribute, not a buffer: checkpoints stay exactly Hugging Face's.
+        self.selection_bias: torch.Tensor | None = None
 
     def route(self, x: torch.Tensor):
         """x [n, d] -> logits [n, e], chosen experts [n, k], gates [n, k]."""
         logits = self.router(x)
-        top_logits, top_ids = torch.topk(logits, self.top_k, dim=-1)  # top-k on raw logits
+        if self.selection_bias is None:
+            top_logits, top_ids = torch.topk(logits, self.top_k, dim=-1)  # top-k on raw logits
+        else:
+            top_ids = torch.topk(logits + self.selection_bias, self.top_k, dim=-1).indices
+            top_logits = logits.gather(-1, top_ids)
         gates = torch.sigmoid(top_logits.float()).to(x.dtype)  # sigmoid, not softmax; no renorm
         return logits, top_ids, gates
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, router_outputs: list | None = None) -> torch.Tensor:
+        """x [b, t, d] -> [b, t, d]. If `router_outputs` is a list, (layer, logits, top_ids, gates)
+        is appended with gradients attached, for balancing losses during training."""
         b = x.shape[0]
         x = rearrange(x, "b t d -> (b t) d")
         logits, top_ids, gates = self.route(x)
         if self.trace is not None:
             self.trace.record(self.layer, logits, top_ids, gates)
+        if router_outputs is not None:
+            router_outputs.append((self.layer, logits, top_ids, gates))
         routed = (self._reference if self.dispatch == "reference" else self._fast)(x, top_ids, gates)
         out = self.shared_expert(x) + routed  # the shared expert sees every token, unscaled
         return rearrange(out, "(b t) d -> b t d", b=b)

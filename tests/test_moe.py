@@ -110,3 +110,27 @@ def test_both_fast_variants_agree_with_reference(monkeypatch):
             variants[use_grouped] = moe(x)
             torch.testing.assert_close(variants[use_grouped], ref, rtol=1e-5, atol=1e-6)
     assert variants[False] is not None
+
+
+def test_router_outputs_keep_gradients_and_selection_bias_only_changes_choice():
+    import minillama4 as ml4
+
+    model = ml4.Llama4Text.random(small_text(num_experts_per_tok=2, num_local_experts=6), seed=4)
+    ids = torch.randint(0, 320, (2, 9))
+    outs = []
+    logits = model(ids, router_outputs=outs)
+    assert [o[0] for o in outs] == [0, 1, 2, 3]
+    layer, router_logits, top_ids, gates = outs[0]
+    assert router_logits.shape == (18, 6) and router_logits.requires_grad
+    router_logits.square().mean().backward()
+    assert model.model.layers[0].feed_forward.router.weight.grad is not None
+    moe = model.model.layers[0].feed_forward
+    with torch.no_grad():
+        free = moe.route(torch.randn(5, 64, generator=torch.Generator().manual_seed(0)))
+        moe.selection_bias = torch.tensor([100.0, 100.0, 0, 0, 0, 0])  # force experts 0 and 1
+        forced = moe.route(torch.randn(5, 64, generator=torch.Generator().manual_seed(0)))
+        moe.selection_bias = None
+    assert sorted(forced[1][0].tolist()) == [0, 1]
+    torch.testing.assert_close(forced[0], free[0])  # logits unchanged
+    torch.testing.assert_close(forced[2], torch.sigmoid(forced[0].gather(-1, forced[1])))  # gates from raw logits
+    assert logits.shape == (2, 9, 320)
