@@ -6,6 +6,7 @@
     with ml4.RouterTrace(model) as trace:
         model(ids)
     ml4.count_params(ml4.configs.scout()).total   # 108,641,793,536
+    mm = ml4.Llama4.random(ml4.configs.tiny_multimodal())   # early fusion: model(ids, pixel_values)
 
 This module imports only torch, einops, numpy and safetensors: no notebook or test dependency.
 """
@@ -14,11 +15,11 @@ from . import configs
 from .checkpoint import from_pretrained, save_pretrained
 from .config import Llama4Config, TextConfig, VisionConfig
 from .generate import generate
-from .model import Llama4Text
+from .model import Llama4, Llama4Text
 from .params import count_params
 from .tokenizer import ByteTokenizer
 from .trace import RouterTrace
 
 __version__ = "0.1.0"
 __all__ = ["configs", "from_pretrained", "save_pretrained", "Llama4Config", "TextConfig",
-           "VisionConfig", "generate", "Llama4Text", "count_params", "ByteTokenizer", "RouterTrace"]
+           "VisionConfig", "generate", "Llama4", "Llama4Text", "count_params", "ByteTokenizer", "RouterTrace"]

@@ -3,8 +3,8 @@
 Accepted layouts:
   Llama4ForCausalLM               keys model.*, lm_head.*
   Llama4ForConditionalGeneration  keys language_model.model.*, language_model.lm_head.*, plus
-                                  vision_model.* and multi_modal_projector.* (skipped: the text
-                                  model does not use them)
+                                  vision_model.* and multi_modal_projector.* (a Llama4 model; or
+                                  text_only=True: a Llama4Text that skips the vision tensors)
   one model.safetensors, or shards listed in model.safetensors.index.json
 
 Loading streams tensor by tensor into a model built on the meta device, so peak host memory is
@@ -25,11 +25,11 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .config import from_hf_dict, to_hf_dict
-from .model import Llama4Text
+from .model import Llama4, Llama4Text
 
 INDEX = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-SKIPPED_PREFIXES = ("vision_model.", "multi_modal_projector.")  # read by the vision issue's model
+SKIPPED_PREFIXES = ("vision_model.", "multi_modal_projector.")  # not used by a text-only model
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
@@ -86,8 +86,10 @@ def _read_headers(files: list[Path]) -> dict[str, tuple[Path, list[int]]]:
     return out
 
 
-def _strip(key: str) -> str | None:
-    """Checkpoint key -> our parameter name; None for keys the text model does not use."""
+def _param_name(key: str, multimodal: bool) -> str | None:
+    """Checkpoint key -> our parameter name; None for keys a text-only model does not use."""
+    if multimodal:
+        return key
     if key.startswith(SKIPPED_PREFIXES):
         return None
     return key.removeprefix("language_model.")
@@ -106,28 +108,32 @@ def read_config(path) -> "Llama4Config":  # noqa: F821
         raise ValueError(f"{cfg_file}: not valid JSON ({e})") from None
 
 
-def from_pretrained(path, dtype=None, device="cpu") -> Llama4Text:
-    """Load a Hugging Face Llama 4 directory. dtype None keeps the stored dtype (bf16 for Meta's)."""
+def from_pretrained(path, dtype=None, device="cpu", text_only: bool = False):
+    """Load a Hugging Face Llama 4 directory: a `Llama4` (with the vision tower) when config.json
+    has a vision_config, else (or with text_only=True) a `Llama4Text`. dtype None keeps the
+    stored dtype (bf16 for Meta's checkpoints)."""
     path, dtype = Path(path), _dtype(dtype)
     cfg = read_config(path)
     headers = _read_headers(weight_files(path))
+    multimodal = cfg.vision is not None and not text_only
     with torch.device("meta"):
-        model = Llama4Text(cfg)
+        model = Llama4(cfg) if multimodal else Llama4Text(cfg)
     expected = {name: list(p.shape) for name, p in model.named_parameters()}
-    plan, unexpected, mismatched = {}, [], []
+    plan, unexpected, mismatched = {}, [], {}
     for key, (file, shape) in headers.items():
-        name = _strip(key)
+        name = _param_name(key, multimodal)
         if name is None:
             continue
         if name not in expected:
             unexpected.append(key)
         elif shape != expected[name]:
-            mismatched.append(f"{key} {shape} (expected {expected[name]})")
+            mismatched[name] = f"{key} {shape} (expected {expected[name]})"
         else:
             plan[name] = (file, key)
-    missing = sorted(set(expected) - set(plan) - {m.split(" ")[0].removeprefix("language_model.") for m in mismatched})
+    missing = sorted(set(expected) - set(plan) - set(mismatched))
     problems = [f"{label} ({len(items)}): {_names(items)}" for label, items in
-                (("missing tensors", missing), ("mis-shaped tensors", mismatched), ("unexpected tensors", unexpected)) if items]
+                (("missing tensors", missing), ("mis-shaped tensors", list(mismatched.values())),
+                 ("unexpected tensors", unexpected)) if items]
     if problems:
         raise ValueError(f"{path}: checkpoint does not match its config.json:\n  " + "\n  ".join(problems))
     by_file: dict[Path, list[tuple[str, str]]] = {}
@@ -153,9 +159,10 @@ def _parse_size(size) -> int:
     return int(s)
 
 
-def save_pretrained(model: Llama4Text, path, max_shard_size="5GB", form: str = "v5") -> None:
+def save_pretrained(model, path, max_shard_size="5GB", form: str = "v5") -> None:
     """Write config.json and safetensors (sharded above max_shard_size) as transformers'
-    Llama4ForCausalLM.save_pretrained does, so transformers and from_pretrained both load it.
+    save_pretrained does (Llama4ForCausalLM for a Llama4Text, Llama4ForConditionalGeneration for
+    a Llama4), so transformers and from_pretrained both load it.
     New files are written under temporary names and renamed at the end, so a failed save leaves
     an earlier checkpoint in the folder intact."""
     path = Path(path)
@@ -177,7 +184,7 @@ def save_pretrained(model: Llama4Text, path, max_shard_size="5GB", form: str = "
         save_file(shard, str(path / (fname + ".tmp")), metadata={"format": "pt"})
         written.append(fname)
     dtype = str(model.dtype).removeprefix("torch.")
-    config = to_hf_dict(model.config, form, text_only=True, dtype=dtype)
+    config = to_hf_dict(model.config, form, text_only=isinstance(model, Llama4Text), dtype=dtype)
     (path / "config.json.tmp").write_text(json.dumps(config, indent=2))
     if n > 1:
         weight_map = {k: fname for fname, shard in zip(names, shards) for k in shard}

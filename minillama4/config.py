@@ -164,12 +164,27 @@ class VisionConfig:
                 bad(name, "must be a positive integer")
         if self.hidden_size % self.num_attention_heads:
             bad("num_attention_heads", f"must divide hidden_size={self.hidden_size}")
+        if (self.hidden_size // self.num_attention_heads) % 4:
+            bad("num_attention_heads", "head dim must be a multiple of 4: 2D RoPE splits its pairs into x and y halves")
         if self.image_size % self.patch_size:
             bad("patch_size", f"must divide image_size={self.image_size}")
         side = self.image_size // self.patch_size
         shuffle = 1 / self.pixel_shuffle_ratio if self.pixel_shuffle_ratio > 0 else 0
         if shuffle < 1 or abs(shuffle - round(shuffle)) > 1e-6 or side % round(shuffle):
             bad("pixel_shuffle_ratio", f"1/ratio must divide the {side}-patch grid side")
+        # The adapter's input is the pixel-shuffled width; Llama 4 (and transformers) size it with
+        # intermediate_size, and chain adapter -> projector with equal widths.
+        if self.intermediate_size != round(self.hidden_size * shuffle**2):
+            bad("intermediate_size", f"must equal hidden_size / pixel_shuffle_ratio^2 = {round(self.hidden_size * shuffle**2)}")
+        if self.projector_output_dim != self.projector_input_dim:
+            bad("projector_output_dim", f"must equal projector_input_dim={self.projector_input_dim}")
+        if self.vision_output_dim != self.projector_output_dim:
+            bad("vision_output_dim", f"must equal projector_output_dim={self.projector_output_dim}")
+
+    @property
+    def tokens_per_tile(self) -> int:
+        """Text-side tokens one tile becomes: (image/patch)^2 patches, pixel shuffle merges ratio^-2."""
+        return round((self.image_size // self.patch_size) ** 2 * self.pixel_shuffle_ratio**2)
 
 
 @dataclass

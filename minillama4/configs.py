@@ -65,7 +65,20 @@ def small() -> Llama4Config:
     return Llama4Config(text=text, vision=None, name="small")
 
 
-PRESETS = {"tiny": tiny, "small": small, "scout": scout, "maverick": maverick, "behemoth": behemoth}
+def tiny_multimodal() -> Llama4Config:
+    """tiny() plus a 2-layer vision tower on 84 px tiles of 14 px patches: a 6x6 patch grid,
+    pixel-shuffled to 9 tokens per tile. The image markers are the byte tokenizer's."""
+    tok = ByteTokenizer()
+    vision = VisionConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256,
+                          image_size=84, patch_size=14, projector_input_dim=128, projector_output_dim=128,
+                          vision_output_dim=128)
+    return Llama4Config(text=tiny().text, vision=vision, name="tiny_multimodal",
+                        boi_token_index=tok.special["<|image_start|>"], eoi_token_index=tok.special["<|image_end|>"],
+                        image_token_index=tok.patch_id)
+
+
+PRESETS = {"tiny": tiny, "small": small, "tiny_multimodal": tiny_multimodal, "scout": scout,
+           "maverick": maverick, "behemoth": behemoth}
 
 
 def get(name: str) -> Llama4Config:

@@ -27,8 +27,9 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float,
 
 @torch.no_grad()
 def generate(model, input_ids, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-             seed: int | None = None, stop_tokens=None, cache=None) -> torch.Tensor:
-    """Returns prompt + generated tokens, [b, t + new] (new <= max_new_tokens)."""
+             seed: int | None = None, stop_tokens=None, cache=None, pixel_values=None) -> torch.Tensor:
+    """Returns prompt + generated tokens, [b, t + new] (new <= max_new_tokens). `pixel_values`
+    (multimodal models) are used by the prefill, where the prompt's <|patch|> tokens are."""
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")
     if temperature < 0:
@@ -48,7 +49,8 @@ def generate(model, input_ids, max_new_tokens: int, temperature: float = 0.0, to
                          dtype=torch.long, device=ids.device)
     out = [ids]
     finished = torch.zeros(b, dtype=torch.bool, device=ids.device)
-    logits = model(ids, cache=cache)[:, -1]
+    images = {} if pixel_values is None else {"pixel_values": pixel_values}
+    logits = model(ids, cache=cache, **images)[:, -1]
     for _ in range(max_new_tokens):
         nxt = sample_next(logits, temperature, top_p, generator)
         nxt = torch.where(finished, out[-1][:, -1], nxt)  # finished rows repeat their stop token

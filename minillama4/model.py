@@ -5,13 +5,16 @@
                      h = h + ffn(norm(h))            MoE (moe.py) or dense SwiGLU (Maverick's even layers)
     logits = lm_head(norm(h))
 
-Module names match the Hugging Face `Llama4ForCausalLM` state dict (`model.layers.0.self_attn.q_proj`,
-`lm_head`, ...), so checkpoints load without renaming. Axes: b batch, t tokens, d model dim, v vocab.
+Module names match the Hugging Face state dicts (`Llama4ForCausalLM`: `model.layers.0.self_attn.q_proj`,
+`lm_head`; `Llama4ForConditionalGeneration`: the same under `language_model.`, plus `vision_model.*` and
+`multi_modal_projector.*`), so checkpoints load without renaming.
+Axes: b batch, t tokens, d model dim, v vocab, n image tiles, p tokens per tile, w vision feature width.
 """
 
 from __future__ import annotations
 
 import torch
+from einops import rearrange
 from torch import nn
 
 from .attention import Attention, KVCache
@@ -146,6 +149,108 @@ class Llama4Text(nn.Module):
 
     def save_pretrained(self, path, **kwargs) -> None:
         """Write a Hugging Face directory (config.json + safetensors) that transformers loads."""
+        from .checkpoint import save_pretrained
+
+        save_pretrained(self, path, **kwargs)
+
+
+class Projector(nn.Module):
+    """Vision features -> text width (Hugging Face `multi_modal_projector.linear_1`)."""
+
+    def __init__(self, config: Llama4Config):
+        super().__init__()
+        v = config.vision
+        self.linear_1 = nn.Linear(v.vision_output_dim, config.text.hidden_size, bias=v.multi_modal_projector_bias)
+
+    def forward(self, x):
+        return self.linear_1(x)
+
+
+class Llama4(nn.Module):
+    """Llama 4 with early fusion (Hugging Face `Llama4ForConditionalGeneration`):
+    model(ids, pixel_values) -> logits [b, t, v]. Image tiles go through the vision tower and
+    the projector; the results replace, in order, the embeddings of the <|patch|> tokens of the
+    prompt. Every other token, image markers included, keeps its text embedding, and from there
+    on image and text tokens are one sequence through the same decoder (same attention, same
+    experts)."""
+
+    def __init__(self, config: Llama4Config):
+        super().__init__()
+        from .vision import VisionModel
+
+        if config.vision is None:
+            raise ValueError("Llama4 needs config.vision; use Llama4Text for a text-only model")
+        self.config, self.cfg = config, config.text
+        self.vision_model = VisionModel(config.vision)
+        self.multi_modal_projector = Projector(config)
+        self.language_model = Llama4Text(config)
+
+    @classmethod
+    def random(cls, config: Llama4Config, seed: int = 0, dtype=torch.float32, device="cpu") -> "Llama4":
+        """Random weights: text as Llama4Text.random; vision linears normal(0, initializer_range),
+        CLS and positional embeddings normal(0, width^-0.5), LayerNorms at (1, 0)."""
+        torch.manual_seed(seed)
+        model = cls(config).to(device=device, dtype=dtype)
+        model.language_model.init_weights()
+        std = config.text.initializer_range
+        with torch.no_grad():
+            for name, p in list(model.vision_model.named_parameters()) + list(model.multi_modal_projector.named_parameters()):
+                if "layernorm" in name:
+                    p.fill_(1.0 if name.endswith("weight") else 0.0)
+                elif name.endswith(".bias"):
+                    p.zero_()
+                elif name in ("class_embedding", "positional_embedding_vlm"):
+                    p.normal_(0.0, config.vision.hidden_size**-0.5)
+                else:
+                    p.normal_(0.0, std)
+        return model
+
+    # the text model's conveniences, so generate() and RouterTrace treat both models alike
+    trace = property(lambda self: self.language_model.trace)
+    device = property(lambda self: self.language_model.device)
+    dtype = property(lambda self: self.language_model.dtype)
+
+    def set_dispatch(self, mode: str) -> "Llama4":
+        self.language_model.set_dispatch(mode)
+        return self
+
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        return self.language_model.new_cache(batch, max_len)
+
+    def check_ids(self, input_ids):
+        return self.language_model.check_ids(input_ids)
+
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[tiles, 3, S, S] -> [tiles * tokens_per_tile, text width], in prompt order."""
+        feats = self.vision_model(pixel_values)
+        return self.multi_modal_projector(rearrange(feats, "n p w -> (n p) w"))
+
+    def forward(self, input_ids, pixel_values: torch.Tensor | None = None, cache: KVCache | None = None,
+                router_outputs: list | None = None) -> torch.Tensor:
+        input_ids = self.check_ids(input_ids)
+        is_patch = input_ids == self.config.image_token_index
+        n_patch = int(is_patch.sum())
+        h = self.language_model.model.embed_tokens(input_ids)
+        if pixel_values is not None:
+            feats = self.image_features(pixel_values.to(self.device)).to(h.dtype)
+            if feats.shape[0] != n_patch:
+                per_tile = self.config.vision.tokens_per_tile
+                raise ValueError(f"the prompt has {n_patch} <|patch|> tokens but the images give {feats.shape[0]} "
+                                 f"features ({pixel_values.shape[0]} tiles x {per_tile}); expand the prompt with "
+                                 "minillama4.image.image_prompt for each image")
+            # early fusion: <|patch|> embeddings are replaced in order (batch-major), nothing else
+            h = h.masked_scatter(is_patch[..., None], feats)
+        elif n_patch:
+            raise ValueError(f"the prompt has {n_patch} <|patch|> tokens but no pixel_values were given")
+        return self.language_model(input_ids, cache=cache, inputs_embeds=h, is_image=is_patch,
+                                   router_outputs=router_outputs)
+
+    def generate(self, input_ids, max_new_tokens: int, pixel_values: torch.Tensor | None = None, **kwargs):
+        from .generate import generate
+
+        return generate(self, input_ids, max_new_tokens, pixel_values=pixel_values, **kwargs)
+
+    def save_pretrained(self, path, **kwargs) -> None:
         from .checkpoint import save_pretrained
 
         save_pretrained(self, path, **kwargs)

@@ -22,7 +22,7 @@ import torch
 
 class RouterTrace:
     def __init__(self, model):
-        self.model = model
+        self.model = getattr(model, "language_model", model)  # Llama4 (multimodal) or Llama4Text
         self.moe_layers = [m.layer for m in _moe_modules(model)]
         self.n_experts = model.cfg.num_local_experts
         self._logits = {i: [] for i in self.moe_layers}

@@ -136,8 +136,9 @@ def test_round_trip_ours_transformers_ours(tmp_path):
 
 
 def test_conditional_generation_checkpoint_loads_text_part(tmp_path):
-    """A Llama4ForConditionalGeneration directory (language_model.* keys + vision keys) gives the
-    same text model; the vision tensors are skipped until the vision model lands."""
+    """A Llama4ForConditionalGeneration directory (language_model.* keys + vision keys) loaded
+    with text_only=True gives the same text model, skipping the vision tensors (the full
+    multimodal model is tested in test_vision.py)."""
     from minillama4.config import VisionConfig
 
     text = CASES["scout_like"]
@@ -149,7 +150,8 @@ def test_conditional_generation_checkpoint_loads_text_part(tmp_path):
     torch.manual_seed(9)
     hf = transformers.Llama4ForConditionalGeneration(hcfg).eval()
     hf.save_pretrained(tmp_path)
-    ours = ml4.from_pretrained(tmp_path, dtype=torch.float32)
+    ours = ml4.from_pretrained(tmp_path, dtype=torch.float32, text_only=True)
+    assert isinstance(ours, ml4.Llama4Text)
     assert ours.config.vision is not None and ours.config.vision.hidden_size == 32
     ids = torch.randint(0, text.vocab_size, (1, 20), generator=torch.Generator().manual_seed(9))
     with torch.no_grad():
