@@ -15,7 +15,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: lab test install clean-venv
+.PHONY: lab test install notebooks clean-venv
 
 $(PY):
 	@if $(PYTHON) -c "import torch" 2>/dev/null; then \
@@ -37,8 +37,13 @@ lab: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest tests
-	@if ls notebooks/*.ipynb >/dev/null 2>&1; then $(PY) -m pytest --nbval-lax --nbval-cell-timeout=180 notebooks/; \
+	@if ls notebooks/*.ipynb >/dev/null 2>&1; then \
+	  $(PY) -m pytest --nbval-lax --nbval-current-env --nbval-cell-timeout=180 -p no:cacheprovider notebooks/; \
 	else echo "no notebooks yet: nbval skipped"; fi
+
+# Re-execute the notebooks in place (outputs and execution counts kept, widget state stripped).
+notebooks: $(STAMP)
+	$(PY) scripts/run_notebooks.py
 
 clean-venv:
 	rm -rf $(VENV)
