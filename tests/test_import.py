@@ -7,7 +7,8 @@ HEAVY = ["transformers", "plotly", "ipywidgets", "jupyterlab", "IPython", "pytes
 
 
 def test_import_is_light():
-    code = ("import sys, minillama4, minillama4.checkpoint, minillama4.trace; "
+    code = ("import sys, minillama4, minillama4.checkpoint, minillama4.trace, minillama4.data, minillama4.balance, "
+            "minillama4.train, minillama4.image, minillama4.vision; "
             f"loaded = [m for m in {HEAVY!r} if m in sys.modules]; "
             "assert not loaded, loaded")
     subprocess.run([sys.executable, "-c", code], check=True)
