@@ -12,7 +12,7 @@ This module imports only torch, einops, numpy and safetensors: no notebook or te
 """
 
 from . import configs
-from .checkpoint import from_pretrained, save_pretrained
+from .checkpoint import from_pretrained, random_model, save_pretrained
 from .config import Llama4Config, TextConfig, VisionConfig
 from .generate import generate
 from .model import Llama4, Llama4Text
@@ -21,5 +21,5 @@ from .tokenizer import ByteTokenizer
 from .trace import RouterTrace
 
 __version__ = "0.1.0"
-__all__ = ["configs", "from_pretrained", "save_pretrained", "Llama4Config", "TextConfig",
+__all__ = ["configs", "from_pretrained", "random_model", "save_pretrained", "Llama4Config", "TextConfig",
            "VisionConfig", "generate", "Llama4", "Llama4Text", "count_params", "ByteTokenizer", "RouterTrace"]

@@ -10,9 +10,7 @@ Axes (einops names used in this file):
   b batch, t query tokens, s key/value tokens (cache included), h query heads, k kv heads,
   g query heads per kv head (h = k * g), dh head dim, d model dim
 
-Simplifications: no attention padding mask (batches hold equal-length prompts); the cache keeps
-every position (a chunk ring buffer, like Hugging Face's sliding cache, gives the same result
-with less memory: issue "Full Scout on one H100").
+Simplifications: no attention padding mask (batches hold equal-length prompts).
 """
 
 from __future__ import annotations
@@ -42,14 +40,24 @@ def nope_temperature(positions: torch.Tensor, floor_scale: int, attn_scale: floa
 
 
 class KVCache:
-    """Keys and values for every layer, preallocated for `max_len` positions.
-    `length` is the number of positions already written (the next token's position)."""
+    """Keys and values for every layer, preallocated. `length` is the number of positions
+    already written (the next token's position); the context may grow to `max_len`.
 
-    def __init__(self, cfg: TextConfig, batch: int, max_len: int, dtype, device):
-        shape = (batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
+    NoPE layers (full attention) keep every position. Chunked RoPE layers only ever look back
+    within their own chunk, so with ring=True they keep a ring buffer of `chunk` slots: position
+    p lives in slot p % chunk, and each slot remembers its absolute position so the chunk mask
+    can be applied. For Scout at 1M tokens that keeps 36 of 48 layers at 8,192 slots.
+    """
+
+    def __init__(self, cfg: TextConfig, batch: int, max_len: int, dtype, device, ring: bool = True):
         self.max_len, self.batch, self.length = max_len, batch, 0
+        self.keys, self.values, self.slot_pos = [], [], []
+        for layer in range(cfg.num_hidden_layers):
+            slots = min(cfg.attention_chunk_size, max_len) if ring and cfg.is_chunked(layer) else max_len
+            shape = (batch, cfg.num_key_value_heads, slots, cfg.head_dim)
+            self.keys.append(torch.zeros(shape, dtype=dtype, device=device))
+            self.values.append(torch.zeros(shape, dtype=dtype, device=device))
+            self.slot_pos.append(torch.full((slots,), -1, dtype=torch.long, device=device))  # -1 = empty
 
     def check_room(self, new_tokens: int, batch: int) -> None:
         if batch != self.batch:
@@ -58,12 +66,27 @@ class KVCache:
             raise ValueError(f"context of {self.length + new_tokens} tokens is longer than the KV cache "
                              f"({self.max_len} positions); allocate a larger cache")
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """Write k, v ([b, k, t, dh]) at the current positions; return all positions so far."""
-        end = self.length + k.shape[2]
-        self.keys[layer][:, :, self.length:end] = k
-        self.values[layer][:, :, self.length:end] = v
-        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor):
+        """Store k, v ([b, k, t, dh]) for `positions` [t]; return the keys, values and absolute
+        positions this layer can attend to now (cached ones first, then the new ones)."""
+        keys, values, slot_pos = self.keys[layer], self.values[layer], self.slot_pos[layer]
+        slots = keys.shape[2]
+        if slots == self.max_len:  # full cache: position p in slot p
+            end = int(positions[-1]) + 1
+            keys[:, :, self.length:end], values[:, :, self.length:end] = k, v
+            slot_pos[self.length:end] = positions
+            return keys[:, :, :end], values[:, :, :end], slot_pos[:end]
+        kept = slot_pos >= 0  # ring: what is cached, plus the new tokens (the mask drops old chunks)
+        k_all = torch.cat([keys[:, :, kept], k], dim=2)
+        v_all = torch.cat([values[:, :, kept], v], dim=2)
+        pos_all = torch.cat([slot_pos[kept], positions])
+        last = positions[-slots:]  # only the newest `slots` tokens can still be needed later
+        keys[:, :, last % slots], values[:, :, last % slots] = k[:, :, -slots:], v[:, :, -slots:]
+        slot_pos[last % slots] = last
+        return k_all, v_all, pos_all
 
 
 class Attention(nn.Module):
@@ -96,9 +119,9 @@ class Attention(nn.Module):
             q = (q * rearrange(s, "t -> 1 t 1 1")).to(q.dtype)
         q = rearrange(q, "b t h dh -> b h t dh")
         k = rearrange(k, "b t k dh -> b k t dh")
+        k_pos = positions
         if cache is not None:
-            k, v = cache.update(self.layer, k, v)
-        k_pos = torch.arange(k.shape[2], device=x.device)
+            k, v, k_pos = cache.update(self.layer, k, v, positions)
         mask = attention_mask(positions, k_pos, self.chunk)
         # GQA: kv head i serves the g = h // k consecutive query heads i*g .. i*g + g - 1, as if
         # k and v were repeated "b k s dh -> b (k g) s dh"; enable_gqa does that without a copy.

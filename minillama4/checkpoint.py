@@ -15,6 +15,7 @@ and are refused with a message, never opened.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -108,17 +109,45 @@ def read_config(path) -> "Llama4Config":  # noqa: F821
         raise ValueError(f"{cfg_file}: not valid JSON ({e})") from None
 
 
-def from_pretrained(path, dtype=None, device="cpu", text_only: bool = False):
+def _plan_or_refuse(cfg, multimodal, quantize, which, dtype, device, context, verbose):
+    """Print the memory plan if asked, and refuse before allocating when it does not fit."""
+    from .plan import available_bytes, check_fits, plan_memory
+
+    kept = cfg if multimodal else dataclasses.replace(cfg, vision=None)
+    name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "bf16", None: "bf16"}[dtype]
+    plan = plan_memory(kept, context=context, quantize=quantize, which=which, dtype=name, prefill_tokens=min(context, 2048))
+    if verbose:
+        print(plan.table())
+    check_fits(plan, available_bytes(device), where=str(device))
+
+
+def _quantize_meta(model, quantize, which):
+    if quantize is None:
+        return
+    if quantize != "int4":
+        raise ValueError(f"quantize={quantize!r}: expected None or 'int4'")
+    from .quant import quantize_model
+
+    quantize_model(model, which)
+
+
+def from_pretrained(path, dtype=None, device="cpu", text_only: bool = False, quantize: str | None = None,
+                    which: str = "ffn", context: int = 2048, verbose: bool = False):
     """Load a Hugging Face Llama 4 directory: a `Llama4` (with the vision tower) when config.json
     has a vision_config, else (or with text_only=True) a `Llama4Text`. dtype None keeps the
-    stored dtype (bf16 for Meta's checkpoints)."""
+    stored dtype (bf16 for Meta's checkpoints). quantize="int4" quantizes the feed-forward
+    weights (which="all": every decoder linear) tensor by tensor while streaming, so memory stays
+    near the int4 size. Before anything is allocated, the memory plan for `context` positions is
+    checked against the device's free memory (printed with verbose=True)."""
     path, dtype = Path(path), _dtype(dtype)
     cfg = read_config(path)
     headers = _read_headers(weight_files(path))
     multimodal = cfg.vision is not None and not text_only
+    _plan_or_refuse(cfg, multimodal, quantize, which, dtype, device, context, verbose)
     with torch.device("meta"):
         model = Llama4(cfg) if multimodal else Llama4Text(cfg)
     expected = {name: list(p.shape) for name, p in model.named_parameters()}
+    _quantize_meta(model, quantize, which)
     plan, unexpected, mismatched = {}, [], {}
     for key, (file, shape) in headers.items():
         name = _param_name(key, multimodal)
@@ -144,7 +173,44 @@ def from_pretrained(path, dtype=None, device="cpu", text_only: bool = False):
             for name, key in items:
                 tensor = f.get_tensor(key).to(device=device, dtype=dtype or None)
                 owner, attr = name.rsplit(".", 1)
-                setattr(model.get_submodule(owner), attr, nn.Parameter(tensor))
+                module = model.get_submodule(owner)
+                if hasattr(module, "load_dense"):  # an int4 module: quantize this tensor now
+                    module.load_dense(tensor) if attr == "weight" else module.load_dense(attr, tensor)
+                else:
+                    setattr(module, attr, nn.Parameter(tensor))
+                del tensor
+    return model.eval()
+
+
+def random_model(config, quantize: str | None = None, which: str = "ffn", dtype=torch.bfloat16, device="cpu",
+                 seed: int = 0, context: int = 2048, verbose: bool = False):
+    """A model with random weights built directly on `device` (int4 buffers filled directly in
+    int4: no full-precision detour), for benchmarks without a checkpoint. Text-only for a
+    TextConfig or a config without vision, else the multimodal Llama4. The memory plan is checked
+    first, like from_pretrained."""
+    from .config import Llama4Config
+    from .quant import randomize_int4
+
+    cfg = config if isinstance(config, Llama4Config) else Llama4Config(text=config, vision=None)
+    dtype = _dtype(dtype)
+    _plan_or_refuse(cfg, cfg.vision is not None, quantize, which, dtype, device, context, verbose)
+    with torch.device("meta"):
+        model = (Llama4(cfg) if cfg.vision is not None else Llama4Text(cfg)).to(dtype)
+    _quantize_meta(model, quantize, which)
+    model = model.to_empty(device=device)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    std = cfg.text.initializer_range
+    with torch.no_grad():
+        for module in model.modules():
+            if hasattr(module, "load_dense"):
+                randomize_int4(module, std, generator)
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or "layernorm" in name and name.endswith("weight"):
+                p.fill_(1.0)
+            elif name.endswith(".bias"):
+                p.zero_()
+            else:
+                p.normal_(0.0, std, generator=generator)
     return model.eval()
 
 
@@ -165,6 +231,9 @@ def save_pretrained(model, path, max_shard_size="5GB", form: str = "v5") -> None
     a Llama4), so transformers and from_pretrained both load it.
     New files are written under temporary names and renamed at the end, so a failed save leaves
     an earlier checkpoint in the folder intact."""
+    if any(hasattr(m, "load_dense") for m in model.modules()):
+        raise ValueError("this model holds int4 weights; save_pretrained writes the Hugging Face bf16/fp32 "
+                         "format: save before quantizing, or reload the original checkpoint")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     limit = _parse_size(max_shard_size)

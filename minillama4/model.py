@@ -97,8 +97,9 @@ class Llama4Text(nn.Module):
     def dtype(self):
         return self.lm_head.weight.dtype
 
-    def new_cache(self, batch: int, max_len: int) -> KVCache:
-        return KVCache(self.cfg, batch, max_len, self.dtype, self.device)
+    def new_cache(self, batch: int, max_len: int, ring: bool = True) -> KVCache:
+        """A KV cache for `max_len` positions; chunked layers keep only a ring of one chunk."""
+        return KVCache(self.cfg, batch, max_len, self.dtype, self.device, ring)
 
     # ----------------------------------------------------------------- forward
     def check_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -214,8 +215,8 @@ class Llama4(nn.Module):
         self.language_model.set_dispatch(mode)
         return self
 
-    def new_cache(self, batch: int, max_len: int) -> KVCache:
-        return self.language_model.new_cache(batch, max_len)
+    def new_cache(self, batch: int, max_len: int, ring: bool = True) -> KVCache:
+        return self.language_model.new_cache(batch, max_len, ring)
 
     def check_ids(self, input_ids):
         return self.language_model.check_ids(input_ids)

@@ -80,3 +80,22 @@ def test_bad_inputs_raise_clear_errors(model):
                           ({"max_new_tokens": -1}, "max_new_tokens")]:
         with pytest.raises(ValueError, match=match):
             model.generate([[1, 2]], **{"max_new_tokens": 3, **kwargs})
+
+
+@pytest.mark.parametrize("prefill", [3, 8, 21])
+def test_ring_buffer_cache_equals_full_cache_on_long_sequences(model, prefill):
+    """Chunked layers keep only one chunk (8 slots) in a ring; over 60 tokens (7+ chunks) the
+    logits equal a full cache and a full forward, and the ring uses less memory."""
+    ids = torch.randint(0, 320, (1, 60), generator=torch.Generator().manual_seed(prefill))
+    outs = {}
+    with torch.no_grad():
+        full = model(ids)
+        for ring in (True, False):
+            cache = model.new_cache(1, 60, ring=ring)
+            steps = [model(ids[:, :prefill], cache=cache)]
+            steps += [model(ids[:, i:i + 1], cache=cache) for i in range(prefill, 60)]
+            outs[ring] = (torch.cat(steps, 1), cache.nbytes())
+    torch.testing.assert_close(outs[True][0], full, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(outs[False][0], full, rtol=1e-5, atol=1e-5)
+    # 3 chunked layers keep 8 slots instead of 60, the NoPE layer keeps 60
+    assert outs[True][1] == outs[False][1] * (3 * 8 + 60) // (4 * 60)

@@ -1,0 +1,109 @@
+"""Memory planning: what a model needs before anything is allocated, and a clear refusal.
+
+    plan = plan_memory(configs.scout(), context=8192, quantize="int4")
+    print(plan.table())
+    check_fits(plan, available_bytes("cuda"))   # raises MemoryPlanError saying by how much
+
+Weights come from `count_params` (exact); the feed-forward weights are int4 (4 bits + one bf16
+scale per 128 weights) when quantize="int4", or every decoder linear with which="all"; the rest
+stays in `dtype`. KV cache: 2 (k, v) x kv_heads x head_dim x bytes per position per layer, with
+chunked layers capped at one chunk when the ring buffer is on. Activations are an estimate for a
+prefill of `prefill_tokens` tokens: a few residual-stream copies, one expert's dequantized
+scratch, the attention scores of one layer, and the logits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .config import Llama4Config, TextConfig
+from .params import BYTES_PER_PARAM, count_params
+
+GIB = 2**30
+FFN_COMPONENTS = ("text.routed_experts", "text.shared_experts", "text.dense_mlps")
+
+
+class MemoryPlanError(MemoryError):
+    """The model does not fit: the message says how much is needed, available and missing."""
+
+
+@dataclass
+class MemoryPlan:
+    name: str  # model name, for printing
+    context: int  # positions the KV cache holds
+    batch: int  # sequences decoded together
+    weights: dict = field(default_factory=dict)  # component -> bytes
+    kv_cache: int = 0  # bytes
+    activations: int = 0  # bytes (estimate)
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(self.weights.values())
+
+    @property
+    def total(self) -> int:
+        return self.weight_bytes + self.kv_cache + self.activations
+
+    def table(self) -> str:
+        rows = [f"memory plan for {self.name}: context {self.context:,}, batch {self.batch}"]
+        rows += [f"  weights {name:<26} {b / GIB:8.2f} GiB" for name, b in self.weights.items() if b]
+        rows += [f"  weights total                      {self.weight_bytes / GIB:8.2f} GiB",
+                 f"  KV cache                           {self.kv_cache / GIB:8.2f} GiB",
+                 f"  activations (estimate)             {self.activations / GIB:8.2f} GiB",
+                 f"  total                              {self.total / GIB:8.2f} GiB"]
+        return "\n".join(rows)
+
+
+def kv_cache_bytes(cfg: TextConfig, context: int, batch: int = 1, bytes_per_value: int = 2,
+                   ring: bool = True) -> int:
+    """Bytes of keys and values for `context` positions; chunked layers keep one chunk with ring."""
+    per_position = 2 * cfg.num_key_value_heads * cfg.head_dim * bytes_per_value * batch
+    total = 0
+    for layer in range(cfg.num_hidden_layers):
+        kept = min(context, cfg.attention_chunk_size) if ring and cfg.is_chunked(layer) else context
+        total += kept * per_position
+    return total
+
+
+def plan_memory(config: Llama4Config | TextConfig, context: int = 8192, batch: int = 1, quantize: str | None = None,
+                which: str = "ffn", dtype: str = "bf16", ring: bool = True, prefill_tokens: int = 2048) -> MemoryPlan:
+    if quantize not in (None, "int4"):
+        raise ValueError(f"quantize={quantize!r}: expected None or 'int4'")
+    full = config if isinstance(config, Llama4Config) else Llama4Config(text=config, vision=None)
+    t = full.text
+    pc = count_params(full)
+    base = BYTES_PER_PARAM[dtype] if dtype in BYTES_PER_PARAM else {"fp32": 4.0}[dtype]
+    int4_parts = (FFN_COMPONENTS + ("text.attention",)) if which == "all" else FFN_COMPONENTS
+    weights = {name: int(total * (BYTES_PER_PARAM["int4"] if quantize and name in int4_parts else base))
+               for name, (total, _) in pc.components.items()}
+    value_bytes = int(base) if base >= 2 else 2  # the cache and activations stay bf16 with fp8/int4 weights
+    tokens = min(prefill_tokens, context) * batch
+    activations = (6 * tokens * t.hidden_size * value_bytes  # residual stream, norms, attention output
+                   + 3 * t.hidden_size * t.intermediate_size * value_bytes  # one expert dequantized
+                   + t.num_attention_heads * tokens * min(prefill_tokens, context) * value_bytes  # scores
+                   + tokens * t.vocab_size * 4)  # logits (fp32)
+    return MemoryPlan(name=full.name, context=context, batch=batch, weights=weights,
+                      kv_cache=kv_cache_bytes(t, context, batch, value_bytes, ring), activations=activations)
+
+
+def available_bytes(device="cpu") -> int:
+    """Free memory on the device: CUDA's free memory, or MemAvailable from /proc/meminfo."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable"))
+    except (OSError, StopIteration):
+        return 1 << 62  # unknown: do not refuse
+
+
+def check_fits(plan: MemoryPlan, available: int, where: str = "this device") -> None:
+    if plan.total > available:
+        raise MemoryPlanError(
+            f"{plan.name} needs {plan.total / GIB:.1f} GiB on {where} (weights {plan.weight_bytes / GIB:.1f}, "
+            f"KV cache {plan.kv_cache / GIB:.1f}, activations {plan.activations / GIB:.1f}) but only "
+            f"{available / GIB:.1f} GiB is free: short by {(plan.total - available) / GIB:.1f} GiB. "
+            "Try quantize='int4', a shorter context, or a bigger device.")

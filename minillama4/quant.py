@@ -1,0 +1,204 @@
+"""int4 weight-only quantization: symmetric, group-wise (group 128 along the input dim), bf16 scales.
+
+Meta's recipe for Scout on one GPU ("int4_mixed"): the feed-forward weights (routed experts,
+shared expert, dense MLPs), which are ~94% of Scout's parameters, are stored in int4; attention,
+router, embeddings, norms and lm_head stay bf16.
+
+For a weight W [n, k] (n outputs, k inputs) and each group of 128 consecutive inputs:
+    scale = max |W_group| / 8                       (symmetric absmax; Meta's int4_row_quantize)
+    q     = clamp(round(W / scale), -8, 7)          stored as q + 8 in [0, 15], two per byte
+    W'    = q * scale                               (dequantized)
+Packed layout (one logical format on every device): uint8 [n, k/2], even k in the high nibble,
+odd k in the low nibble; scales bf16 [k/group, n]. This is what torch's int4 matmul kernels take
+(`_weight_int4pack_mm` on CUDA, `_weight_int4pack_mm_for_cpu` on CPU) after a per-device
+conversion, with zero points 0 and their dequant formula w = (q - 8) * scale + zero.
+
+Paths: `Int4Linear` uses the CPU int4 kernel for bf16 inputs on CPU and tinygemm for small
+batches on CUDA, else dequantizes (the readable reference, also used for prefill).
+`Int4Experts` dequantizes one expert at a time (reference path).
+
+Axes: n output features, k input features, g groups along k, e experts.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+GROUP = 128
+
+
+def quantize_int4(w: torch.Tensor, group: int = GROUP) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [..., n, k] -> (packed uint8 [..., n, k/2], scales bf16 [..., k/group, n])."""
+    n, k = w.shape[-2:]
+    if k % group or k % 2:
+        raise ValueError(f"int4 quantization needs the input dim ({k}) to be a multiple of group={group}")
+    wg = rearrange(w.float(), "... n (g k) -> ... n g k", k=group)
+    # scale = absmax / 8, one per (output row, group), rounded to bf16 first so that quantizing and
+    # dequantizing use the same scale; q = round(w / scale) in [-8, 7]
+    scale = (wg.abs().amax(-1, keepdim=True) / 8).clamp(min=1e-12).to(torch.bfloat16).float()
+    q = (torch.round(wg / scale).clamp(-8, 7) + 8).to(torch.uint8)
+    q = rearrange(q, "... n g k -> ... n (g k)")
+    packed = (q[..., 0::2] << 4) | q[..., 1::2]
+    scales = rearrange(scale[..., 0], "... n g -> ... g n").to(torch.bfloat16)
+    return packed.contiguous(), scales.contiguous()
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 [..., n, k/2] -> int values q + 8 in [0, 15], [..., n, k] (int32)."""
+    hi, lo = (packed >> 4).to(torch.int32), (packed & 0xF).to(torch.int32)
+    return rearrange(torch.stack([hi, lo], dim=-1), "... n k two -> ... n (k two)")
+
+
+def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    """(packed [..., n, k/2], scales [..., g, n]) -> W' [..., n, k] = (q - 8) * scale."""
+    q = unpack_int4(packed).to(torch.float32) - 8
+    group = q.shape[-1] // scales.shape[-2]
+    per_weight = rearrange(scales.float(), "... g n -> ... n g 1")
+    w = rearrange(q, "... n (g k) -> ... n g k", k=group) * per_weight
+    return rearrange(w, "... n g k -> ... n (g k)").to(dtype)
+
+
+def _scales_and_zeros(scales: torch.Tensor) -> torch.Tensor:
+    """Scales [g, n] -> the kernels' [g, n, 2] (scale, zero=0)."""
+    return torch.stack([scales, torch.zeros_like(scales)], dim=-1).to(torch.bfloat16).contiguous()
+
+
+class Int4Linear(nn.Module):
+    """A bias-free nn.Linear with int4 weights. Buffers `packed` [out, in/2] and `scales` [in/group, out]."""
+
+    def __init__(self, in_features: int, out_features: int, group: int = GROUP, device=None):
+        super().__init__()
+        self.in_features, self.out_features, self.group = in_features, out_features, group
+        self.register_buffer("packed", torch.zeros(out_features, in_features // 2, dtype=torch.uint8, device=device))
+        self.register_buffer("scales", torch.zeros(in_features // group, out_features, dtype=torch.bfloat16, device=device))
+        self._kernel_weight = None  # the per-device packed layout, built on first use
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, group: int = GROUP) -> "Int4Linear":
+        if linear.bias is not None:
+            raise ValueError("Int4Linear supports bias-free linears only (all Llama 4 linears are)")
+        q = cls(linear.in_features, linear.out_features, group, device=linear.weight.device)
+        if not linear.weight.is_meta:  # on the meta device: an empty int4 module, filled by a loader
+            q.load_dense(linear.weight.detach())
+        return q
+
+    def load_dense(self, weight: torch.Tensor) -> None:
+        """Quantize a dense [out, in] weight into this module (used by streaming loads)."""
+        if tuple(weight.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"weight {tuple(weight.shape)} does not fit Int4Linear({self.in_features} -> {self.out_features})")
+        packed, scales = quantize_int4(weight, self.group)  # on the weight's device
+        self.packed, self.scales, self._kernel_weight = packed, scales, None
+
+    def dequantized(self, dtype=torch.float32) -> torch.Tensor:
+        return dequantize_int4(self.packed, self.scales, dtype)
+
+    def _kernel(self, x: torch.Tensor):
+        """The int4 matmul kernel for this device, or None (then: dequantize + matmul)."""
+        if x.dtype != torch.bfloat16 or self.group not in (32, 64, 128, 256):
+            return None
+        rows = x.reshape(-1, self.in_features)
+        if x.device.type == "cpu" and hasattr(torch, "_weight_int4pack_mm_for_cpu") and self.out_features % 16 == 0:
+            if self._kernel_weight is None:
+                self._kernel_weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_int4(self.packed), 2)
+            return lambda: torch._weight_int4pack_mm_for_cpu(rows, self._kernel_weight, self.group,
+                                                              _scales_and_zeros(self.scales))
+        if x.device.type == "cuda" and rows.shape[0] <= 16 and self.in_features % 1024 == 0:
+            if self._kernel_weight is None:  # tinygemm: fast for decode, slow for large batches
+                self._kernel_weight = torch._convert_weight_to_int4pack(self.packed, 8)
+            return lambda: torch._weight_int4pack_mm(rows, self._kernel_weight, self.group,
+                                                     _scales_and_zeros(self.scales))
+        return None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kernel = self._kernel(x)
+        if kernel is not None:
+            return kernel().reshape(*x.shape[:-1], self.out_features)
+        return F.linear(x, self.dequantized(x.dtype))
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, int4 group={self.group}"
+
+
+class Int4Experts(nn.Module):
+    """The stacked routed experts in int4. The checkpoint's gate_up_proj [e, d, 2f] and
+    down_proj [e, f, d] (x @ W layout) are stored transposed like linears: [e, 2f, d] and [e, d, f]."""
+
+    quantized = True
+
+    def __init__(self, n_experts: int, dim: int, hidden: int, group: int = GROUP, device=None):
+        super().__init__()
+        self.n_experts, self.dim, self.hidden, self.group = n_experts, dim, hidden, group
+        u8, bf = torch.uint8, torch.bfloat16
+        self.register_buffer("gate_up_packed", torch.zeros(n_experts, 2 * hidden, dim // 2, dtype=u8, device=device))
+        self.register_buffer("gate_up_scales", torch.zeros(n_experts, dim // group, 2 * hidden, dtype=bf, device=device))
+        self.register_buffer("down_packed", torch.zeros(n_experts, dim, hidden // 2, dtype=u8, device=device))
+        self.register_buffer("down_scales", torch.zeros(n_experts, hidden // group, dim, dtype=bf, device=device))
+
+    @classmethod
+    def from_experts(cls, experts, group: int = GROUP) -> "Int4Experts":
+        e, d, two_f = experts.gate_up_proj.shape
+        q = cls(e, d, two_f // 2, group, device=experts.gate_up_proj.device)
+        if not experts.gate_up_proj.is_meta:
+            q.load_dense("gate_up_proj", experts.gate_up_proj.detach())
+            q.load_dense("down_proj", experts.down_proj.detach())
+        return q
+
+    def load_dense(self, name: str, weight: torch.Tensor) -> None:
+        """Quantize a checkpoint tensor (gate_up_proj [e, d, 2f] or down_proj [e, f, d])."""
+        expected = {"gate_up_proj": (self.n_experts, self.dim, 2 * self.hidden),
+                    "down_proj": (self.n_experts, self.hidden, self.dim)}[name]
+        if tuple(weight.shape) != expected:
+            raise ValueError(f"{name} {tuple(weight.shape)} does not fit Int4Experts (expected {expected})")
+        prefix = "gate_up" if name == "gate_up_proj" else "down"
+        # x @ W with W [e, in, out] is a linear with weight W^T [e, out, in]
+        packed, scales = quantize_int4(rearrange(weight, "e k n -> e n k"), self.group)  # on the weight's device
+        setattr(self, f"{prefix}_packed", packed)
+        setattr(self, f"{prefix}_scales", scales)
+
+    def one(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert e on tokens x [n, d] (dequantizes that expert's two matrices)."""
+        w_in = dequantize_int4(self.gate_up_packed[e], self.gate_up_scales[e], x.dtype)
+        w_out = dequantize_int4(self.down_packed[e], self.down_scales[e], x.dtype)
+        gate, up = F.linear(x, w_in).chunk(2, dim=-1)
+        return F.linear(up * F.silu(gate), w_out)
+
+
+def quantize_model(model: nn.Module, which: str = "ffn", group: int = GROUP) -> nn.Module:
+    """Replace, in place, the feed-forward weights ("ffn": routed experts, shared experts, dense
+    MLPs; Meta's int4_mixed) or every decoder linear ("all": attention too) with int4 modules.
+    Router, embeddings, norms, lm_head and the vision tower stay as they are. On a model built on
+    the meta device this only swaps in empty int4 modules (for streaming loads)."""
+    from .layers import SwiGLU
+    from .moe import Experts
+
+    if which not in ("ffn", "all"):
+        raise ValueError(f"which={which!r}: expected 'ffn' or 'all'")
+    decoder = model.language_model.model if hasattr(model, "language_model") else model.model
+    for layer in decoder.layers:
+        ffn = layer.feed_forward
+        mlps = [ffn] if isinstance(ffn, SwiGLU) else [ffn.shared_expert]
+        if which == "all":
+            attn = layer.self_attn
+            for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                setattr(attn, name, Int4Linear.from_linear(getattr(attn, name), group))
+        for mlp in mlps:
+            for name in ("gate_proj", "up_proj", "down_proj"):
+                setattr(mlp, name, Int4Linear.from_linear(getattr(mlp, name), group))
+        if hasattr(ffn, "experts") and isinstance(ffn.experts, Experts):
+            ffn.experts = Int4Experts.from_experts(ffn.experts, group)
+    return model
+
+
+def randomize_int4(module: nn.Module, std: float, generator: torch.Generator | None = None) -> None:
+    """Fill an int4 module with random weights of about `std` directly in int4 (no dense detour):
+    q uniform in [0, 15], so q - 8 has std sqrt((16^2 - 1) / 12) - about 4.61."""
+    for name, buf in module.named_buffers(recurse=False):
+        if name.endswith("packed"):
+            buf.copy_(torch.randint(0, 256, buf.shape, dtype=torch.uint8, device=buf.device, generator=generator))
+        elif name.endswith("scales"):
+            buf.fill_(std / ((16**2 - 1) / 12) ** 0.5)
+    if isinstance(module, Int4Linear):
+        module._kernel_weight = None

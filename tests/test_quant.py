@@ -1,0 +1,147 @@
+"""int4 weight-only quantization (CPU paths), streaming quantized loads, the memory planner."""
+
+import copy
+
+import pytest
+import torch
+
+import minillama4 as ml4
+from minillama4 import configs, plan
+from minillama4.quant import (Int4Experts, Int4Linear, dequantize_int4, quantize_int4, quantize_model,
+                              unpack_int4)
+
+
+def test_round_trip_error_is_bounded_by_the_group_scale():
+    w = torch.randn(64, 512, generator=torch.Generator().manual_seed(0))
+    packed, scales = quantize_int4(w)
+    assert packed.shape == (64, 256) and packed.dtype == torch.uint8 and scales.shape == (4, 64)
+    back = dequantize_int4(packed, scales)
+    per_weight = scales.float().T.repeat_interleave(128, dim=1)  # [64, 512]
+    err = (back - w).abs()
+    assert torch.all(err <= per_weight * 1.05)  # only +absmax is clipped: one step (+ bf16 scale rounding)
+    assert (err <= per_weight / 2 + 1e-6).float().mean() > 0.99  # everything else: rounding
+    assert 0.08 < float((back - w).norm() / w.norm()) < 0.13  # ~11% on Gaussian weights
+
+
+def test_packed_layout_even_high_odd_low():
+    w = torch.zeros(1, 128)
+    w[0, 0], w[0, 1] = 8.0, -8.0  # absmax 8 -> scale 1 -> q = 7 (clipped) and -8
+    packed, scales = quantize_int4(w)
+    assert float(scales[0, 0]) == 1.0
+    assert int(packed[0, 0]) == (15 << 4) | 0  # q + 8 = 15 in the high nibble, 0 in the low
+    assert unpack_int4(packed)[0, :2].tolist() == [15, 0]
+
+
+def test_bad_shapes():
+    with pytest.raises(ValueError, match="multiple of group=128"):
+        quantize_int4(torch.randn(4, 100))
+    q = Int4Linear(128, 16)
+    with pytest.raises(ValueError, match="does not fit"):
+        q.load_dense(torch.randn(16, 256))
+
+
+def test_int4_linear_matches_dequantized_reference_and_cpu_kernel():
+    torch.manual_seed(1)
+    lin = torch.nn.Linear(256, 64, bias=False)
+    q = Int4Linear.from_linear(lin)
+    x = torch.randn(5, 256)
+    ref = x @ q.dequantized().T
+    torch.testing.assert_close(q(x), ref)  # fp32: the readable dequantize path
+    got = q(x.bfloat16()).float()  # bf16 on CPU: torch's int4 kernel
+    assert float((got - ref).abs().max() / ref.abs().max()) < 2e-2
+
+
+def test_int4_experts_match_dense_experts_with_the_same_dequantized_weights():
+    cfg = configs.small().text
+    model = ml4.Llama4Text.random(cfg, seed=2)
+    dense = model.model.layers[0].feed_forward.experts
+    q = Int4Experts.from_experts(dense)
+    x = torch.randn(7, cfg.hidden_size)
+    for e in (0, 5, 15):
+        w_in = dequantize_int4(q.gate_up_packed[e], q.gate_up_scales[e]).T
+        w_out = dequantize_int4(q.down_packed[e], q.down_scales[e]).T
+        gate, up = (x @ w_in).chunk(2, -1)
+        torch.testing.assert_close(q.one(e, x), (up * torch.nn.functional.silu(gate)) @ w_out)
+
+
+def plain_reference_quantization(model):
+    """The same weights through a plain absmax group-128 round trip, kept dense."""
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        for layer in ref.model.layers:
+            ffn = layer.feed_forward
+            for mlp in ([ffn] if not hasattr(ffn, "experts") else [ffn.shared_expert]):
+                for lin in (mlp.gate_proj, mlp.up_proj, mlp.down_proj):
+                    lin.weight.copy_(dequantize_int4(*quantize_int4(lin.weight)))
+            if hasattr(ffn, "experts"):
+                for name in ("gate_up_proj", "down_proj"):
+                    w = getattr(ffn.experts, name)
+                    w.copy_(dequantize_int4(*quantize_int4(w.transpose(1, 2))).transpose(1, 2))
+    return ref
+
+
+@pytest.mark.parametrize("dispatch", ["fast", "reference"])
+def test_quantized_model_error_no_worse_than_plain_reference_quantization(dispatch):
+    cfg = configs.small().replace_text(interleave_moe_layer_step=2)  # MoE and dense layers
+    model = ml4.Llama4Text.random(cfg, seed=3)
+    ids = torch.randint(0, cfg.text.vocab_size, (2, 40), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        exact = model(ids)
+        reference = plain_reference_quantization(model)(ids)
+        ours = quantize_model(copy.deepcopy(model)).set_dispatch(dispatch)(ids)
+    ref_err = float((reference - exact).abs().max())
+    assert ref_err > 0  # quantization did something
+    assert float((ours - exact).abs().max()) <= ref_err * 1.001 + 1e-6
+    torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-5)
+
+
+def test_streaming_quantized_load_of_sharded_checkpoint(tmp_path):
+    cfg = configs.small()
+    model = ml4.Llama4Text.random(cfg, seed=4)
+    model.save_pretrained(tmp_path, max_shard_size="300KB")
+    assert len(list(tmp_path.glob("model-*.safetensors"))) > 3
+    streamed = ml4.from_pretrained(tmp_path, quantize="int4")
+    assert isinstance(streamed.model.layers[0].feed_forward.experts, Int4Experts)
+    assert not any("experts.gate_up_proj" in n for n, _ in streamed.named_parameters())
+    in_memory = quantize_model(copy.deepcopy(model))
+    ids = torch.randint(0, 272, (1, 30))
+    with torch.no_grad():
+        torch.testing.assert_close(streamed(ids), in_memory(ids))
+    with pytest.raises(ValueError, match="int4 weights"):
+        streamed.save_pretrained(tmp_path / "again")
+
+
+def test_random_int4_model_is_built_directly_in_int4():
+    cfg = configs.small()
+    model = ml4.random_model(cfg, quantize="int4", dtype=torch.float32, seed=5)
+    experts = model.model.layers[0].feed_forward.experts
+    assert isinstance(experts, Int4Experts) and experts.gate_up_packed.dtype == torch.uint8
+    w = dequantize_int4(experts.gate_up_packed, experts.gate_up_scales)
+    assert 0.015 < float(w.std()) < 0.025  # about initializer_range
+    out = model.generate(torch.tensor([[1, 2, 3]]), 5)
+    assert out.shape == (1, 8)
+
+
+def test_memory_plan_numbers():
+    scout = configs.scout()
+    assert plan.kv_cache_bytes(scout.text, 1, ring=False) == 192 * 1024  # 192 KiB per token
+    p = plan.plan_memory(scout, context=8192, quantize="int4", which="all")
+    assert 54 < p.weight_bytes / plan.GIB < 58  # ~54.8 GiB of weights measured on an H100
+    assert p.total < 0.93 * 80 * 10**9  # fits an 80 GB H100 with an 8K cache, with room to spare
+    bf16 = plan.plan_memory(scout, context=8192)
+    assert bf16.weight_bytes / plan.GIB > 200
+    long = plan.plan_memory(scout, context=1 << 20, quantize="int4")
+    no_ring = plan.plan_memory(scout, context=1 << 20, quantize="int4", ring=False)
+    assert no_ring.kv_cache > 3.5 * long.kv_cache  # 36 of 48 layers keep one chunk
+
+
+def test_memory_planner_refuses_with_how_much(monkeypatch, tmp_path):
+    p = plan.plan_memory(configs.scout(), context=8192)
+    with pytest.raises(plan.MemoryPlanError, match=r"needs 20\d\.\d GiB .* short by"):
+        plan.check_fits(p, 80 * plan.GIB, where="cuda:0")
+    ml4.Llama4Text.random(configs.tiny()).save_pretrained(tmp_path)
+    monkeypatch.setattr(plan, "available_bytes", lambda device: 1024)
+    with pytest.raises(plan.MemoryPlanError, match="short by"):
+        ml4.from_pretrained(tmp_path)
+    with pytest.raises(plan.MemoryPlanError):
+        ml4.random_model(configs.small())
