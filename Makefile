@@ -15,7 +15,9 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: lab test install notebooks clean-venv
+CHROMIUM ?= /usr/bin/chromium
+
+.PHONY: lab test install notebooks browser-deps clean-venv
 
 $(PY):
 	@if $(PYTHON) -c "import torch" 2>/dev/null; then \
@@ -35,7 +37,15 @@ install: $(STAMP)
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab notebooks/
 
-test: $(STAMP)
+# The browser tests drive Debian's Chromium; install it when we can (root with apt), else they skip.
+browser-deps:
+	@if [ ! -x $(CHROMIUM) ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing chromium for the browser tests"; apt-get update -qq && apt-get install -y -qq chromium >/dev/null; \
+	  else echo "note: $(CHROMIUM) not found: the browser tests will be skipped (apt-get install chromium)"; fi; \
+	fi
+
+test: $(STAMP) browser-deps
 	$(PY) -m pytest tests
 	@if ls notebooks/*.ipynb >/dev/null 2>&1; then \
 	  $(PY) -m pytest --nbval-lax --nbval-current-env --nbval-cell-timeout=180 -p no:cacheprovider notebooks/; \
