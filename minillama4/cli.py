@@ -190,9 +190,27 @@ def cmd_doctor(args) -> int:
     check("ram", ram)
     check("torch threads", torch.get_num_threads)
     check("cuda", cuda)
-    print("== course extras (pip install -e '.[notebooks]'; jupyterlab_widgets = the widgets extension)")
+    def labextension(name):
+        """Is this JupyterLab extension installed and not disabled (what the widgets and plots need)?"""
+        from jupyter_core.paths import jupyter_path
+
+        found = [d for d in jupyter_path("labextensions") if os.path.isdir(os.path.join(d, *name.split("/")))]
+        if not found:
+            raise FileNotFoundError(f"{name} not installed in any labextensions folder")
+        from jupyter_server.config_manager import BaseJSONConfigManager
+
+        disabled = {}
+        for d in jupyter_path("labconfig"):
+            disabled.update(BaseJSONConfigManager(config_dir=d).get("page_config").get("disabledExtensions", {}))
+        if disabled.get(name):
+            raise RuntimeError(f"{name} is installed but disabled (jupyter labextension enable {name})")
+        return f"enabled ({found[0]})"
+
+    print("== course extras (pip install -e '.[notebooks]')")
     for mod in ("jupyterlab", "ipywidgets", "plotly", "jupyterlab_widgets"):
         check(mod, lambda mod=mod: _version(mod))
+    check("JupyterLab widgets extension", lambda: labextension("@jupyter-widgets/jupyterlab-manager"))
+    check("JupyterLab plotly renderer", lambda: labextension("jupyterlab-plotly"))
     print("== test extras (pip install -e '.[dev]')")
     for mod in ("pytest", "nbval", "transformers"):
         check(mod, lambda mod=mod: _version(mod))
