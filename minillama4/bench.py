@@ -466,6 +466,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import sys
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--int4" in argv or (argv and argv[0] in configs.PRESETS):  # `minillama4 bench scout --int4`
+        from .bench_scout import main as scout_main
+
+        return scout_main(argv)
     args = build_parser().parse_args(argv)
     if args.threads is not None and args.threads < 1:
         raise SystemExit("--threads must be >= 1")

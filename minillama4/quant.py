@@ -71,6 +71,8 @@ class Int4Linear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, group: int = GROUP, device=None):
         super().__init__()
+        if in_features % group:
+            raise ValueError(f"int4 needs the input dim ({in_features}) to be a multiple of group={group}")
         self.in_features, self.out_features, self.group = in_features, out_features, group
         self.register_buffer("packed", torch.zeros(out_features, in_features // 2, dtype=torch.uint8, device=device))
         self.register_buffer("scales", torch.zeros(in_features // group, out_features, dtype=torch.bfloat16, device=device))
@@ -130,6 +132,8 @@ class Int4Experts(nn.Module):
 
     def __init__(self, n_experts: int, dim: int, hidden: int, group: int = GROUP, device=None):
         super().__init__()
+        if dim % group or hidden % group:
+            raise ValueError(f"int4 experts need dim ({dim}) and hidden ({hidden}) to be multiples of group={group}")
         self.n_experts, self.dim, self.hidden, self.group = n_experts, dim, hidden, group
         u8, bf = torch.uint8, torch.bfloat16
         self.register_buffer("gate_up_packed", torch.zeros(n_experts, 2 * hidden, dim // 2, dtype=u8, device=device))
