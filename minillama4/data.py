@@ -104,9 +104,11 @@ def prose_documents() -> tuple[str, ...]:
         except ImportError:  # e.g. a Python built without sqlite3
             continue
         add(module)
-        for _, obj in inspect.getmembers(module):  # sorted by name
+        for member_name, obj in inspect.getmembers(module):  # sorted by name
             if getattr(obj, "__module__", None) != module.__name__:
                 continue  # imported from elsewhere
+            if name == "builtins" and member_name == "input":
+                continue  # Jupyter kernels replace builtins.input: skip it so scripts and notebooks agree
             add(obj)
             if inspect.isclass(obj):
                 for member in vars(obj).values():  # definition order
