@@ -8,6 +8,7 @@ Each notebook must finish in under 2 minutes on 2 CPU cores; this script fails p
 cell and reports the total time so a slow notebook is noticed before it is committed.
 """
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -21,7 +22,8 @@ ROOT = Path(__file__).resolve().parent.parent
 def run(path: Path) -> float:
     nb = nbformat.read(path, as_version=4)
     start = time.perf_counter()
-    NotebookClient(nb, timeout=180, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}).execute()
+    timeout = int(os.environ.get("MINILLAMA4_CELL_TIMEOUT", "180"))
+    NotebookClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}).execute()
     elapsed = time.perf_counter() - start
     nb.metadata.pop("widgets", None)  # widget state: large, per run, not needed to read the outputs
     for cell in nb.cells:
