@@ -199,7 +199,13 @@ class Llama4Config:
     name: str = "custom"  # preset name, for printing
 
     def replace_text(self, **changes) -> "Llama4Config":
-        """A copy with some text fields changed (validated again)."""
+        """A copy with some text fields changed (validated again). The derived layer lists
+        (moe_layers, no_rope_layers) are derived again when the depth or their step changes,
+        unless they are given explicitly."""
+        if {"num_hidden_layers", "interleave_moe_layer_step"} & changes.keys():
+            changes.setdefault("moe_layers", None)
+        if {"num_hidden_layers", "no_rope_layer_interval"} & changes.keys():
+            changes.setdefault("no_rope_layers", None)
         return dataclasses.replace(self, text=dataclasses.replace(self.text, **changes))
 
 
