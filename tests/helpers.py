@@ -21,3 +21,15 @@ def small_text(**overrides) -> TextConfig:
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """max |a - b| / max |b|: one number for 'how close are these logits'."""
     return float((a.float() - b.float()).abs().max() / b.float().abs().max())
+
+
+def posttrain_model(seed: int = 0):
+    """A 2-layer variant of the post-training course model (posttrain_task.model_config()): fast
+    enough for the sampling, SFT, RL and DPO tests."""
+    import minillama4 as ml4
+    from minillama4.train import posttrain_task
+
+    cfg = posttrain_task.model_config().replace_text(
+        hidden_size=32, num_hidden_layers=2, head_dim=8, intermediate_size=64, intermediate_size_mlp=128,
+        moe_layers=None, no_rope_layers=None, no_rope_layer_interval=2)
+    return ml4.Llama4Text.random(cfg, seed=seed)

@@ -28,7 +28,6 @@ import hashlib
 import itertools
 import json
 import platform
-import time
 from dataclasses import dataclass
 from pathlib import Path
 

@@ -1,0 +1,329 @@
+"""Online RL with a verifiable reward: GRPO with adaptive prompt filtering and a hardness curriculum.
+
+Meta (Llama 4 blog): after lightweight SFT, online RL on "medium-to-hard" prompts, chosen by
+pass@k analysis with the policy model, with "a curriculum of increasing prompt hardness", and
+"dynamically filter out prompts with zero advantage during training". Here:
+
+    history = train_rl(policy, RLConfig(steps=80, group_size=8, kl_coef=0.0), eval_problems=held_out)
+
+One step (Shao et al. 2024, DeepSeekMath §4.1, GRPO):
+  1. the curriculum draws P prompts from the active difficulty levels;
+  2. the policy samples a group of G responses per prompt (temperature 1); the verifier gives
+     each response a reward r in {0, 1};
+  3. group-relative advantage of response i of a group (no value network):
+         A_i = (r_i - mean(r_1..r_G)) / (std(r_1..r_G) + eps)
+     A group whose rewards are all equal (all right or all wrong) has A = 0 for every response:
+     it carries no learning signal. Adaptive filtering drops these groups before the update
+     (Llama 4's "zero-advantage" filter; DAPO's "dynamic sampling", Yu et al. 2025);
+  4. mu gradient steps on the clipped surrogate, with the per-token ratio
+     rho_t = pi_theta(o_t | q, o_<t) / pi_old(o_t | q, o_<t):
+         J = mean_i 1/|o_i| sum_t [ min(rho_t A_i, clip(rho_t, 1 - eps, 1 + eps) A_i) - beta D_KL,t ]
+     with the k3 estimator of the KL to a frozen reference (Schulman 2020),
+         D_KL,t = pi_ref / pi_theta - log(pi_ref / pi_theta) - 1   (>= 0, unbiased);
+     loss = -J. With mu = 1, rho = 1 at the only update and clipping never acts; mu = 2 makes it
+     act on the second pass.
+
+The curriculum (our reading of the blog, not Meta's code): before RL, a pass@k probe with the
+policy per level retires the levels it already solves (pass rate >= easy_above) and starts at
+the easiest level it does not; during RL a running (EMA) pass rate per level, from the policy's
+own samples, retires levels that become easy and unlocks the next harder level once the hardest
+active one passes `advance_at`. Every `reprobe_every` steps a fresh probe of all levels brings
+back levels the policy has become worse at ("continually filter and retain only medium-to-hard
+prompts" - the blog's continuous online RL).
+
+Simplifications against Meta's scale: one small model on one CPU, synchronous (Meta's
+framework was fully asynchronous), a rule-based 0/1 reward, tens of steps, no system-prompt
+variety, no mixing of capabilities, a per-level (not per-prompt) pass@k probe.
+
+Axes: p prompts (groups), g samples per group, b sequences (= kept groups x g), t tokens.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+from einops import rearrange
+
+from ..tokenizer import ByteTokenizer
+from .loop import param_groups
+from .posttrain_task import (LEVELS, MAX_DIGITS, complete, completion_batch, record_eval, problem_at_level,
+                             token_logprobs)
+
+
+# ------------------------------------------------------------------------------ the pieces
+def group_advantages(rewards: torch.Tensor, scale: bool = True, eps: float = 1e-4) -> torch.Tensor:
+    """rewards [p, g] -> advantages [p, g]: the reward minus its group's mean, divided by the
+    group's standard deviation (Bessel-corrected, as torch.std and TRL) + eps when `scale`
+    (GRPO), or not divided (Dr. GRPO, Liu et al. 2025)."""
+    rewards = rewards.float()
+    mean = rewards.mean(dim=1, keepdim=True)
+    if not scale:
+        return rewards - mean
+    std = rewards.std(dim=1, keepdim=True) if rewards.shape[1] > 1 else torch.zeros_like(mean)
+    # A_i = (r_i - mean(r)) / (std(r) + eps)   (Shao et al. 2024, §4.1.2, outcome supervision);
+    # a group with std 0 has r_i = mean(r): its advantages are 0 (also with eps = 0)
+    return torch.where(std > 0, (rewards - mean) / (std + eps), torch.zeros_like(rewards))
+
+
+def zero_advantage_groups(rewards: torch.Tensor) -> torch.Tensor:
+    """[p] True where every reward of the group is the same (so every advantage is 0)."""
+    return (rewards == rewards[:, :1]).all(dim=1)
+
+
+def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor, max_value: float = 10.0) -> torch.Tensor:
+    """Per-token k3 estimate of KL(pi_theta || pi_ref) from samples of pi_theta (Schulman 2020):
+    exp(ref - logp) - (ref - logp) - 1, always >= 0. A rare sampled token that the reference
+    likes far more than the policy makes exp(ref - logp) huge, so the estimate is capped at
+    max_value (as verl's "low_var_kl" does)."""
+    delta = ref_logp - logp
+    return torch.clamp(torch.exp(delta) - delta - 1, max=max_value)
+
+
+def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+              ref_logp: torch.Tensor | None = None, clip_eps: float = 0.2, kl_coef: float = 0.0):
+    """The GRPO loss (-J, see the module docstring) and statistics.
+    logp, old_logp, ref_logp [b, t]: log-probabilities of the sampled tokens under the policy
+    (with gradients), the sampling policy and the reference; advantages [b]; mask [b, t] on the
+    response tokens. Returns (loss, {"kl", "clip_frac", "ratio"}) with token-mean statistics."""
+    mask = mask.float()
+    adv = rearrange(advantages.float(), "b -> b 1")
+    ratio = torch.exp(logp - old_logp)
+    unclipped = ratio * adv
+    clipped = torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * adv
+    # min(rho A, clip(rho, 1 - eps, 1 + eps) A)   (PPO, Schulman et al. 2017, eq. 7)
+    surrogate = torch.minimum(unclipped, clipped)
+    kl = k3_kl(logp, ref_logp) if ref_logp is not None else torch.zeros_like(logp)
+    per_token = surrogate - kl_coef * kl
+    # 1/|o_i| sum_t (...), then the mean over the responses of all groups
+    per_sequence = (per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
+    loss = -per_sequence.mean()
+    n = mask.sum().clamp(min=1.0)
+    stats = {"kl": float((kl.detach() * mask).sum() / n),
+             "clip_frac": float(((clipped < unclipped).float() * mask).sum() / n),
+             "ratio": float((ratio.detach() * mask).sum() / n)}
+    return loss, stats
+
+
+# ------------------------------------------------------------------------------ the curriculum
+@dataclass
+class Curriculum:
+    """Which difficulty levels RL draws prompts from. Levels are "retired" when the policy passes
+    them at >= easy_above (too easy: they would mostly give zero-advantage groups) and the next
+    harder level is unlocked when the hardest active level passes advance_at."""
+
+    levels: tuple[int, ...] = LEVELS  # all levels, easiest first
+    easy_above: float = 0.9  # a level whose pass rate reaches this is retired
+    advance_at: float = 0.5  # unlock the next level when the hardest active level passes this
+    ema: float = 0.7  # running pass rate = ema * old + (1 - ema) * this step's mean reward
+    max_level: int = 0  # hardest unlocked level (start() sets it)
+    retired: set = field(default_factory=set)  # levels no longer sampled
+    pass_rate: dict = field(default_factory=dict)  # level -> running pass rate
+
+    def active(self) -> list[int]:
+        """Unlocked, not retired levels (never empty: the hardest unlocked one at least)."""
+        act = [lv for lv in self.levels if lv <= self.max_level and lv not in self.retired]
+        return act or [self.max_level]
+
+    def start(self, probe: dict[int, float]) -> None:
+        """Initial pass rates (level -> pass@1 by the policy): retire the easy levels and unlock
+        up to the easiest level that is not easy."""
+        self.pass_rate = dict(probe)
+        self.retired = {lv for lv, p in probe.items() if p >= self.easy_above}
+        hard = [lv for lv in self.levels if lv not in self.retired]
+        self.max_level = hard[0] if hard else self.levels[-1]
+        self._advance()
+
+    def reprobe(self, probe: dict[int, float]) -> None:
+        """A fresh pass@k probe during RL (continual filtering): pass rates are reset to it and
+        every level is retired or brought back by it; unlocked levels stay unlocked."""
+        self.pass_rate.update(probe)
+        self.retired = {lv for lv, p in probe.items() if p >= self.easy_above and lv != self.levels[-1]}
+        self._advance()
+
+    def update(self, level_rewards: dict[int, float]) -> None:
+        """After a step: update running pass rates, retire easy levels, unlock harder ones."""
+        for lv, r in level_rewards.items():
+            old = self.pass_rate.get(lv, r)
+            self.pass_rate[lv] = self.ema * old + (1 - self.ema) * r
+            if self.pass_rate[lv] >= self.easy_above and lv != self.levels[-1]:
+                self.retired.add(lv)
+        self._advance()
+
+    def _advance(self) -> None:
+        while (self.max_level < self.levels[-1]
+               and (self.max_level in self.retired or self.pass_rate.get(self.max_level, 0.0) >= self.advance_at)):
+            self.max_level = self.levels[self.levels.index(self.max_level) + 1]
+
+    def sample(self, rng: random.Random, n: int, max_digits: int = MAX_DIGITS):
+        """n problems, levels drawn uniformly from the active ones."""
+        act = self.active()
+        return [problem_at_level(rng, rng.choice(act), max_digits) for _ in range(n)]
+
+
+@torch.no_grad()
+def probe_pass_rates(model, levels=LEVELS, problems_per_level: int = 16, samples: int = 4,
+                     temperature: float = 1.0, seed: int = 0, tokenizer: ByteTokenizer | None = None) -> dict:
+    """The policy's pass@1 per level, from `samples` samples of `problems_per_level` fresh
+    problems each (the pass@k analysis of the blog, with k = 1)."""
+    rng = random.Random(seed)
+    problems = [problem_at_level(rng, lv) for lv in levels for _ in range(problems_per_level)]
+    comps = complete(model, problems, samples, temperature, seed, tokenizer=tokenizer)
+    rates = defaultdict(list)
+    for p, row in zip(problems, comps):
+        rates[p.level].extend(c.reward for c in row)
+    return {lv: sum(v) / len(v) for lv, v in sorted(rates.items())}
+
+
+# ------------------------------------------------------------------------------ training
+@dataclass
+class RLConfig:
+    steps: int = 60  # RL steps (one sampling round each)
+    prompts_per_step: int = 64  # P prompts (groups) sampled per step
+    group_size: int = 8  # G responses per prompt
+    temperature: float = 1.0  # sampling temperature of the rollouts
+    lr: float = 1e-4  # AdamW learning rate (constant after warmup); higher drifts fast on a noisy gradient
+    warmup: int = 5  # linear warmup steps
+    weight_decay: float = 0.0  # AdamW decoupled weight decay on matrices
+    betas: tuple[float, float] = (0.9, 0.99)  # AdamW moment decay rates
+    grad_clip: float = 1.0  # global gradient-norm clip
+    clip_eps: float = 0.2  # PPO/GRPO ratio clip epsilon
+    mu: int = 2  # gradient steps per sampled batch (GRPO's mu); clipping acts only when > 1
+    kl_coef: float = 0.05  # beta of the k3 KL penalty to the frozen reference (0 = none; KL is still measured)
+    scale_advantages: bool = True  # divide by the group std (GRPO); False = Dr. GRPO
+    filter_zero_advantage: bool = True  # drop groups whose rewards are all equal before the update
+    levels: tuple[int, ...] = LEVELS  # difficulty levels RL may draw prompts from
+    curriculum: bool = True  # probe + hardness curriculum; False = prompts from all `levels`
+    easy_above: float = 0.9  # curriculum: retire a level at this pass rate
+    advance_at: float = 0.5  # curriculum: unlock the next level at this pass rate
+    probe_problems: int = 16  # curriculum: problems per level in each pass@k probe
+    reprobe_every: int = 20  # curriculum: steps between fresh probes of every level (0 = only before RL)
+    seed: int = 0  # seeds prompts and sampling
+    eval_every: int = 0  # steps between greedy evaluations on eval_problems (0 = start and end only)
+
+
+@dataclass
+class RLHistory:
+    step: list[int] = field(default_factory=list)
+    reward: list[float] = field(default_factory=list)  # mean reward of all sampled responses
+    frac_filtered: list[float] = field(default_factory=list)  # fraction of groups with zero advantage
+    kl: list[float] = field(default_factory=list)  # mean per-token k3 KL to the reference (kept responses)
+    loss: list[float] = field(default_factory=list)  # GRPO loss of the last gradient step
+    clip_frac: list[float] = field(default_factory=list)  # fraction of tokens where the clip acted
+    response_len: list[float] = field(default_factory=list)  # mean response length in tokens
+    verbose: list[float] = field(default_factory=list)  # fraction of sampled responses that are verbose
+    max_level: list[int] = field(default_factory=list)  # hardest unlocked level
+    active_levels: list[list[int]] = field(default_factory=list)  # levels prompts were drawn from
+    level_reward: list[dict] = field(default_factory=list)  # level -> mean reward this step
+    probe: dict = field(default_factory=dict)  # the initial pass@1 probe, level -> rate
+    reprobes: list[tuple[int, dict]] = field(default_factory=list)  # (after step, probe) during RL
+    eval_step: list[int] = field(default_factory=list)  # -1 = before RL
+    eval_accuracy: list[float] = field(default_factory=list)
+    eval_pass_rate: list[dict] = field(default_factory=list)
+    eval_verbose: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+def train_rl(policy, cfg: RLConfig | None = None, eval_problems=None, reference=None,
+             tokenizer: ByteTokenizer | None = None) -> RLHistory:
+    """GRPO on the addition task, in place. `reference` (frozen) defaults to a copy of the
+    policy as it starts; the KL to it is always measured and penalised with cfg.kl_coef."""
+    cfg = cfg or RLConfig()
+    tok = tokenizer or ByteTokenizer()
+    rng = random.Random(cfg.seed)
+    reference = reference if reference is not None else copy.deepcopy(policy)  # used under no_grad only
+    optimizer = torch.optim.AdamW(param_groups(policy, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
+    history = RLHistory()
+    start, was_training = time.perf_counter(), policy.training
+
+    def evaluate(step):
+        record_eval(history, policy, eval_problems, step, tok)
+
+    if eval_problems is not None:
+        evaluate(-1)
+    cur = Curriculum(levels=tuple(cfg.levels), easy_above=cfg.easy_above, advance_at=cfg.advance_at)
+    if cfg.curriculum:
+        history.probe = probe_pass_rates(policy, cfg.levels, problems_per_level=cfg.probe_problems,
+                                         seed=cfg.seed + 7, tokenizer=tok)
+        cur.start(history.probe)
+    else:
+        cur.max_level = cur.levels[-1]
+    for step in range(cfg.steps):
+        lr = cfg.lr * min(1.0, (step + 1) / max(cfg.warmup, 1))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        active = cur.active()
+        problems = cur.sample(rng, cfg.prompts_per_step)
+        comps = complete(policy, problems, cfg.group_size, cfg.temperature, seed=cfg.seed * 100_003 + step,
+                         tokenizer=tok)
+        rewards = torch.tensor([[c.reward for c in row] for row in comps])  # [p, g]
+        advantages = group_advantages(rewards, cfg.scale_advantages)
+        zero = zero_advantage_groups(rewards)
+        keep = ~zero if cfg.filter_zero_advantage else torch.ones_like(zero)
+
+        level_rewards = defaultdict(list)
+        for p, r in zip(problems, rewards):
+            level_rewards[p.level].append(float(r.mean()))
+        level_rewards = {lv: sum(v) / len(v) for lv, v in sorted(level_rewards.items())}
+        flat = [c for row in comps for c in row]
+
+        loss_value, stats = float("nan"), {"kl": float("nan"), "clip_frac": float("nan")}
+        if keep.any():
+            policy.train()
+            kept = [c for row, k in zip(comps, keep.tolist()) if k for c in row]
+            ids, mask = completion_batch(kept, tok.pad_id)
+            ids, mask = ids.to(policy.device), mask[:, 1:].to(policy.device)
+            adv = rearrange(advantages[keep], "p g -> (p g)").to(policy.device)
+            with torch.no_grad():
+                old_logp = token_logprobs(policy, ids)
+                ref_logp = token_logprobs(reference, ids)
+            for _ in range(cfg.mu):
+                logp = token_logprobs(policy, ids)
+                loss, stats = grpo_loss(logp, old_logp, adv, mask, ref_logp, cfg.clip_eps, cfg.kl_coef)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+                optimizer.step()
+                loss_value = loss.item()
+        cur.update(level_rewards)
+        if cfg.curriculum and cfg.reprobe_every and (step + 1) % cfg.reprobe_every == 0 and step + 1 < cfg.steps:
+            probe = probe_pass_rates(policy, cfg.levels, problems_per_level=cfg.probe_problems,
+                                     seed=cfg.seed + 7 + step, tokenizer=tok)
+            history.reprobes.append((step, probe))
+            cur.reprobe(probe)
+
+        history.step.append(step)
+        history.reward.append(float(rewards.mean()))
+        history.frac_filtered.append(float(zero.float().mean()))
+        history.kl.append(stats["kl"])
+        history.loss.append(loss_value)
+        history.clip_frac.append(stats["clip_frac"])
+        history.response_len.append(sum(len(c.response_ids) for c in flat) / len(flat))
+        history.verbose.append(sum(c.verbose for c in flat) / len(flat))
+        history.max_level.append(max(active))
+        history.active_levels.append(active)
+        history.level_reward.append(level_rewards)
+        if eval_problems is not None and cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
+            evaluate(step)
+    if eval_problems is not None:
+        evaluate(cfg.steps - 1)
+    policy.train(was_training)
+    history.seconds = time.perf_counter() - start
+    return history
+
+
+@torch.no_grad()
+def mean_reward(model, problems, n_samples: int = 8, temperature: float = 1.0, seed: int = 0,
+                tokenizer: ByteTokenizer | None = None) -> float:
+    """Mean verifiable reward of sampled responses to `problems` (the RL objective's estimate)."""
+    comps = complete(model, problems, n_samples, temperature, seed, tokenizer=tokenizer)
+    flat = [c for row in comps for c in row]
+    return sum(c.reward for c in flat) / max(len(flat), 1)

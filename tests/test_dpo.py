@@ -1,0 +1,115 @@
+"""DPO (minillama4.train.dpo): the loss against hand-computed values, its beta limits and gradient
+direction, pair building, and a learning test: DPO raises preference accuracy and margin."""
+
+import copy
+import math
+
+import pytest
+import torch
+
+import minillama4 as ml4
+from minillama4.train import dpo, sft
+from minillama4.train import posttrain_task as T
+from helpers import posttrain_model as small_model
+
+TOK = ml4.ByteTokenizer()
+
+
+def t(*x):
+    return torch.tensor(x, dtype=torch.float64)
+
+
+def test_dpo_loss_hand_computed():
+    # policy chosen -1, rejected -2; reference -1.5 for both; beta 0.1
+    loss, cw, cl = dpo.dpo_loss(t(-1.0), t(-2.0), t(-1.5), t(-1.5), beta=0.1)
+    assert float(cw) == pytest.approx(0.05) and float(cl) == pytest.approx(-0.05)
+    assert float(loss) == pytest.approx(math.log(1 + math.exp(-0.1)))  # -log sigma(0.1) = 0.644397
+    assert float(loss) == pytest.approx(0.6443966600735709)
+    # a batch is the mean over pairs; a wrongly ranked pair costs more than log 2
+    loss2, _, _ = dpo.dpo_loss(t(-1.0, -3.0), t(-2.0, -1.0), t(-1.5, -2.0), t(-1.5, -2.0), beta=1.0)
+    expected = (math.log(1 + math.exp(-1.0)) + math.log(1 + math.exp(2.0))) / 2  # margins +1 and -2
+    assert float(loss2) == pytest.approx(expected)
+
+
+def test_policy_equal_to_reference_gives_log2():
+    pc, pr = t(-3.0, -0.5), t(-1.0, -7.0)
+    loss, cw, cl = dpo.dpo_loss(pc, pr, pc.clone(), pr.clone(), beta=0.5)
+    assert float(loss) == pytest.approx(math.log(2)) and torch.all(cw == 0) and torch.all(cl == 0)
+
+
+def test_beta_limits():
+    args = (t(-1.0), t(-4.0), t(-2.0), t(-2.0))  # log-ratio margin h = 1 - (-2) = 3
+    assert float(dpo.dpo_loss(*args, beta=1e-8)[0]) == pytest.approx(math.log(2), abs=1e-6)  # beta -> 0
+    assert float(dpo.dpo_loss(*args, beta=100.0)[0]) == pytest.approx(0.0, abs=1e-12)  # right order, large beta
+    wrong = (t(-4.0), t(-1.0), t(-2.0), t(-2.0))  # h = -3
+    assert float(dpo.dpo_loss(*wrong, beta=100.0)[0]) == pytest.approx(300.0, rel=1e-9)  # ~ -beta h
+
+
+def test_gradient_direction_and_weight():
+    pc, pr = t(-1.0).requires_grad_(), t(-2.0).requires_grad_()
+    beta = 0.5
+    loss, cw, cl = dpo.dpo_loss(pc, pr, t(-1.2), t(-1.5), beta)
+    loss.backward()
+    # dL/dlog pi(y_w) = -beta sigma(r_l - r_w) < 0 and dL/dlog pi(y_l) = +beta sigma(r_l - r_w) > 0 (eq. 8)
+    weight = torch.sigmoid(cl - cw)
+    assert float(pc.grad) < 0 < float(pr.grad)
+    assert float(pc.grad) == pytest.approx(float(-beta * weight))
+    assert float(pr.grad) == pytest.approx(float(beta * weight))
+
+
+def test_sequence_logps_sum_the_response_tokens_only():
+    model = small_model()
+    pair = dpo.PreferencePair(T.Problem(3, 4), "7", "8\n3+4=8", "wrong")
+    ids, mask = dpo.pair_batch([pair])
+    assert ids.shape[0] == 2 and mask[0].sum() == 2 and mask[1].sum() == len("8\n3+4=8") + 1
+    with torch.no_grad():
+        lp = dpo.sequence_logps(model, ids, mask)
+        full = T.token_logprobs(model, ids)
+    n0 = len(T.encode_chat(TOK, pair.problem, "7")[0])
+    assert float(lp[0]) == pytest.approx(float(full[0, n0 - 3:n0 - 1].sum().detach()), abs=1e-5)  # "7" and <|eot|>
+
+
+def test_build_pairs_prefers_correct_and_concise(monkeypatch):
+    p, q, r = T.Problem(3, 4), T.Problem(5, 5), T.Problem(1, 1)
+
+    def fake_complete(model, problems, n_samples, temperature, seed, tokenizer=None):
+        def c(prob, text, finished=True):
+            return T.Completion(prob, text, finished, [], [])
+        table = {p: [c(p, "7"), c(p, "8"), c(p, "8"), c(p, "9"), c(p, "7\n3+4=7")],
+                 q: [c(q, "10\n5+5=10"), c(q, "11")],  # no correct concise sample: no pair
+                 r: [c(r, "2"), c(r, "3", finished=False)]}  # unfinished samples are not used
+        return [table[x] for x in problems]
+
+    monkeypatch.setattr(dpo, "complete", fake_complete)
+    pairs = dpo.build_pairs(None, [p, q, r], n_samples=5)
+    assert pairs == [dpo.PreferencePair(p, "7", "8", "wrong"),  # the most frequent wrong answer
+                     dpo.PreferencePair(p, "7", "7\n3+4=7", "verbose")]
+
+
+@pytest.fixture(scope="module")
+def warm_model():
+    """A small model after a short SFT on level 1 with 40% verbose responses: its samples come in
+    both styles and are sometimes wrong, so DPO has wrong and verbose responses to push down."""
+    model = small_model(seed=1)
+    data = sft.make_sft_dataset(512, seed=0, verbose_fraction=0.4, levels=(1,))
+    sft.train_sft(model, data, sft.SFTConfig(steps=160, batch_size=32, lr=1e-2, warmup=5))
+    return model
+
+
+def test_dpo_raises_preference_accuracy_and_margin(warm_model):
+    policy = copy.deepcopy(warm_model)
+    pairs = dpo.build_pairs(policy, T.make_problems(96, seed=11, levels=(1,)), n_samples=6, seed=0)
+    held = dpo.build_pairs(policy, T.make_problems(64, seed=12, levels=(1,)), n_samples=6, seed=1)
+    assert {pr.kind for pr in pairs} == {"wrong", "verbose"} and len(held) >= 40
+    history = dpo.train_dpo(policy, pairs, dpo.DPOConfig(beta=0.5, steps=30, batch_size=32, lr=3e-4, eval_every=10),
+                            reference=warm_model, eval_pairs=held)
+    assert history.eval_step == [-1, 9, 19, 29]
+    # before any step the policy is the reference: every margin is 0, accuracy is chance, loss is log 2
+    assert history.eval_margin[0] == pytest.approx(0.0, abs=1e-6) and history.eval_accuracy[0] == 0.5
+    assert history.eval_loss[0] == pytest.approx(math.log(2), abs=1e-5)
+    # on held-out pairs (other problems, other samples)
+    assert history.eval_margin[-1] > 1.5  # implicit reward margin r(y_w) - r(y_l)
+    assert history.eval_accuracy[-1] >= 0.75  # reward accuracy, up from 0.5
+    assert history.eval_loss[-1] < math.log(2) - 0.3
+    assert all(v > 0.5 for v in history.eval_margin_by_kind[-1].values())  # both wrong and verbose pairs
+    assert sum(history.margin[-5:]) / 5 > sum(history.margin[:5]) / 5 + 1.0  # training batches too

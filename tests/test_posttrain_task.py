@@ -1,0 +1,253 @@
+"""The post-training task (minillama4.train.posttrain_task): difficulty, chat format, verifier,
+sampling helpers; and the post-training figures (minillama4.viz.posttrain)."""
+
+import random
+
+import pytest
+import torch
+
+import minillama4 as ml4
+from minillama4.train import posttrain_task as T
+from helpers import posttrain_model as small_model
+
+TOK = ml4.ByteTokenizer()
+
+
+@pytest.mark.parametrize("a, b, carries", [(0, 0, 0), (3, 4, 0), (5, 5, 1), (45, 55, 2), (999, 1, 3),
+                                           (123, 456, 0), (19, 1, 1), (500, 500, 1)])
+def test_count_carries(a, b, carries):
+    assert T.count_carries(a, b) == carries == T.count_carries(b, a)
+
+
+def test_levels_are_digits_plus_carries():
+    assert T.Problem(3, 4).level == 1 and T.Problem(999, 1).level == 6
+    p = T.Problem(487, 65)
+    assert (p.question, p.answer, p.digits, p.carries, p.level) == ("487+65=", "552", 3, 2, 5)
+    assert T.LEVELS == (1, 2, 3, 4, 5, 6)
+
+
+def test_problem_at_level_hits_every_level_deterministically():
+    rng = random.Random(0)
+    for level in T.LEVELS:
+        problems = [T.problem_at_level(rng, level) for _ in range(30)]
+        assert all(p.level == level for p in problems)
+        assert all(0 <= p.a < 1000 and 0 <= p.b < 1000 for p in problems)
+    assert T.make_problems(12, seed=3) == T.make_problems(12, seed=3)
+    counts = T.by_level(T.make_problems(60, seed=1))
+    assert {lv: len(v) for lv, v in counts.items()} == {lv: 10 for lv in T.LEVELS}  # balanced
+    with pytest.raises(ValueError, match="impossible"):
+        T.problem_at_level(rng, 7)
+
+
+def test_chat_format_uses_the_llama4_special_tokens():
+    prompt = T.chat_prompt("12+345=")
+    assert prompt == ("<|begin_of_text|><|header_start|>user<|header_end|>\n\n12+345=<|eot|>"
+                      "<|header_start|>assistant<|header_end|>\n\n")
+    ids, mask = T.encode_chat(TOK, T.Problem(12, 345), "357")
+    special = [i for i in ids if i >= 256]
+    names = [TOK.id_to_special[i] for i in special]
+    assert names == ["<|begin_of_text|>", "<|header_start|>", "<|header_end|>", "<|eot|>", "<|header_start|>",
+                     "<|header_end|>", "<|eot|>"]  # each special token is ONE id
+    assert TOK.decode(ids) == prompt + "357<|eot|>"
+    assert len(ids) == len(mask) and sum(mask) == 4  # "3", "5", "7", <|eot|>
+    assert mask[-4:] == [True] * 4 and not any(mask[:-4])
+    assert TOK.decode([i for i, m in zip(ids, mask) if m]) == "357<|eot|>"
+
+
+def test_verifier_and_styles():
+    p = T.Problem(487, 65)
+    assert T.format_response(p, "concise") == "552" and T.format_response(p, "verbose") == "552\n487+65=552"
+    assert T.reward(p, "552") == 1.0 and T.reward(p, "552\n487+65=552") == 1.0
+    assert T.reward(p, "551") == 0.0 and T.reward(p, "5520") == 0.0 and T.reward(p, "") == 0.0
+    assert T.reward(p, "551\n487+65=552") == 0.0  # the first number counts
+    assert T.reward(p, "552", finished=False) == 0.0  # no <|eot|>: unfinished, no reward
+    assert T.parse_answer("552, not 12.") == "552" and T.parse_answer("none") is None
+    assert not T.is_verbose("552") and T.is_verbose("552\n487+65=552") and T.is_verbose("552 552")
+    with pytest.raises(ValueError):
+        T.format_response(p, "poetic")
+
+
+def test_pad_batch_right_pads_and_masks():
+    ids, mask = T.pad_batch([[1, 2, 3], [4]], [[False, True, True], [True]], pad_id=TOK.pad_id)
+    assert ids.tolist() == [[1, 2, 3], [4, TOK.pad_id, TOK.pad_id]]
+    assert mask.tolist() == [[False, True, True], [True, False, False]]
+
+
+def test_token_logprobs_match_log_softmax():
+    model = small_model()
+    ids = torch.tensor([T.encode_chat(TOK, T.Problem(3, 4), "7")[0]])
+    logp = T.token_logprobs(model, ids)
+    full = torch.log_softmax(model(ids).float(), -1)
+    assert logp.shape == (1, ids.shape[1] - 1)
+    assert torch.allclose(logp[0, 5], full[0, 5, ids[0, 6]], atol=1e-6)
+
+
+def test_complete_samples_groups_and_stops_at_eot():
+    model = small_model()
+    problems = [T.Problem(3, 4), T.Problem(12, 345), T.Problem(5, 6)]  # two prompt lengths
+    out = T.complete(model, problems, n_samples=3, temperature=1.0, seed=0, max_new_tokens=6)
+    assert [len(row) for row in out] == [3, 3, 3]
+    for p, row in zip(problems, out):
+        for c in row:
+            assert c.problem == p and c.prompt_ids == TOK.encode(T.chat_prompt(p.question))
+            assert len(c.response_ids) <= 6
+            assert c.finished == (c.response_ids[-1:] == [TOK.eot_id])
+            assert TOK.eot_id not in c.response_ids[:-1]
+    again = T.complete(model, problems, n_samples=3, temperature=1.0, seed=0, max_new_tokens=6)
+    assert [[c.response_ids for c in row] for row in out] == [[c.response_ids for c in row] for row in again]
+    greedy = T.complete(model, problems, n_samples=2, temperature=0.0, max_new_tokens=6)
+    assert all(row[0].response_ids == row[1].response_ids for row in greedy)
+
+
+def test_completion_batch_masks_the_response():
+    c = T.Completion(T.Problem(3, 4), "7", True, [1, 2, 3], [55, TOK.eot_id])
+    ids, mask = T.completion_batch([c], TOK.pad_id)
+    assert ids.tolist() == [[1, 2, 3, 55, TOK.eot_id]] and mask.tolist() == [[False, False, False, True, True]]
+    assert c.correct and c.reward == 1.0 and not c.verbose  # 55 is the byte of "7"
+    c = T.Completion(T.Problem(3, 4), "7\n3+4=7", False, [1], TOK.encode("7\n3+4=7"))
+    assert not c.correct and c.verbose  # unfinished
+
+
+def test_evaluate_chat_reports_per_level():
+    model = small_model()
+    problems = T.make_problems(12, seed=0)
+    ev = T.evaluate_chat(model, problems)
+    assert set(ev.pass_rate) == set(T.LEVELS) and len(ev.completions) == 12
+    assert 0.0 <= ev.accuracy <= 1.0 and set(ev.summary()) == {"pass_rate", "verbose_rate", "accuracy", "verbose"}
+
+
+def test_pass_at_k():
+    assert T.pass_at_k(4, 0, 2) == 0.0 and T.pass_at_k(4, 4, 1) == 1.0
+    assert T.pass_at_k(5, 2, 1) == pytest.approx(0.4)
+    assert T.pass_at_k(5, 2, 2) == pytest.approx(1 - 3 / 10)  # 1 - C(3,2)/C(5,2)
+
+
+def test_pretraining_stream_mixes_raw_lines_and_dialogues():
+    ids = T.pretraining_stream(n_chars=20_000, seed=0, chat_share=0.3)
+    text = TOK.decode(ids.tolist())
+    docs = [d for d in text.split("<|end_of_text|>") if d]
+    chats = [d for d in docs if d.startswith("<|begin_of_text|>")]
+    raw = [d for d in docs if not d.startswith("<|begin_of_text|>")]
+    assert chats and raw and all("<|header_start|>" not in d for d in raw)
+    share = sum(len(TOK.encode(d)) + 1 for d in chats) / len(ids)
+    assert 0.2 < share < 0.4
+    answers = [d.split("assistant<|header_end|>\n\n")[1] for d in chats]
+    assert all(a.endswith("<|eot|>") and a[: -len("<|eot|>")].isdigit() for a in answers)  # concise answers only
+    assert torch.equal(ids, T.pretraining_stream(n_chars=20_000, seed=0, chat_share=0.3))
+
+
+def test_model_config_fits_a_chat_sequence_in_one_chunk():
+    cfg = T.model_config().text
+    longest = len(T.encode_chat(TOK, T.Problem(999, 999), T.format_response(T.Problem(999, 999), "verbose"))[0])
+    assert longest <= cfg.attention_chunk_size
+    assert T.MAX_NEW_TOKENS >= len(T.format_response(T.Problem(999, 999), "verbose")) + 1
+
+
+# ------------------------------------------------------------------------------ figures (viz.posttrain)
+def _rl_history():
+    from minillama4.train.rl import RLHistory
+
+    h = RLHistory(step=[0, 1, 2], reward=[0.2, 0.4, 0.5], frac_filtered=[0.5, 0.25, 0.0], kl=[0.0, 0.01, float("nan")],
+                  active_levels=[[3], [3, 4], [4]], level_reward=[{3: 0.2}, {3: 0.5, 4: 0.1}, {"4": 0.5}],
+                  probe={1: 1.0, 2: 0.95, 3: 0.4}, eval_step=[-1, 2], eval_accuracy=[0.3, 0.5])
+    return h
+
+
+def test_pass_rate_and_pruning_figures():
+    from minillama4.viz import posttrain as pv
+
+    fig = pv.pass_rate_by_level({"base (raw a+b=)": {1: 1.0, 2: 0.5}, "SFT": {"1": 1.0, "2": 0.75}},
+                                counts={1: 4, 2: 4})
+    assert [t.name for t in fig.data] == ["base (raw a+b=)", "SFT"] and list(fig.data[1].y) == [1.0, 0.75]
+    fig = pv.pruning_figure([0.9, 0.1, 0.5, 0.8], [1, 3, 2, 1], drop_fraction=0.5)
+    kept, dropped = fig.data[-2], fig.data[-1]
+    assert list(kept.x) == ["1", "2", "3"] and list(kept.y) == [0, 1, 1] and list(dropped.y) == [2, 0, 0]
+    assert "50%" in fig.layout.title.text
+
+
+def test_stage_curves_accept_histories_and_their_json():
+    import json
+
+    from minillama4.train.dpo import DPOHistory
+    from minillama4.train.sft import SFTHistory
+    from minillama4.viz import posttrain as pv
+
+    rl_h = _rl_history()
+    for h in (rl_h, json.loads(json.dumps(rl_h.to_dict()))):
+        fig = pv.rl_curves(h)
+        assert len(fig.data) == 2 + 2 + 2  # reward raw + smoothed, levels 3 and 4, filtered, KL
+        assert pv.curriculum_figure(h).data[0].z.shape == (4, 3)
+    assert pv.rl_variants_figure({"G=8": rl_h}).data[0].name == "G=8: 30.0% -> 50.0%"
+    sft_h = SFTHistory(step=[0, 1], loss=[2.0, 1.0], eval_step=[1], eval_accuracy=[0.5], n_examples=64)
+    assert "64 examples, 2 steps" in pv.sft_comparison({"hard half": sft_h}).data[0].name
+    assert list(pv.sft_variants_figure({"0.5": sft_h, "0.0": sft_h}).data[0].x) == ["0%", "50%"]
+    dpo_h = DPOHistory(step=[0], margin=[0.1], eval_step=[-1, 0], eval_margin=[0.0, 0.2], eval_accuracy=[0.0, 0.9],
+                       eval_preference=[0.6, 0.8], eval_margin_by_kind=[{"wrong": 0.0}, {"wrong": 0.3}])
+    assert len(pv.dpo_curves(dpo_h).data) == 5
+    fig = pv.dpo_variants_figure({"0.1": {"history": dpo_h, "accuracy": 0.5, "verbose": 0.1}})
+    assert list(fig.data[0].y) == [0.2]
+    assert list(pv.smooth([1.0, float("nan"), 3.0], 2)) == [1.0, 1.0, 3.0]
+
+
+def test_completions_table_colours_by_correctness():
+    from minillama4.viz import posttrain as pv
+
+    fig = pv.completions_table(["3+4="], {"SFT": ["7"], "RL": ["8\n3+4=8"]}, ["7"])
+    cells = fig.data[0].cells
+    assert list(cells.values[2]) == ["7"] and cells.fill.color[2][0] != cells.fill.color[3][0]
+
+
+def test_variant_explorer_redraws_on_change():
+    import plotly.graph_objects as go
+
+    from minillama4.viz import posttrain as pv
+
+    calls = []
+
+    def build(frac, kind):
+        calls.append((frac, kind))
+        return go.Figure(layout=dict(title=f"{frac} {kind}"))
+
+    ex = pv.variant_explorer({"frac": [0.0, 0.5], "kind": ["a", "b"]}, build, note=lambda frac, kind: f"<b>{frac}</b>")
+    assert calls == [(0.0, "a")] and ex.text.value == "<b>0.0</b>"
+    ex.controls["frac"].value = 0.5
+    ex.controls["kind"].value = "b"
+    assert calls[-1] == (0.5, "b") and ex.figure.layout.title.text == "0.5 b"
+    assert len(ex.output.outputs) == 1
+
+
+# ------------------------------------------------------------------------------ the cached pipeline of notebook 07
+CACHE = __import__("pathlib").Path(__file__).resolve().parent.parent / "notebooks" / "data" / "07_post_training"
+
+
+def test_rounding_saving_and_loading_a_stage(tmp_path):
+    model = small_model()
+    T.round_to_bf16(model)
+    T.save_stage(model, tmp_path / "stage")
+    loaded = T.load_stage(tmp_path / "stage")
+    assert model.dtype == torch.float32 and loaded.dtype == torch.float32
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
+    assert T._rounded({"a": [0.123456789, float("nan")], "b": (1, "x")}) == {"a": [0.12346, None], "b": [1, "x"]}
+    with pytest.raises(ValueError, match="start_at"):
+        T.build_course_cache(tmp_path, start_at="ppo")
+
+
+def test_eval_problems_are_fixed():
+    problems = T.eval_problems()
+    assert len(problems) == 600 and problems == T.eval_problems()
+    assert {lv: len(v) for lv, v in T.by_level(problems).items()} == {lv: 100 for lv in T.LEVELS}
+
+
+@pytest.mark.skipif(not (CACHE / "results.json").exists(), reason="notebook 07's cache is not there")
+def test_notebook_cache_matches_the_pipeline_config():
+    import dataclasses
+    import json
+
+    results = T.load_results(CACHE)
+    expected = json.loads(json.dumps(dataclasses.asdict(T.PipelineConfig())))  # tuples as lists, like the file
+    assert results["config"] == expected  # rebuild the cache after changing PipelineConfig
+    for stage in T.STAGES:
+        model = T.load_stage(CACHE / stage)
+        assert model.config.text == T.model_config().text
+    assert set(results["sft"]["variants"]) == {str(f) for f in T.PipelineConfig().drop_variants}
+    assert results["rl"]["main"] in results["rl"]["variants"] and results["dpo"]["main"] in results["dpo"]["variants"]

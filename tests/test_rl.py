@@ -1,0 +1,118 @@
+"""GRPO (minillama4.train.rl): group-relative advantages and zero-advantage filtering on
+constructed groups, the clipped loss and k3 KL, the curriculum, and a learning test: RL raises
+the mean reward on held-out prompts over its starting point."""
+
+import copy
+import random
+
+import pytest
+import torch
+
+from minillama4.train import rl, sft
+from minillama4.train import posttrain_task as T
+from helpers import posttrain_model as small_model
+
+
+def test_group_advantages_on_constructed_groups():
+    rewards = torch.tensor([[1.0, 0.0, 0.0, 1.0],  # mean 0.5, std (Bessel) = sqrt(1/3)
+                            [1.0, 1.0, 1.0, 1.0],  # all right: zero advantage
+                            [0.0, 0.0, 0.0, 0.0],  # all wrong: zero advantage
+                            [1.0, 0.0, 0.0, 0.0]])  # mean 0.25, std = 0.5
+    adv = rl.group_advantages(rewards, eps=0.0)
+    s = (1 / 3) ** 0.5
+    assert torch.allclose(adv[0], torch.tensor([0.5, -0.5, -0.5, 0.5]) / s)
+    assert torch.equal(adv[1], torch.zeros(4)) and torch.equal(adv[2], torch.zeros(4))
+    assert torch.allclose(adv[3], torch.tensor([0.75, -0.25, -0.25, -0.25]) / 0.5)
+    assert torch.allclose(adv.sum(1), torch.zeros(4), atol=1e-6)  # advantages sum to 0 in every group
+    assert torch.allclose(rl.group_advantages(rewards, scale=False)[3], torch.tensor([0.75, -0.25, -0.25, -0.25]))
+    assert rl.zero_advantage_groups(rewards).tolist() == [False, True, True, False]
+    assert rl.zero_advantage_groups(torch.tensor([[0.5, 0.5], [0.2, 0.3]])).tolist() == [True, False]
+
+
+def test_k3_kl_is_nonnegative_and_zero_at_equality():
+    logp = torch.linspace(-5, 0, 11)
+    assert torch.equal(rl.k3_kl(logp, logp), torch.zeros(11))
+    assert (rl.k3_kl(logp, logp.flip(0)) >= 0).all()
+    # unbiased: E_{x~p}[k3] = KL(p || q) for two categorical distributions
+    p, q = torch.tensor([0.7, 0.2, 0.1]), torch.tensor([0.4, 0.4, 0.2])
+    k3 = (p * rl.k3_kl(p.log(), q.log())).sum()
+    assert float(k3) == pytest.approx(float((p * (p / q).log()).sum()), rel=1e-5)
+
+
+def test_grpo_loss_is_the_policy_gradient_at_ratio_one():
+    logp = torch.tensor([[-1.0, -2.0, 0.0], [-0.5, -0.5, -0.5]], requires_grad=True)
+    mask = torch.tensor([[True, True, False], [True, True, True]])
+    adv = torch.tensor([1.0, -2.0])
+    loss, stats = rl.grpo_loss(logp, logp.detach(), adv, mask)
+    # -mean_i A_i * (1/|o_i|) sum_t rho_t with rho = 1: -(1 * 2/2 + (-2) * 3/3) / 2 = 0.5
+    assert float(loss.detach()) == pytest.approx(0.5)
+    assert stats["clip_frac"] == 0.0 and stats["ratio"] == pytest.approx(1.0)
+    loss.backward()
+    # d loss / d logp[i, t] = -A_i / |o_i| / n_sequences on response tokens, 0 elsewhere
+    expected = torch.tensor([[-0.25, -0.25, 0.0], [1 / 3, 1 / 3, 1 / 3]])
+    assert torch.allclose(logp.grad, expected)
+
+
+def test_grpo_clipping_stops_the_gradient_outside_the_trust_region():
+    old = torch.zeros(1, 2)
+    logp = torch.tensor([[0.5, 0.05]], requires_grad=True)  # ratios e^0.5 = 1.65 (clipped) and 1.05
+    loss, stats = rl.grpo_loss(logp, old, torch.tensor([1.0]), torch.ones(1, 2, dtype=torch.bool), clip_eps=0.2)
+    loss.backward()
+    assert logp.grad[0, 0] == 0.0 and logp.grad[0, 1] < 0  # the clipped token gets no gradient
+    assert stats["clip_frac"] == 0.5
+    # with a negative advantage, a ratio above 1 + eps is NOT clipped (min keeps the worse term)
+    logp2 = torch.tensor([[0.5]], requires_grad=True)
+    rl.grpo_loss(logp2, torch.zeros(1, 1), torch.tensor([-1.0]), torch.ones(1, 1, dtype=torch.bool))[0].backward()
+    assert float(logp2.grad) == pytest.approx(float(torch.exp(torch.tensor(0.5))))
+
+
+def test_kl_penalty_pulls_towards_the_reference():
+    logp = torch.tensor([[-0.5, -3.0]], requires_grad=True)
+    ref = torch.tensor([[-1.0, -1.0]])
+    loss, stats = rl.grpo_loss(logp, logp.detach(), torch.tensor([0.0]), torch.ones(1, 2, dtype=torch.bool),
+                               ref_logp=ref, kl_coef=0.1)
+    assert stats["kl"] > 0
+    loss.backward()
+    assert logp.grad[0, 0] > 0 > logp.grad[0, 1]  # descent lowers the first log-prob and raises the second
+
+
+def test_curriculum_retires_easy_levels_and_unlocks_harder_ones():
+    cur = rl.Curriculum(easy_above=0.9, advance_at=0.5, ema=0.0)
+    cur.start({1: 1.0, 2: 0.95, 3: 0.6, 4: 0.2, 5: 0.0, 6: 0.0})
+    assert cur.retired == {1, 2} and cur.max_level == 4 and cur.active() == [3, 4]  # 3 passes 0.5: unlock 4
+    cur.update({3: 0.95, 4: 0.3})
+    assert cur.active() == [4]
+    cur.update({4: 0.6})
+    assert cur.max_level == 5 and cur.active() == [4, 5]
+    problems = cur.sample(random.Random(0), 40)
+    assert {p.level for p in problems} == {4, 5}
+    everything_easy = rl.Curriculum()
+    everything_easy.start({lv: 1.0 for lv in T.LEVELS})
+    assert everything_easy.active() == [6]  # never empty: the hardest level stays
+
+
+@pytest.fixture(scope="module")
+def warm_model():
+    """A short SFT on level 1 (concise answers): it solves some problems, not all."""
+    model = small_model(seed=1)
+    data = sft.make_sft_dataset(512, seed=0, verbose_fraction=0.0, levels=(1,))
+    sft.train_sft(model, data, sft.SFTConfig(steps=120, batch_size=32, lr=1e-2, warmup=5))
+    return model
+
+
+def test_rl_raises_held_out_reward(warm_model):
+    policy = copy.deepcopy(warm_model)
+    held_out = T.make_problems(40, seed=1234, levels=(1,))
+    before = rl.mean_reward(policy, held_out, n_samples=8, seed=5)
+    cfg = rl.RLConfig(steps=40, prompts_per_step=16, group_size=8, lr=2e-3, mu=2, kl_coef=0.0, levels=(1,),
+                      curriculum=False, seed=0)
+    history = rl.train_rl(policy, cfg, eval_problems=held_out[:12])
+    after = rl.mean_reward(policy, held_out, n_samples=8, seed=5)
+    assert 0.1 < before < 0.9  # a starting point with something to learn
+    assert after > before + 0.15
+    assert history.eval_accuracy[-1] > history.eval_accuracy[0]  # greedy answers improve too
+    assert sum(history.reward[-10:]) / 10 > sum(history.reward[:10]) / 10 + 0.05  # the training reward rises too
+    assert len(history.reward) == 40 and all(0 <= f <= 1 for f in history.frac_filtered)
+    assert any(f > 0 for f in history.frac_filtered)  # some all-right / all-wrong groups were dropped
+    assert all(k >= 0 for k in history.kl if k == k) and history.kl[-1] > 0  # drifted from the reference
+    assert history.eval_step == [-1, 39]
