@@ -13,6 +13,7 @@ temporary folder, so the committed ones are never modified. The server is stoppe
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
@@ -113,8 +114,15 @@ def _kernel_peak_bytes(server_pid: int) -> int:
     return max(peaks)
 
 
-# The current notebook's code-cell models (JupyterLab 4 API), as a JS expression.
-CODE_CELLS = "[...window.jupyterapp.shell.currentWidget.content.model.cells].filter(c => c.type === 'code')"
+def _panel(name: str) -> str:
+    """JS expression for the notebook panel showing `name` (not the "current widget": JupyterLab
+    may restore other tabs from its workspace, and focus can move between them)."""
+    return f"[...window.jupyterapp.shell.widgets('main')].find(w => w.context && w.context.path === {json.dumps(name)})"
+
+
+def _code_cells(name: str) -> str:
+    """JS expression: the notebook's code-cell models (JupyterLab 4 API)."""
+    return f"[...{_panel(name)}.content.model.cells].filter(c => c.type === 'code')"
 
 
 def _wait_for(page, js: str, timeout_s: float, what: str):
@@ -126,14 +134,13 @@ def _wait_for(page, js: str, timeout_s: float, what: str):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def _poke_widget(page) -> bool:
+def _poke_widget(page, root) -> bool:
     """Change the first slider or dropdown; True if the widget area's content changed."""
-    area = page.locator(".jp-OutputArea-output .jupyter-widgets").first
-    container = page.locator(".jp-OutputArea-output:has(.jupyter-widgets)").first
+    area = page.locator(f"{root} .jp-OutputArea-output .jupyter-widgets").first
+    container = page.locator(f"{root} .jp-OutputArea-output:has(.jupyter-widgets)").first
     before = container.inner_html()
     select = container.locator("select")
     if select.count():
-        options = select.first.locator("option").all_inner_texts()
         current = select.first.input_value()
         values = select.first.locator("option").evaluate_all("els => els.map(e => e.value)")
         target = next(v for v in values if v != current) if len(values) > 1 else None
@@ -154,48 +161,48 @@ def _poke_widget(page) -> bool:
 
 @pytest.mark.parametrize("name", NOTEBOOKS)
 def test_notebook_in_jupyterlab(lab, browser, name):
-    import json
-
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    panel, cells = _panel(name), _code_cells(name)
     try:
-        page.goto(f"{lab['url']}/lab/tree/{name}?token={lab['token']}", timeout=60_000)
-        _wait_for(page, "() => window.jupyterapp && document.querySelector('.jp-Notebook')", 90, "the notebook")
-        _wait_for(page, """() => { const w = window.jupyterapp.shell.currentWidget;
-                   return w && w.sessionContext && w.sessionContext.session && w.sessionContext.session.kernel
-                          && w.sessionContext.session.kernel.status === 'idle'; }""", 90, "an idle kernel")
-        mode = page.evaluate("() => window.jupyterapp.shell.currentWidget.content.notebookConfig.windowingMode")
+        # ?reset: start from an empty workspace, not with the previous test's notebook restored
+        page.goto(f"{lab['url']}/lab/tree/{name}?reset&token={lab['token']}", timeout=60_000)
+        _wait_for(page, f"() => window.jupyterapp && {panel} && {panel}.content.model", 90, "the notebook")
+        _wait_for(page, f"""() => {{ const s = {panel}.sessionContext.session;
+                   return s && s.kernel && s.kernel.status === 'idle'; }}""", 90, "an idle kernel")
+        page.evaluate(f"() => window.jupyterapp.shell.activateById({panel}.id)")  # the commands act on it
+        root = "#" + page.evaluate(f"() => {panel}.id")  # every locator below is scoped to this panel
+        mode = page.evaluate(f"() => {panel}.content.notebookConfig.windowingMode")
         assert mode == "none", f"the lab did not take the test's settings (windowingMode {mode!r})"
         # The committed notebook carries outputs and execution counts: clear them first, so that
         # "every code cell has a count" below means this run executed it, not the saved file.
         page.evaluate("() => window.jupyterapp.commands.execute('notebook:clear-all-cell-outputs')")
-        _wait_for(page, f"() => {CODE_CELLS}.every(c => !c.executionCount && c.outputs.length === 0)", 30,
+        _wait_for(page, f"() => {cells}.every(c => !c.executionCount && c.outputs.length === 0)", 30,
                   "cleared outputs")
         started = time.time()
         page.evaluate("() => window.jupyterapp.commands.execute('notebook:run-all-cells')")
-        _wait_for(page, f"""() => {CODE_CELLS}.every(c => c.executionCount)
-                   && window.jupyterapp.shell.currentWidget.sessionContext.session.kernel.status === 'idle'""",
-                  240, "all cells to run")
+        _wait_for(page, f"""() => {cells}.every(c => c.executionCount)
+                   && {panel}.sessionContext.session.kernel.status === 'idle'""", 240, "all cells to run")
         elapsed = time.time() - started
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
-        errors = page.locator("[data-mime-type='application/vnd.jupyter.error']")
+        errors = page.locator(f"{root} [data-mime-type='application/vnd.jupyter.error']")
         assert errors.count() == 0, f"{name}: error output: {errors.first.inner_text()[:2000]}"
         source = json.loads((ROOT / "notebooks" / name).read_text())
         n_figures = sum(1 for c in source["cells"] for o in c.get("outputs", [])
                         if "application/vnd.plotly.v1+json" in o.get("data", {}))
         if n_figures:
-            _wait_for(page, f"() => document.querySelectorAll('.js-plotly-plot svg.main-svg').length >= {n_figures}",
+            _wait_for(page, f"() => document.querySelectorAll('{root} .js-plotly-plot svg.main-svg').length >= {n_figures}",
                       60, f"{n_figures} plotly figures")
         has_widgets = any("application/vnd.jupyter.widget-view+json" in o.get("data", {})
                           for c in source["cells"] for o in c.get("outputs", []))
         if has_widgets:
-            _wait_for(page, "() => document.querySelector('.jp-OutputArea-output .jupyter-widgets')", 60, "a widget")
-            page.locator(".jp-OutputArea-output .jupyter-widgets").first.scroll_into_view_if_needed()
-            assert _poke_widget(page), f"{name}: changing the first widget control changed nothing"
+            _wait_for(page, f"() => document.querySelector('{root} .jp-OutputArea-output .jupyter-widgets')", 60, "a widget")
+            page.locator(f"{root} .jp-OutputArea-output .jupyter-widgets").first.scroll_into_view_if_needed()
+            assert _poke_widget(page, root), f"{name}: changing the first widget control changed nothing"
         page.screenshot(path=str(ARTIFACTS / f"{Path(name).stem}.png"), full_page=False)
         peak = _kernel_peak_bytes(lab["pid"])
         print(f"{name}: ran in {elapsed:.0f} s with 1 thread, kernel peak memory {peak / 1e9:.2f} GB")
         assert peak < PEAK_LIMIT, f"{name}: kernel peak memory {peak / 1e9:.2f} GB exceeds Binder's 1.5 GB"
     finally:
-        page.evaluate("() => window.jupyterapp && window.jupyterapp.commands.execute('kernelmenu:shutdown')") \
-            if not page.is_closed() else None
+        if not page.is_closed():  # stop this notebook's kernel, so the next one's peak memory is its own
+            page.evaluate(f"async () => {{ const p = window.jupyterapp && {panel}; if (p) await p.sessionContext.shutdown(); }}")
         page.close()
