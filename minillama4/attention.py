@@ -26,8 +26,9 @@ from .layers import apply_rope, rms_norm
 
 def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, chunk: int | None) -> torch.Tensor:
     """Boolean [t, s], True where query position q may attend to key position k:
-    causal (k <= q) and, for chunked layers, in the same chunk (q // chunk == k // chunk)."""
-    allowed = k_pos[None, :] <= q_pos[:, None]
+    causal (k <= q) and, for chunked layers, in the same chunk (q // chunk == k // chunk).
+    A key position of -1 marks an empty cache slot (static decode) and is never attended."""
+    allowed = (k_pos[None, :] <= q_pos[:, None]) & (k_pos[None, :] >= 0)
     if chunk is not None:
         allowed &= (k_pos[None, :] // chunk) == (q_pos[:, None] // chunk)
     return allowed
@@ -51,6 +52,9 @@ class KVCache:
 
     def __init__(self, cfg: TextConfig, batch: int, max_len: int, dtype, device, ring: bool = True):
         self.max_len, self.batch, self.length = max_len, batch, 0
+        # static=True (set by decode.DecodeStep): update() writes in place and returns the whole
+        # buffers, so every step has the same shapes and no host sync (CUDA-graph capturable)
+        self.static = False
         self.keys, self.values, self.slot_pos = [], [], []
         for layer in range(cfg.num_hidden_layers):
             slots = min(cfg.attention_chunk_size, max_len) if ring and cfg.is_chunked(layer) else max_len
@@ -74,6 +78,14 @@ class KVCache:
         positions this layer can attend to now (cached ones first, then the new ones)."""
         keys, values, slot_pos = self.keys[layer], self.values[layer], self.slot_pos[layer]
         slots = keys.shape[2]
+        if self.static:  # one decode token at a device position: slot = p % slots (= p in a full cache)
+            if k.shape[2] != 1:
+                raise ValueError(f"a static KV cache update takes one token per step, got {k.shape[2]}")
+            slot = positions % slots
+            keys.index_copy_(2, slot, k)
+            values.index_copy_(2, slot, v)
+            slot_pos.index_copy_(0, slot, positions)
+            return keys, values, slot_pos  # empty slots hold -1 and are masked out
         if slots == self.max_len:  # full cache: position p in slot p
             end = int(positions[-1]) + 1
             keys[:, :, self.length:end], values[:, :, self.length:end] = k, v

@@ -8,7 +8,8 @@ Measured: build time and footprint of `random_model(scout, quantize="int4")` (bu
 int4 on the device); prefill tokens/s; decode tokens/s at several contexts (the cache is filled
 with random keys/values up to the context instead of a real prefill: decode cost does not depend
 on the values); decode as a fraction of the roofline = (bytes one decode step must read) /
-(measured device copy bandwidth) / (measured time per token); decode with a RouterTrace active;
+(measured device copy bandwidth) / (measured time per token), both eager and as a replayed CUDA
+graph (decode.py; "static", the same step without a graph, on CPU); decode with a RouterTrace active;
 and transformers vs ours on the same bf16 weights of a `--slice-layers`-layer model at full width.
 
 Bytes per decode step: every weight except the routed experts and the embedding table, plus
@@ -27,6 +28,7 @@ import torch
 from . import configs
 from .checkpoint import random_model
 from .config import Llama4Config
+from .decode import DecodeStep
 from .moe import MoE
 from .trace import RouterTrace
 
@@ -81,20 +83,23 @@ def filled_cache(model, context: int, extra: int):
 
 
 @torch.inference_mode()
-def time_decode(model, context: int, steps: int = 16, trace: bool = False) -> float:
-    """Tokens per second of greedy one-token steps at this context (argmax stays on the device)."""
-    cache = filled_cache(model, context, steps + 2)
+def time_decode(model, context: int, steps: int = 16, trace: bool = False, mode: str = "eager") -> float:
+    """Tokens per second of greedy one-token steps at this context (argmax stays on the device).
+    mode: "eager" (the ordinary forward), "static" or "graph" (decode.DecodeStep, CUDA graph)."""
+    cache = filled_cache(model, context, steps + 3)
     tok = torch.ones(1, 1, dtype=torch.long, device=model.device)
-    tok = model(tok, cache=cache)[:, -1].argmax(-1, keepdim=True)  # warm-up step
+    step = (lambda t: model(t, cache=cache)[:, -1]) if mode == "eager" else DecodeStep(model, cache, mode == "graph")
+    for _ in range(2):  # warm-up (and, for "graph", the capture and a first replay)
+        tok = step(tok).argmax(-1, keepdim=True)
     _sync(model.device)
     start = time.perf_counter()
     if trace:
         with RouterTrace(model):
             for _ in range(steps):
-                tok = model(tok, cache=cache)[:, -1].argmax(-1, keepdim=True)
+                tok = step(tok).argmax(-1, keepdim=True)
     else:
         for _ in range(steps):
-            tok = model(tok, cache=cache)[:, -1].argmax(-1, keepdim=True)
+            tok = step(tok).argmax(-1, keepdim=True)
     _sync(model.device)
     return steps / (time.perf_counter() - start)
 
@@ -129,11 +134,13 @@ def run(preset="scout", device="cuda", int4=True, which="all", contexts=(128, 40
         r["allocated_GiB"] = torch.cuda.memory_allocated(device) / 2**30
     r["prefill_tokens"], r["prefill_tok_s"] = prefill, time_prefill(model, prefill)
     r["decode"] = []
+    graph = torch.device(device).type == "cuda"
     for ctx in contexts:
-        tok_s = time_decode(model, ctx, steps)
         ideal = decode_bytes(model, ctx) / bandwidth
-        r["decode"].append({"context": ctx, "tok_s": tok_s, "roofline_tok_s": 1 / ideal,
-                            "fraction_of_roofline": tok_s * ideal})
+        for mode in ("eager", "graph") if graph else ("eager", "static"):
+            tok_s = time_decode(model, ctx, steps, mode=mode)
+            r["decode"].append({"context": ctx, "mode": mode, "tok_s": tok_s, "roofline_tok_s": 1 / ideal,
+                                "fraction_of_roofline": tok_s * ideal})
     r["decode_trace_on_tok_s"] = time_decode(model, contexts[0], steps, trace=True)
     del model
     if torch.device(device).type == "cuda":
@@ -155,7 +162,11 @@ def compare_slice(cfg: Llama4Config, layers: int, device, prefill: int, steps: i
     hf = to_transformers(ours)
     fwd = bench_forward(ours, hf, tokens=prefill, warmup=1, repeats=3)
     dec = bench_decode(ours, hf, new_tokens=steps, prompt_tokens=16, warmup=1, repeats=3)
-    return {"layers": layers, "forward": fwd, "decode": dec}
+    # bench_decode times whole generate calls (eager steps); the static step / CUDA graph is timed
+    # in steady state at the same short context (a graph is captured once per cache, not per token)
+    mode = "graph" if torch.device(device).type == "cuda" else "static"
+    step = {"mode": mode, "context": 16, "tok_s": time_decode(ours, 16, steps, mode=mode)}
+    return {"layers": layers, "forward": fwd, "decode": dec, "decode_step": step}
 
 
 def format_report(r: dict) -> str:
@@ -165,7 +176,7 @@ def format_report(r: dict) -> str:
                                                       if "peak_allocated_GiB" in r else ""),
              f"prefill {r['prefill_tokens']} tokens: {r['prefill_tok_s']:,.0f} tok/s"]
     for d in r["decode"]:
-        lines.append(f"decode at context {d['context']:>6,}: {d['tok_s']:7.1f} tok/s = "
+        lines.append(f"decode at context {d['context']:>6,} ({d.get('mode', 'eager'):>6}): {d['tok_s']:7.1f} tok/s = "
                      f"{100 * d['fraction_of_roofline']:.1f}% of the roofline ({d['roofline_tok_s']:.0f} tok/s)")
     lines.append(f"decode with RouterTrace active at context {r['decode'][0]['context']}: {r['decode_trace_on_tok_s']:.1f} tok/s")
     if "slice" in r:
@@ -176,6 +187,10 @@ def format_report(r: dict) -> str:
                      + f"  -> {f['ours_fast']['tokens_per_s'] / f['transformers']['tokens_per_s']:.2f}x transformers")
         lines.append("  decode tok/s  " + " / ".join(f"{d[k]['decode_tokens_per_s']:,.1f}" for k in ("ours_fast", "ours_reference", "transformers"))
                      + f"  -> {d['ours_fast']['decode_tokens_per_s'] / d['transformers']['decode_tokens_per_s']:.2f}x transformers")
+        if "decode_step" in s:
+            st = s["decode_step"]
+            lines.append(f"  decode tok/s, ours {st['mode']} step at context {st['context']}: {st['tok_s']:,.1f}"
+                         f"  -> {st['tok_s'] / d['transformers']['decode_tokens_per_s']:.2f}x transformers")
     return "\n".join(lines)
 
 

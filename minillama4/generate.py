@@ -2,7 +2,9 @@
 
 Greedy (temperature 0) by default; temperature and nucleus (top-p) sampling with a seed;
 generation stops when every sequence has produced a stop token (then the finished rows are
-padded with their stop token). Axes: b batch, t tokens, v vocab.
+padded with their stop token). The decode steps run the ordinary forward ("eager"), or a
+static-shape step with no host sync ("static"), replayed as a CUDA graph on a GPU ("graph");
+see decode.py. Axes: b batch, t tokens, v vocab.
 """
 
 from __future__ import annotations
@@ -27,15 +29,21 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float,
 
 @torch.no_grad()
 def generate(model, input_ids, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-             seed: int | None = None, stop_tokens=None, cache=None, pixel_values=None) -> torch.Tensor:
+             seed: int | None = None, stop_tokens=None, cache=None, pixel_values=None,
+             decode: str = "eager") -> torch.Tensor:
     """Returns prompt + generated tokens, [b, t + new] (new <= max_new_tokens). `pixel_values`
-    (multimodal models) are used by the prefill, where the prompt's <|patch|> tokens are."""
+    (multimodal models) are used by the prefill, where the prompt's <|patch|> tokens are.
+    `decode`: "eager", "static" or "graph" (CUDA only), the same tokens (decode.py)."""
+    from .decode import DECODE_MODES, DecodeStep
+
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")
     if temperature < 0:
         raise ValueError(f"temperature={temperature} must be >= 0")
     if not 0 < top_p <= 1:
         raise ValueError(f"top_p={top_p} must be in (0, 1]")
+    if decode not in DECODE_MODES:
+        raise ValueError(f"decode={decode!r}: expected one of {DECODE_MODES}")
     ids = model.check_ids(input_ids)
     b, t = ids.shape
     if max_new_tokens == 0:
@@ -50,6 +58,7 @@ def generate(model, input_ids, max_new_tokens: int, temperature: float = 0.0, to
     out = [ids]
     finished = torch.zeros(b, dtype=torch.bool, device=ids.device)
     images = {} if pixel_values is None else {"pixel_values": pixel_values}
+    step = (lambda x: model(x, cache=cache)[:, -1]) if decode == "eager" else DecodeStep(model, cache, decode == "graph")
     logits = model(ids, cache=cache, **images)[:, -1]
     for _ in range(max_new_tokens):
         nxt = sample_next(logits, temperature, top_p, generator)
@@ -58,5 +67,5 @@ def generate(model, input_ids, max_new_tokens: int, temperature: float = 0.0, to
         finished |= torch.isin(nxt, stops)
         if bool(finished.all()) or len(out) - 1 == max_new_tokens:
             break
-        logits = model(nxt[:, None], cache=cache)[:, -1]
+        logits = step(nxt[:, None])
     return torch.cat(out, dim=1)

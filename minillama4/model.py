@@ -81,7 +81,8 @@ class Llama4Text(nn.Module):
                 p.normal_(0.0, std)
 
     def set_dispatch(self, mode: str) -> "Llama4Text":
-        """Choose the MoE dispatch path: "fast" (default) or "reference" (loop over experts)."""
+        """Choose the MoE dispatch path: "fast" (default), "reference" (loop over experts) or
+        "gather" (weights gathered per token by index: for decode, no host sync; see moe.py)."""
         if mode not in DISPATCH_MODES:
             raise ValueError(f"dispatch={mode!r}: expected one of {DISPATCH_MODES}")
         for m in self.modules():

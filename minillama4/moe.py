@@ -8,10 +8,13 @@ The gate multiplies the expert's INPUT, not its output (SwiGLU is not homogeneou
 differ). Hugging Face runs every expert on every token with zero gates; we only run the chosen
 ones, which is the same math.
 
-Two dispatch paths give the same result (tests/test_moe.py):
+Three dispatch paths give the same result (tests/test_moe.py):
   "reference": a loop over the experts that received tokens (read this one first)
   "fast":      sort the token copies by expert once, then a grouped matmul over the contiguous
                per-expert slices (torch._grouped_mm), or a loop over the slices without it
+  "gather":    for decode: gather each token copy's expert weights by index and run a batched
+               matmul. Copies k experts per token (wasteful beyond a few tokens) but never asks
+               the host which experts were chosen, so a decode step can be a CUDA graph.
 (A padded batched-matmul variant was slower on CPU: it copied the active experts' weights on
 every call and padded every expert to the busiest one; see docs/benchmarks.md.)
 
@@ -23,13 +26,13 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
+from einops import rearrange, reduce
 from torch import nn
 
 from .config import TextConfig
 from .layers import SwiGLU
 
-DISPATCH_MODES = ("fast", "reference")
+DISPATCH_MODES = ("fast", "reference", "gather")
 
 
 class Experts(nn.Module):
@@ -46,6 +49,10 @@ class Experts(nn.Module):
         """Expert e on tokens x [n, d]: SwiGLU with the stacked weights."""
         gate, up = (x @ self.gate_up_proj[e]).chunk(2, dim=-1)
         return (up * F.silu(gate)) @ self.down_proj[e]
+
+    def gathered(self, ids: torch.Tensor, dtype=None):
+        """The weights of experts `ids` [m] (a device tensor; copies): [m, d, 2f] and [m, f, d]."""
+        return self.gate_up_proj[ids], self.down_proj[ids]
 
 
 class MoE(nn.Module):
@@ -83,7 +90,7 @@ class MoE(nn.Module):
             self.trace.record(self.layer, logits, top_ids, gates)
         if router_outputs is not None:
             router_outputs.append((self.layer, logits, top_ids, gates))
-        routed = (self._reference if self.dispatch == "reference" else self._fast)(x, top_ids, gates)
+        routed = {"fast": self._fast, "reference": self._reference, "gather": self._gather}[self.dispatch](x, top_ids, gates)
         out = self.shared_expert(x) + routed  # the shared expert sees every token, unscaled
         return rearrange(out, "(b t) d -> b t d", b=b)
 
@@ -95,6 +102,16 @@ class MoE(nn.Module):
             expert_in = x[rows] * gates[rows, slot, None]  # u_e = s_e * x: the gate scales the input
             out.index_add_(0, rows, self.experts.one(e, expert_in))
         return out
+
+    def _gather(self, x, top_ids, gates):
+        """Each of the n*k token copies gets its own copy of its expert's weights (gathered on the
+        device by index), then one batched matmul per weight; the k outputs of a token are summed."""
+        k = top_ids.shape[1]
+        w_in, w_out = self.experts.gathered(rearrange(top_ids, "n k -> (n k)"), x.dtype)  # [m, d, 2f], [m, f, d]
+        expert_in = rearrange(x[:, None, :] * gates[..., None], "n k d -> (n k) 1 d")  # u_e = s_e * x
+        gate, up = torch.bmm(expert_in, w_in.to(x.dtype)).chunk(2, dim=-1)
+        expert_out = torch.bmm(up * F.silu(gate), w_out.to(x.dtype))  # [(n k), 1, d]
+        return reduce(expert_out, "(n k) 1 d -> n d", "sum", k=k)
 
     def _fast(self, x, top_ids, gates):
         """Sort the n*k token copies by expert once, then run each expert on its contiguous

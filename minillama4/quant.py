@@ -15,7 +15,8 @@ conversion, with zero points 0 and their dequant formula w = (q - 8) * scale + z
 
 Paths: `Int4Linear` uses the CPU int4 kernel for bf16 inputs on CPU and tinygemm for small
 batches on CUDA, else dequantizes (the readable reference, also used for prefill).
-`Int4Experts` dequantizes one expert at a time (reference path).
+`Int4Experts` dequantizes one expert at a time (reference path), or, for decode, the experts
+chosen by a device index tensor (`gathered`, no host sync).
 
 Axes: n output features, k input features, g groups along k, e experts.
 """
@@ -161,6 +162,13 @@ class Int4Experts(nn.Module):
         packed, scales = quantize_int4(rearrange(weight, "e k n -> e n k"), self.group)  # on the weight's device
         setattr(self, f"{prefix}_packed", packed)
         setattr(self, f"{prefix}_scales", scales)
+
+    def gathered(self, ids: torch.Tensor, dtype=torch.float32):
+        """Experts `ids` [m] (a device tensor) dequantized, in the x @ W layout of moe.Experts:
+        [m, d, 2f] and [m, f, d]. Gathers the packed int4 bytes, then dequantizes the copies."""
+        w_in = dequantize_int4(self.gate_up_packed[ids], self.gate_up_scales[ids], dtype)  # [m, 2f, d]
+        w_out = dequantize_int4(self.down_packed[ids], self.down_scales[ids], dtype)  # [m, d, f]
+        return rearrange(w_in, "m n k -> m k n"), rearrange(w_out, "m n k -> m k n")
 
     def one(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert e on tokens x [n, d] (dequantizes that expert's two matrices)."""

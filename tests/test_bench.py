@@ -69,3 +69,17 @@ def test_main_writes_json_and_table(tmp_path, capsys):
 def test_ratio_phrase():
     assert bench.ratio_phrase(32.0, 10.0) == "ours is 3.2x faster than transformers"
     assert bench.ratio_phrase(10.0, 20.0) == "ours is 2.0x slower than transformers"
+
+
+def test_scout_bench_dry_run_on_cpu_reports_every_decode_mode():
+    """`minillama4 bench PRESET --int4` on the CPU at toy sizes: the same code scripts/gpu_check.sh
+    runs on a GPU (where "graph" replaces "static")."""
+    from minillama4 import bench_scout
+
+    r = bench_scout.run("small", device="cpu", int4=True, which="all", contexts=(16, 40), prefill=32,
+                        slice_layers=2, compare_hf=True, steps=3)
+    assert [(d["context"], d["mode"]) for d in r["decode"]] == [(16, "eager"), (16, "static"), (40, "eager"), (40, "static")]
+    assert all(d["tok_s"] > 0 and 0 < d["fraction_of_roofline"] for d in r["decode"])
+    assert r["slice"]["decode_step"]["mode"] == "static" and r["slice"]["decode_step"]["tok_s"] > 0
+    report = bench_scout.format_report(r)
+    assert "( eager)" in report and "(static)" in report and "static step at context 16" in report

@@ -80,7 +80,7 @@ def plain_reference_quantization(model):
     return ref
 
 
-@pytest.mark.parametrize("dispatch", ["fast", "reference"])
+@pytest.mark.parametrize("dispatch", ["fast", "reference", "gather"])
 def test_quantized_model_error_no_worse_than_plain_reference_quantization(dispatch):
     cfg = configs.small().replace_text(interleave_moe_layer_step=2)  # MoE and dense layers
     model = ml4.Llama4Text.random(cfg, seed=3)

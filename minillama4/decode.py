@@ -1,0 +1,116 @@
+"""Decode steps with static shapes and no host sync, optionally replayed as a CUDA graph.
+
+Eager decode (`generate`'s default) runs the ordinary forward for each new token. On a GPU at
+batch 1 that is slow for reasons that have nothing to do with arithmetic: Python launches a few
+hundred small kernels per token, and the MoE layers ask the host which experts were chosen (a
+device-to-host sync per layer). Measured on an H100 with full Scout in int4: about 8 ms of GPU
+work per token but 58-105 ms of wall time (docs/benchmarks.md).
+
+A `DecodeStep` runs one token per sequence in a form whose kernels and shapes never change:
+  * the position is a device tensor; the RoPE angles and the NoPE temperature are computed from
+    it on the device;
+  * the KV cache is written in place (slot = position % slots: a ring of one chunk for chunked
+    layers, position p in slot p for full-attention layers), and attention reads the whole
+    static buffer, with empty slots (position -1), future positions and other chunks masked;
+  * the MoE layers use the "gather" dispatch (moe.py): the router's choice stays on the device
+    and the chosen experts' weights are gathered by index.
+So the step can be captured once in a CUDA graph and replayed (torch.cuda.CUDAGraph): one launch
+per token instead of hundreds. Sampling stays outside the graph, on the device.
+
+    step = DecodeStep(model, cache, graph=True)   # after a prefill has filled `cache`
+    logits = step(next_ids)                        # [b, 1] -> [b, v]; cache.length += 1
+
+Simplifications: full-attention layers attend over all `max_len` slots of the cache (masked)
+rather than the filled ones, so a cache much longer than the context costs attention reads; a
+RouterTrace cannot record a replayed graph, so with a trace active the step runs eagerly (same
+numbers, recorded as usual).
+
+Axes: b batch, v vocab.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+
+from .layers import rope_angles, rope_inv_freq
+from .moe import MoE
+
+DECODE_MODES = ("eager", "static", "graph")
+
+
+class DecodeStep:
+    """One-token decode steps on a filled KV cache; `graph=True` replays a CUDA graph (CUDA only)."""
+
+    def __init__(self, model, cache, graph: bool = False):
+        self.text = model.language_model if hasattr(model, "language_model") else model
+        device = self.text.device
+        if graph and device.type != "cuda":
+            raise ValueError(f"decode='graph' needs the model on a CUDA device; it is on {device} "
+                             f"(decode='static' runs the same step without a graph)")
+        self.cache, self.use_graph = cache, graph
+        self.inv_freq = rope_inv_freq(self.text.cfg, device)
+        # the step's inputs live in fixed device buffers: a replayed graph reads them from there
+        self.ids = torch.zeros(cache.batch, 1, dtype=torch.long, device=device)
+        self.pos = torch.zeros(1, dtype=torch.long, device=device)
+        self.graph, self.logits = None, None
+        self.moes = [m for m in self.text.modules() if isinstance(m, MoE)]
+
+    def _forward(self) -> torch.Tensor:
+        text = self.text
+        h = text.model.embed_tokens(self.ids)
+        freqs_cis = rope_angles(self.pos, self.inv_freq)
+        for layer in text.model.layers:
+            h = layer(h, self.pos, freqs_cis, self.cache)
+        return text.lm_head(text.model.norm(h))[:, -1]
+
+    @contextmanager
+    def _static(self):
+        """The cache writes in place and the MoE layers gather, for this step only."""
+        previous = [m.dispatch for m in self.moes]
+        self.cache.static = True
+        for m in self.moes:
+            m.dispatch = "gather"
+        try:
+            yield
+        finally:
+            self.cache.static = False
+            for m, mode in zip(self.moes, previous):
+                m.dispatch = mode
+
+    def _capture(self) -> torch.Tensor:
+        """Run the step once for real on a side stream (warm-up: lazy kernel layouts, cuBLAS
+        workspaces), then record it. Recording launches nothing, so the cache sees one step."""
+        side = torch.cuda.Stream(device=self.ids.device)
+        side.wait_stream(torch.cuda.current_stream(self.ids.device))
+        with torch.cuda.stream(side):
+            logits = self._forward()
+        torch.cuda.current_stream(self.ids.device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = self._forward()
+        return logits
+
+    @torch.no_grad()
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids [b, 1] (device tensor, e.g. the last sampled tokens) -> next-token logits [b, v]."""
+        if tuple(ids.shape) != tuple(self.ids.shape):
+            raise ValueError(f"a decode step takes ids of shape {tuple(self.ids.shape)}, got {tuple(ids.shape)}")
+        self.cache.check_room(1, ids.shape[0])
+        self.ids.copy_(ids)
+        self.pos.fill_(self.cache.length)  # a device-side fill: no sync
+        trace = self.text.trace
+        if trace is not None:
+            # copies: on the CPU the trace would otherwise keep views of buffers the next step overwrites
+            trace.begin(self.ids.clone(), self.pos.clone(), torch.zeros_like(self.ids, dtype=torch.bool))
+        with self._static():
+            if trace is not None or not self.use_graph:
+                logits = self._forward()
+            elif self.graph is None:
+                logits = self._capture()
+            else:
+                self.graph.replay()
+                logits = self.logits.clone()  # the graph's output buffer is reused by the next replay
+        self.cache.length += 1
+        return logits

@@ -1,0 +1,151 @@
+"""Static decode (minillama4.decode): the graph-capturable step gives eager decode's logits and
+tokens on every layer kind (chunked ring-buffer layers past several chunks, NoPE layers with
+temperature tuning, dense/MoE interleave, top-k > 1, int4, images in the prompt), and it asks the
+host nothing while it runs. The CUDA-graph replay itself is tested in test_gpu.py."""
+
+
+import pytest
+import torch
+from helpers import rel_err, small_text
+
+import minillama4 as ml4
+from minillama4.decode import DecodeStep
+from minillama4.quant import quantize_model
+
+CASES = {
+    "scout-like": {},
+    "top-2": dict(num_experts_per_tok=2),
+    "maverick-like interleave": dict(interleave_moe_layer_step=2, use_qk_norm=False),
+    "no temperature tuning": dict(attn_temperature_tuning=False),
+}
+
+
+def prompt(vocab, batch=2, tokens=5, seed=0):
+    return torch.randint(3, vocab, (batch, tokens), generator=torch.Generator().manual_seed(seed))
+
+
+def eager_and_static_logits(model, ids, steps, ring=True):
+    """Greedy decode twice from the same prefill: the ordinary forward and the static step."""
+    b, t = ids.shape
+    eager_cache, static_cache = model.new_cache(b, t + steps, ring), model.new_cache(b, t + steps, ring)
+    with torch.no_grad():
+        logits = model(ids, cache=eager_cache)[:, -1]
+        model(ids, cache=static_cache)
+        step = DecodeStep(model, static_cache)
+        pairs = []
+        for _ in range(steps):
+            nxt = logits.argmax(-1, keepdim=True)
+            logits = model(nxt, cache=eager_cache)[:, -1]
+            pairs.append((step(nxt), logits))
+    assert static_cache.length == eager_cache.length == t + steps
+    return pairs
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("ring", [True, False])
+def test_static_step_matches_eager_decode_across_chunks(case, ring):
+    cfg = small_text(**CASES[case])
+    model = ml4.Llama4Text.random(cfg, seed=1)
+    pairs = eager_and_static_logits(model, prompt(cfg.vocab_size), steps=30)  # positions 5..34: chunks of 8
+    assert max(rel_err(s, e) for s, e in pairs) < 1e-5
+    assert all(torch.equal(s.argmax(-1), e.argmax(-1)) for s, e in pairs)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_generate_static_gives_the_same_tokens(case):
+    cfg = small_text(**CASES[case])
+    model = ml4.Llama4Text.random(cfg, seed=2)
+    ids = prompt(cfg.vocab_size, seed=2)
+    assert torch.equal(model.generate(ids, 30, decode="static"), model.generate(ids, 30))
+    sampled = [model.generate(ids, 20, temperature=0.9, top_p=0.9, seed=5, decode=d) for d in ("eager", "static")]
+    assert torch.equal(*sampled)
+
+
+def test_static_step_with_int4_weights():
+    cfg = small_text(hidden_size=128, head_dim=32, intermediate_size=128, intermediate_size_mlp=256, num_experts_per_tok=2)
+    model = quantize_model(ml4.Llama4Text.random(cfg, seed=3), which="all")
+    pairs = eager_and_static_logits(model, prompt(cfg.vocab_size, seed=3), steps=20)
+    assert max(rel_err(s, e) for s, e in pairs) < 1e-5
+
+
+def test_static_decode_after_an_image_prompt():
+    from minillama4 import image as img
+    from minillama4.model import Llama4
+
+    model = Llama4.random(ml4.configs.tiny_multimodal(), seed=5)
+    image = torch.randint(0, 256, (3, 84, 168), generator=torch.Generator().manual_seed(5), dtype=torch.uint8)
+    text, pixel_values = img.prepare("<|begin_of_text|>Look: <|image|> What is it?", [image], model.config.vision)
+    ids = torch.tensor([ml4.ByteTokenizer().encode(text)])
+    eager = model.generate(ids, 12, pixel_values=pixel_values)
+    static = model.generate(ids, 12, pixel_values=pixel_values, decode="static")
+    assert torch.equal(static, eager)
+
+
+def test_static_step_asks_the_host_nothing(monkeypatch):
+    """Every way a tensor's value reaches Python is made to fail while the step runs: no
+    .item(), .tolist(), bool(), int(), float() or index use of a tensor value."""
+    cfg = small_text(num_experts_per_tok=2, interleave_moe_layer_step=2)
+    model = ml4.Llama4Text.random(cfg, seed=4)
+    ids = prompt(cfg.vocab_size, seed=4)
+    cache = model.new_cache(2, 40)
+    with torch.no_grad():
+        nxt = model(ids, cache=cache)[:, -1].argmax(-1, keepdim=True)
+    step = DecodeStep(model, cache)
+
+    def no_sync(name):
+        def refuse(*args, **kwargs):
+            raise AssertionError(f"host sync in the decode step: Tensor.{name}")
+        return refuse
+
+    for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "numpy"):
+        monkeypatch.setattr(torch.Tensor, name, no_sync(name))
+    for _ in range(12):  # crosses a chunk boundary: ring slots are reused
+        nxt = step(nxt).argmax(-1, keepdim=True)
+    monkeypatch.undo()
+    assert cache.length == ids.shape[1] + 12
+
+
+def test_router_trace_records_static_decode_like_eager():
+    cfg = small_text()
+    model = ml4.Llama4Text.random(cfg, seed=6)
+    ids = prompt(cfg.vocab_size, batch=1, seed=6)
+    traces = {}
+    for mode in ("eager", "static"):
+        with ml4.RouterTrace(model) as trace:
+            model.generate(ids, 10, decode=mode)
+        traces[mode] = trace
+    for layer in traces["eager"].moe_layers:
+        assert torch.equal(traces["static"].expert_ids(layer), traces["eager"].expert_ids(layer))
+    assert torch.equal(traces["static"].positions(), traces["eager"].positions())
+    assert torch.equal(traces["static"].token_ids(), traces["eager"].token_ids())
+
+
+def test_dispatch_is_restored_after_each_step():
+    cfg = small_text()
+    model = ml4.Llama4Text.random(cfg, seed=7).set_dispatch("reference")
+    model.generate(prompt(cfg.vocab_size, seed=7), 4, decode="static")
+    assert {m.feed_forward.dispatch for m in model.model.layers if hasattr(m.feed_forward, "dispatch")} == {"reference"}
+
+
+def test_bad_decode_requests_are_refused_clearly():
+    cfg = small_text()
+    model = ml4.Llama4Text.random(cfg, seed=8)
+    ids = prompt(cfg.vocab_size, seed=8)
+    with pytest.raises(ValueError, match="decode='fast'"):
+        model.generate(ids, 4, decode="fast")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA device"):
+            model.generate(ids, 4, decode="graph")
+    cache = model.new_cache(2, 6)
+    with torch.no_grad():
+        model(ids, cache=cache)
+    step = DecodeStep(model, cache)
+    with pytest.raises(ValueError, match="shape"):
+        step(torch.zeros(1, 1, dtype=torch.long))
+    step(torch.zeros(2, 1, dtype=torch.long))
+    with pytest.raises(ValueError, match="longer than the KV cache"):
+        step(torch.zeros(2, 1, dtype=torch.long))
+    cache.static = True
+    with pytest.raises(ValueError, match="one token per step"):
+        k = v = torch.zeros(2, cfg.num_key_value_heads, 2, cfg.head_dim)  # two tokens at once
+        cache.update(0, k, v, torch.arange(2))
