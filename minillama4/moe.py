@@ -124,11 +124,15 @@ class MoE(nn.Module):
         expert_in = x[tokens] * rearrange(gates, "n k -> (n k) 1")[order]  # u_e = s_e * x
         counts = torch.bincount(flat_ids, minlength=self.n_experts)
         # On CPU a handful of token copies (decode) is faster as a loop: measured in docs/benchmarks.md.
-        # int4 experts (quant.py) take the loop too: one expert dequantized at a time.
-        few = x.device.type == "cpu" and len(flat_ids) < self.n_experts
-        grouped = not few and not getattr(self.experts, "quantized", False)
-        if grouped and grouped_mm_supported(expert_in, self.experts.gate_up_proj, self.experts.down_proj):
-            w_in, w_out = self.experts.gate_up_proj, self.experts.down_proj
+        # int4 experts (quant.py) loop for few tokens, one expert dequantized at a time; for more
+        # tokens (prefill) all experts are dequantized into one scratch buffer shared by the layers.
+        quantized = getattr(self.experts, "quantized", False)
+        few = len(flat_ids) < self.n_experts and (quantized or x.device.type == "cpu")
+        if quantized and self.n_experts > self.experts.max_scratch_experts:
+            few = True  # too many experts to dequantize a whole layer at once: loop
+        weights = () if quantized else (self.experts.gate_up_proj, self.experts.down_proj)  # (scratch: aligned)
+        if not few and grouped_mm_supported(expert_in, *weights):
+            w_in, w_out = self.experts.dequantized_all(expert_in.dtype) if quantized else weights
             ends = torch.cumsum(counts, 0).to(torch.int32)  # slice e is rows ends[e-1]:ends[e]
             gate, up = torch._grouped_mm(expert_in, w_in, offs=ends).chunk(2, dim=-1)
             expert_out = torch._grouped_mm(up * F.silu(gate), w_out, offs=ends)

@@ -79,7 +79,10 @@ def plan_memory(config: Llama4Config | TextConfig, context: int = 8192, batch: i
     value_bytes = int(base) if base >= 2 else 2  # the cache and activations stay bf16 with fp8/int4 weights
     tokens = min(prefill_tokens, context) * batch
     activations = (6 * tokens * t.hidden_size * value_bytes  # residual stream, norms, attention output
-                   + 3 * t.hidden_size * t.intermediate_size * value_bytes  # one expert dequantized
+                   # int4 prefill: one layer's routed experts dequantized into a scratch buffer (at most
+                   # Int4Experts.max_scratch_experts = 16 of them, else one expert at a time; quant.py)
+                   + (3 * t.hidden_size * t.intermediate_size * value_bytes
+                      * (t.num_local_experts if t.num_local_experts <= 16 else 1) if quantize else 0)
                    + t.num_attention_heads * tokens * min(prefill_tokens, context) * value_bytes  # scores
                    + tokens * t.vocab_size * 4)  # logits (fp32)
     return MemoryPlan(name=full.name, context=context, batch=batch, weights=weights,

@@ -15,8 +15,10 @@ conversion, with zero points 0 and their dequant formula w = (q - 8) * scale + z
 
 Paths: `Int4Linear` uses the CPU int4 kernel for bf16 inputs on CPU and tinygemm for small
 batches on CUDA, else dequantizes (the readable reference, also used for prefill).
-`Int4Experts` dequantizes one expert at a time (reference path), or, for decode, the experts
-chosen by a device index tensor (`gathered`, no host sync).
+`Int4Experts` dequantizes one expert at a time (reference path and few tokens); for prefill
+every expert into one bf16 scratch buffer reused by all layers, then a grouped matmul
+(`dequantized_all`); for static decode, the experts chosen by a device index tensor (`gathered`,
+no host sync).
 
 Axes: n output features, k input features, g groups along k, e experts.
 """
@@ -130,6 +132,9 @@ class Int4Experts(nn.Module):
     down_proj [e, f, d] (x @ W layout) are stored transposed like linears: [e, 2f, d] and [e, d, f]."""
 
     quantized = True
+    # prefill dequantizes all experts of a layer into one scratch buffer when there are at most this
+    # many (Scout's 16: 3.75 GiB in bf16); with more (Maverick's 128: 30 GiB) it loops, one at a time
+    max_scratch_experts = 16
 
     def __init__(self, n_experts: int, dim: int, hidden: int, group: int = GROUP, device=None):
         super().__init__()
@@ -163,6 +168,17 @@ class Int4Experts(nn.Module):
         setattr(self, f"{prefix}_packed", packed)
         setattr(self, f"{prefix}_scales", scales)
 
+    def dequantized_all(self, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every expert dequantized, in the x @ W layout of moe.Experts ([e, d, 2f] and [e, f, d]),
+        written into a scratch buffer shared by all Int4Experts of this shape, device and dtype:
+        prefill needs one layer's experts at a time, never all layers' (Scout: 3.75 GiB in bf16)."""
+        w_in = _scratch("gate_up", (self.n_experts, self.dim, 2 * self.hidden), dtype, self.gate_up_packed.device)
+        w_out = _scratch("down", (self.n_experts, self.hidden, self.dim), dtype, self.down_packed.device)
+        for e in range(self.n_experts):  # one expert at a time: the fp32 temporaries stay small
+            w_in[e].copy_(dequantize_int4(self.gate_up_packed[e], self.gate_up_scales[e], dtype).T)
+            w_out[e].copy_(dequantize_int4(self.down_packed[e], self.down_scales[e], dtype).T)
+        return w_in, w_out
+
     def gathered(self, ids: torch.Tensor, dtype=torch.float32):
         """Experts `ids` [m] (a device tensor) dequantized, in the x @ W layout of moe.Experts:
         [m, d, 2f] and [m, f, d]. Gathers the packed int4 bytes, then dequantizes the copies."""
@@ -176,6 +192,23 @@ class Int4Experts(nn.Module):
         w_out = dequantize_int4(self.down_packed[e], self.down_scales[e], x.dtype)
         gate, up = F.linear(x, w_in).chunk(2, dim=-1)
         return F.linear(up * F.silu(gate), w_out)
+
+
+_SCRATCH: dict = {}
+
+
+def _scratch(name: str, shape: tuple, dtype, device) -> torch.Tensor:
+    """A reused buffer per (name, shape, dtype, device): every MoE layer of a model (and every
+    model with the same shapes) dequantizes into the same memory, one layer after another."""
+    key = (name, shape, dtype, torch.device(device))
+    if key not in _SCRATCH:
+        _SCRATCH[key] = torch.empty(shape, dtype=dtype, device=device)
+    return _SCRATCH[key]
+
+
+def free_scratch() -> None:
+    """Release the prefill dequantization buffers (they are rebuilt on the next prefill)."""
+    _SCRATCH.clear()
 
 
 def quantize_model(model: nn.Module, which: str = "ffn", group: int = GROUP) -> nn.Module:

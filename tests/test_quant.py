@@ -145,3 +145,38 @@ def test_memory_planner_refuses_with_how_much(monkeypatch, tmp_path):
         ml4.from_pretrained(tmp_path)
     with pytest.raises(plan.MemoryPlanError):
         ml4.random_model(configs.small())
+
+
+def test_int4_prefill_dequantizes_into_one_shared_scratch_and_matches_the_loop(monkeypatch):
+    from minillama4 import quant
+
+    cfg = configs.small()
+    model = quantize_model(ml4.Llama4Text.random(cfg, seed=6))
+    ids = torch.randint(0, cfg.text.vocab_size, (2, 40), generator=torch.Generator().manual_seed(6))
+    quant.free_scratch()
+    buffers = []
+    original = Int4Experts.dequantized_all
+    monkeypatch.setattr(Int4Experts, "dequantized_all",
+                        lambda self, dtype: buffers.append(original(self, dtype)) or buffers[-1])
+    with torch.no_grad():
+        grouped = model(ids)  # 80 tokens: every layer dequantizes its experts and runs grouped matmuls
+        looped = model.set_dispatch("reference")(ids)
+    assert len(buffers) == sum(isinstance(m, Int4Experts) for m in model.modules()) > 1
+    assert len({(w_in.data_ptr(), w_out.data_ptr()) for w_in, w_out in buffers}) == 1  # one buffer for all layers
+    torch.testing.assert_close(grouped, looped, rtol=1e-4, atol=1e-5)
+    assert len(quant._SCRATCH) == 2
+    quant.free_scratch()
+    assert not quant._SCRATCH
+
+
+def test_memory_plan_counts_the_int4_prefill_scratch():
+    scout = configs.scout()
+    int4 = plan.plan_memory(scout, context=8192, quantize="int4")
+    bf16 = plan.plan_memory(scout, context=8192, dtype="bf16")
+    t = scout.text
+    assert int4.activations - bf16.activations == 3 * t.hidden_size * t.intermediate_size * t.num_local_experts * 2
+    maverick = configs.maverick()
+    m_int4 = plan.plan_memory(maverick, context=8192, quantize="int4")
+    m_bf16 = plan.plan_memory(maverick, context=8192, dtype="bf16")
+    t = maverick.text  # 128 experts: prefill loops over them, one dequantized at a time
+    assert m_int4.activations - m_bf16.activations == 3 * t.hidden_size * t.intermediate_size * 2
