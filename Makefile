@@ -34,8 +34,11 @@ $(STAMP): $(PY) pyproject.toml
 
 install: $(STAMP)
 
+# LAB_ARGS: extra JupyterLab options (e.g. LAB_ARGS="--no-browser --port 8890"); as root (containers)
+# JupyterLab refuses to start without --allow-root, so it is added there.
+LAB_ARGS ?=
 lab: $(STAMP)
-	$(VENV)/bin/jupyter lab notebooks/
+	$(VENV)/bin/jupyter lab notebooks/ $(if $(filter 0,$(shell id -u)),--allow-root) $(LAB_ARGS)
 
 # The browser tests drive Debian's Chromium; install it when we can (root with apt), else they skip.
 browser-deps:
