@@ -507,6 +507,16 @@ def build_course_cache(path, cfg: PipelineConfig | None = None, start_at: str = 
     return results
 
 
+def _finish_stage(model, path, stage: str, t0: float, results: dict, log) -> None:
+    """Round the stage's model to bf16 (what the cache stores), save it, record the time."""
+    import time
+
+    round_to_bf16(model)
+    save_stage(model, path / stage)
+    results["seconds"][stage] = round(time.perf_counter() - t0, 1)
+    log(f"{stage}: {results['seconds'][stage]:.0f} s")
+
+
 def _sft_stage(path, cfg, base, held_out, results, log):
     """Judge the SFT data with the base model; SFT on every pruning variant and a random subset."""
     import copy
@@ -535,10 +545,7 @@ def _sft_stage(path, cfg, base, held_out, results, log):
                   eval_problems=held_out)
     results["sft"] = {"variants": variants, "random_subset": h.to_dict()}
     log(f"  SFT random {n_keep}: accuracy {h.eval_accuracy[-1]:.1%}")
-    round_to_bf16(sft_model)
-    save_stage(sft_model, path / "sft")
-    results["seconds"]["sft"] = round(time.perf_counter() - t0, 1)
-    log(f"sft: {results['seconds']['sft']:.0f} s")
+    _finish_stage(sft_model, path, "sft", t0, results, log)
     return sft_model
 
 
@@ -562,10 +569,7 @@ def _rl_stage(path, cfg, sft_model, held_out, results, log):
             rl_model = model
     results["rl"] = {"main": f"G={cfg.rl_group_size}, KL={cfg.rl_kl_coef:g}", "variants": rl_runs,
                      "seconds": {name: h["seconds"] for name, h in rl_runs.items()}}
-    round_to_bf16(rl_model)
-    save_stage(rl_model, path / "rl")
-    results["seconds"]["rl"] = round(time.perf_counter() - t0, 1)
-    log(f"rl: {results['seconds']['rl']:.0f} s")
+    _finish_stage(rl_model, path, "rl", t0, results, log)
     return rl_model
 
 
@@ -597,10 +601,7 @@ def _dpo_stage(path, cfg, rl_model, held_out, results, log):
     results["dpo"] = {"main": str(cfg.dpo_beta), "variants": dpo_runs, "n_pairs": len(pairs),
                       "n_held_out_pairs": len(held_pairs),
                       "pair_kinds": {k: kinds.count(k) for k in ("wrong", "verbose")}}
-    round_to_bf16(dpo_model)
-    save_stage(dpo_model, path / "dpo")
-    results["seconds"]["dpo"] = round(time.perf_counter() - t0, 1)
-    log(f"dpo: {results['seconds']['dpo']:.0f} s")
+    _finish_stage(dpo_model, path, "dpo", t0, results, log)
 
 
 def _rounded(obj, digits: int = 5):
