@@ -30,6 +30,7 @@ Axes: b batch, v vocab.
 
 from __future__ import annotations
 
+from collections import Counter
 from contextlib import contextmanager
 
 import torch
@@ -38,6 +39,34 @@ from .layers import rope_angles, rope_inv_freq
 from .moe import MoE
 
 DECODE_MODES = ("eager", "static", "graph")
+HOST_READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__")
+
+
+@contextmanager
+def host_reads():
+    """Count the times Python reads a tensor's value while the block runs (.item(), .tolist(),
+    bool(), int(), float(), index use); yields a Counter by method. On a GPU each read is a
+    device-to-host sync: Python waits for the queue to drain, then launches the next kernel, and
+    a CUDA graph cannot be captured across it. (Reads inside torch's own C++ ops, such as
+    `unique`, are not counted here; torch.cuda.set_sync_debug_mode shows those on a GPU.)"""
+    counts, originals = Counter(), {name: torch.Tensor.__dict__.get(name) for name in HOST_READS}
+
+    def counting(name, original):
+        def read(self, *args, **kwargs):
+            counts[name] += 1
+            return original(self, *args, **kwargs)
+        return read
+
+    for name in HOST_READS:
+        setattr(torch.Tensor, name, counting(name, getattr(torch.Tensor, name)))
+    try:
+        yield counts
+    finally:
+        for name, original in originals.items():  # put back exactly what was there (or inherited)
+            if original is None:
+                delattr(torch.Tensor, name)
+            else:
+                setattr(torch.Tensor, name, original)
 
 
 class DecodeStep:
