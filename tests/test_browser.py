@@ -198,6 +198,9 @@ def test_notebook_in_jupyterlab(lab, browser, name):
             _wait_for(page, f"() => document.querySelector('{root} .jp-OutputArea-output .jupyter-widgets')", 60, "a widget")
             page.locator(f"{root} .jp-OutputArea-output .jupyter-widgets").first.scroll_into_view_if_needed()
             assert _poke_widget(page, root), f"{name}: changing the first widget control changed nothing"
+            # let the redraw finish before the screenshot (the slider moved several steps)
+            _wait_for(page, f"() => {panel}.sessionContext.session.kernel.status === 'idle'", 60, "the redraw")
+            time.sleep(1.0)
         page.screenshot(path=str(ARTIFACTS / f"{Path(name).stem}.png"), full_page=False)
         peak = _kernel_peak_bytes(lab["pid"])
         print(f"{name}: ran in {elapsed:.0f} s with 1 thread, kernel peak memory {peak / 1e9:.2f} GB")
