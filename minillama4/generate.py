@@ -65,7 +65,8 @@ def generate(model, input_ids, max_new_tokens: int, temperature: float = 0.0, to
         nxt = torch.where(finished, out[-1][:, -1], nxt)  # finished rows repeat their stop token
         out.append(nxt[:, None])
         finished |= torch.isin(nxt, stops)
-        if bool(finished.all()) or len(out) - 1 == max_new_tokens:
+        # the loop's only host read, and only with stop tokens: without them nothing finishes early
+        if len(out) - 1 == max_new_tokens or (len(stops) and bool(finished.all())):
             break
         logits = step(nxt[:, None])
     return torch.cat(out, dim=1)

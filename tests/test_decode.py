@@ -102,6 +102,23 @@ def test_static_step_asks_the_host_nothing_and_eager_does():
     assert torch.Tensor.item.__name__ == "item" and torch.Tensor.__bool__.__name__ == "__bool__"  # wrappers gone
 
 
+def test_static_generate_reads_the_host_only_for_the_prefill():
+    """Without stop tokens, generate(decode="static") makes the same number of host reads for 5
+    or 25 new tokens: the eager prefill's, none per token."""
+    cfg = small_text()
+    model = ml4.Llama4Text.random(cfg, seed=9)
+    ids = prompt(cfg.vocab_size, seed=9)
+    counts = []
+    for new in (5, 25):
+        with host_reads() as reads:
+            model.generate(ids, new, decode="static", temperature=0.8, top_p=0.9, seed=1)
+        counts.append(sum(reads.values()))
+    assert counts[0] == counts[1] > 0
+    with host_reads() as reads:  # with a stop token, one read per token decides whether to stop
+        model.generate(ids, 25, decode="static", stop_tokens=[cfg.vocab_size - 1])
+    assert sum(reads.values()) == counts[0] + 24
+
+
 def test_router_trace_records_static_decode_like_eager():
     cfg = small_text()
     model = ml4.Llama4Text.random(cfg, seed=6)
