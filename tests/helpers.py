@@ -33,3 +33,14 @@ def posttrain_model(seed: int = 0):
         hidden_size=32, num_hidden_layers=2, head_dim=8, intermediate_size=64, intermediate_size_mlp=128,
         moe_layers=None, no_rope_layers=None, no_rope_layer_interval=2)
     return ml4.Llama4Text.random(cfg, seed=seed)
+
+
+def warmed_posttrain_model(verbose_fraction: float, steps: int, seed: int = 1):
+    """posttrain_model after a short SFT on level-1 sums (some answers right, not all): the
+    starting point of the RL and DPO learning tests."""
+    from minillama4.train import sft
+
+    model = posttrain_model(seed=seed)
+    data = sft.make_sft_dataset(512, seed=0, verbose_fraction=verbose_fraction, levels=(1,))
+    sft.train_sft(model, data, sft.SFTConfig(steps=steps, batch_size=32, lr=1e-2, warmup=5))
+    return model

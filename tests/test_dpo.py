@@ -8,9 +8,10 @@ import pytest
 import torch
 
 import minillama4 as ml4
-from minillama4.train import dpo, sft
+from minillama4.train import dpo
 from minillama4.train import posttrain_task as T
 from helpers import posttrain_model as small_model
+from helpers import warmed_posttrain_model
 
 TOK = ml4.ByteTokenizer()
 
@@ -90,10 +91,7 @@ def test_build_pairs_prefers_correct_and_concise(monkeypatch):
 def warm_model():
     """A small model after a short SFT on level 1 with 40% verbose responses: its samples come in
     both styles and are sometimes wrong, so DPO has wrong and verbose responses to push down."""
-    model = small_model(seed=1)
-    data = sft.make_sft_dataset(512, seed=0, verbose_fraction=0.4, levels=(1,))
-    sft.train_sft(model, data, sft.SFTConfig(steps=160, batch_size=32, lr=1e-2, warmup=5))
-    return model
+    return warmed_posttrain_model(verbose_fraction=0.4, steps=160)
 
 
 def test_dpo_raises_preference_accuracy_and_margin(warm_model):

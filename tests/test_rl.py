@@ -8,9 +8,9 @@ import random
 import pytest
 import torch
 
-from minillama4.train import rl, sft
+from minillama4.train import rl
 from minillama4.train import posttrain_task as T
-from helpers import posttrain_model as small_model
+from helpers import warmed_posttrain_model
 
 
 def test_group_advantages_on_constructed_groups():
@@ -94,10 +94,7 @@ def test_curriculum_retires_easy_levels_and_unlocks_harder_ones():
 @pytest.fixture(scope="module")
 def warm_model():
     """A short SFT on level 1 (concise answers): it solves some problems, not all."""
-    model = small_model(seed=1)
-    data = sft.make_sft_dataset(512, seed=0, verbose_fraction=0.0, levels=(1,))
-    sft.train_sft(model, data, sft.SFTConfig(steps=120, batch_size=32, lr=1e-2, warmup=5))
-    return model
+    return warmed_posttrain_model(verbose_fraction=0.0, steps=120)
 
 
 def test_rl_raises_held_out_reward(warm_model):
