@@ -14,7 +14,8 @@ Three dispatch paths give the same result (tests/test_moe.py):
                per-expert slices (torch._grouped_mm), or a loop over the slices without it
   "gather":    for decode: gather each token copy's expert weights by index and run a batched
                matmul. Copies k experts per token (wasteful beyond a few tokens) but never asks
-               the host which experts were chosen, so a decode step can be a CUDA graph.
+               the host which experts were chosen, so a decode step can be a CUDA graph. int4
+               experts on CUDA skip the copy: a Triton kernel reads the chosen expert (w4a16.py).
 (A padded batched-matmul variant was slower on CPU: it copied the active experts' weights on
 every call and padded every expert to the busiest one; see docs/benchmarks.md.)
 
@@ -107,6 +108,11 @@ class MoE(nn.Module):
         """Each of the n*k token copies gets its own copy of its expert's weights (gathered on the
         device by index), then one batched matmul per weight; the k outputs of a token are summed."""
         k = top_ids.shape[1]
+        if getattr(self.experts, "quantized", False) and self.experts.kernel_available(x):
+            # int4 on CUDA: a Triton kernel reads each copy's expert itself, no weight copies (w4a16.py)
+            expert_in = rearrange(x[:, None, :] * gates[..., None], "n k d -> (n k) d")  # u_e = s_e * x
+            expert_out = self.experts.chosen(expert_in, rearrange(top_ids, "n k -> (n k)"))
+            return reduce(expert_out, "(n k) d -> n d", "sum", k=k)
         w_in, w_out = self.experts.gathered(rearrange(top_ids, "n k -> (n k)"), x.dtype)  # [m, d, 2f], [m, f, d]
         expert_in = rearrange(x[:, None, :] * gates[..., None], "n k d -> (n k) 1 d")  # u_e = s_e * x
         gate, up = torch.bmm(expert_in, w_in.to(x.dtype)).chunk(2, dim=-1)

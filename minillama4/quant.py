@@ -17,10 +17,11 @@ Paths: `Int4Linear` uses the CPU int4 kernel for bf16 inputs on CPU and tinygemm
 batches on CUDA, else dequantizes (the readable reference, also used for prefill).
 `Int4Experts` dequantizes one expert at a time (reference path and few tokens); for prefill
 every expert into one bf16 scratch buffer reused by all layers, then a grouped matmul
-(`dequantized_all`); for static decode, the experts chosen by a device index tensor (`gathered`,
-no host sync).
+(`dequantized_all`); for static decode, the experts chosen by a device index tensor, no host
+sync: a Triton W4A16 kernel on CUDA (`chosen`, w4a16.py), else a gathered dequantized copy
+(`gathered`).
 
-Axes: n output features, k input features, g groups along k, e experts.
+Axes: n output features, k input features, g groups along k, e experts, m rows (gathered experts).
 """
 
 from __future__ import annotations
@@ -185,6 +186,20 @@ class Int4Experts(nn.Module):
         w_in = dequantize_int4(self.gate_up_packed[ids], self.gate_up_scales[ids], dtype)  # [m, 2f, d]
         w_out = dequantize_int4(self.down_packed[ids], self.down_scales[ids], dtype)  # [m, d, f]
         return rearrange(w_in, "m n k -> m k n"), rearrange(w_out, "m n k -> m k n")
+
+    def kernel_available(self, x: torch.Tensor) -> bool:
+        """Whether the Triton W4A16 kernel (w4a16.py) can run on x's device."""
+        from . import w4a16  # imported on first use: Triton is optional and slow to import
+
+        return w4a16.available(x)
+
+    def chosen(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Row m of x [m, d] through expert ids[m] (a device tensor) with the W4A16 kernel: each
+        row's expert is read from device memory and dequantized in registers. -> [m, d]."""
+        from . import w4a16
+
+        gate, up = w4a16.expert_matmul(x, ids, self.gate_up_packed, self.gate_up_scales).chunk(2, dim=-1)
+        return w4a16.expert_matmul(up * F.silu(gate), ids, self.down_packed, self.down_scales)
 
     def one(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert e on tokens x [n, d] (dequantizes that expert's two matrices)."""

@@ -101,3 +101,17 @@ def test_static_step_has_no_host_sync_on_cuda():
             nxt = step(nxt).argmax(-1, keepdim=True)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_w4a16_kernel_on_cuda_bf16():
+    pytest.importorskip("triton")
+    from minillama4 import w4a16
+    from minillama4.quant import dequantize_int4, quantize_int4
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    packed, scales = quantize_int4(torch.randn(16, 2048, 1024, device="cuda", generator=g))
+    x = torch.randn(3, 1024, device="cuda", generator=g).bfloat16()
+    ids = torch.tensor([5, 0, 15], device="cuda")
+    got = w4a16.expert_matmul(x, ids, packed, scales).float()
+    ref = torch.stack([x[i].float() @ dequantize_int4(packed[ids[i]], scales[ids[i]]).T for i in range(3)])
+    assert rel_err(got, ref) < 1e-2  # bf16 output

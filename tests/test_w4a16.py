@@ -1,0 +1,67 @@
+"""The Triton W4A16 expert kernel (minillama4.w4a16) on the CPU, under Triton's interpreter.
+
+Triton decides at import time whether to compile or interpret, so without TRITON_INTERPRET=1
+this module runs itself again in a subprocess with it set. On a GPU, tests/test_gpu.py checks the
+compiled kernel in bf16.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from helpers import rel_err, small_text
+
+import minillama4 as ml4
+
+pytest.importorskip("triton", reason="pip install triton (the dev extra installs it on Linux x86-64)")
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+if not INTERPRETED:
+    def test_under_the_triton_interpreter():
+        run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+                             env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True)
+        assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+        assert " passed" in run.stdout and "skipped" not in run.stdout, run.stdout[-2000:]
+
+else:
+    from minillama4 import w4a16
+    from minillama4.decode import DecodeStep, host_reads
+    from minillama4.quant import dequantize_int4, quantize_int4, quantize_model
+
+    @pytest.mark.parametrize("experts, n, k, rows", [(4, 96, 256, 5), (1, 64, 128, 1), (16, 200, 384, 3)])
+    def test_kernel_matches_the_dequantized_reference(experts, n, k, rows):
+        g = torch.Generator().manual_seed(n)
+        packed, scales = quantize_int4(torch.randn(experts, n, k, generator=g))
+        x = torch.randn(rows, k, generator=g)
+        ids = torch.randint(0, experts, (rows,), generator=g)
+        got = w4a16.expert_matmul(x, ids, packed, scales)
+        ref = torch.stack([x[i] @ dequantize_int4(packed[ids[i]], scales[ids[i]]).T for i in range(rows)])
+        assert rel_err(got, ref) < 1e-6
+
+    def test_kernel_refuses_shapes_that_do_not_fit():
+        packed, scales = quantize_int4(torch.randn(2, 64, 256))
+        with pytest.raises(ValueError, match="do not fit"):
+            w4a16.expert_matmul(torch.randn(3, 128), torch.zeros(3, dtype=torch.long), packed, scales)
+
+    def test_int4_static_decode_through_the_kernel_matches_eager():
+        cfg = small_text(hidden_size=128, head_dim=32, intermediate_size=128, intermediate_size_mlp=256,
+                         num_experts_per_tok=2)
+        model = quantize_model(ml4.Llama4Text.random(cfg, seed=3), which="all")
+        experts = model.model.layers[0].feed_forward.experts
+        assert experts.kernel_available(torch.zeros(1))  # the gather dispatch takes the kernel here
+        ids = torch.randint(3, cfg.vocab_size, (2, 5), generator=torch.Generator().manual_seed(3))
+        cache, eager_cache = model.new_cache(2, 25), model.new_cache(2, 25)
+        with torch.no_grad():
+            logits = model(ids, cache=eager_cache)[:, -1]
+            model(ids, cache=cache)
+            step = DecodeStep(model, cache)
+            for _ in range(12):  # positions 5..16: past a chunk of 8
+                nxt = logits.argmax(-1, keepdim=True)
+                logits = model(nxt, cache=eager_cache)[:, -1]
+                with host_reads() as reads:
+                    static = step(nxt)
+                assert sum(reads.values()) == 0
+                assert rel_err(static, logits) < 1e-5
