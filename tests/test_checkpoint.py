@@ -127,6 +127,8 @@ PEAK_SCRIPT = """
 import sys, torch, minillama4 as ml4
 def status(key):
     return 1024 * int(next(l for l in open("/proc/self/status") if l.startswith(key)).split()[1])
+with torch.device("meta"):  # torch's meta-device init imports torch._dynamo (and Triton, when installed)
+    torch.nn.Embedding(2, 2)  # once: a fixed cost of 100+ MB that is not the loader's, so pay it first
 open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS
 base = status("VmRSS")
 m = ml4.from_pretrained(sys.argv[1])
