@@ -116,19 +116,41 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.dh, bias=bias)
         self.o_proj = nn.Linear(self.n_heads * self.dh, cfg.hidden_size, bias=bias)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, freqs_cis: torch.Tensor,
-                cache: KVCache | None = None) -> torch.Tensor:
-        """x [b, t, d] at absolute positions [t] -> [b, t, d]."""
+    def queries(self, x: torch.Tensor, positions: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
+        """x [b, t, d] at absolute positions [t] -> q [b, t, h, dh]: RoPE, QK norm, temperature."""
         q = rearrange(self.q_proj(x), "b t (h dh) -> b t h dh", dh=self.dh)
-        k = rearrange(self.k_proj(x), "b t (k dh) -> b t k dh", dh=self.dh)
-        v = rearrange(self.v_proj(x), "b t (k dh) -> b k t dh", dh=self.dh)
         if self.use_rope:
-            q, k = apply_rope(q, freqs_cis), apply_rope(k, freqs_cis)
+            q = apply_rope(q, freqs_cis)
         if self.use_qk_norm:  # after RoPE, per head over dh, no weight
-            q, k = rms_norm(q, self.cfg.rms_norm_eps), rms_norm(k, self.cfg.rms_norm_eps)
+            q = rms_norm(q, self.cfg.rms_norm_eps)
         if self.temperature:
             s = nope_temperature(positions, self.cfg.floor_scale, self.cfg.attn_scale)
             q = (q * rearrange(s, "t -> 1 t 1 1")).to(q.dtype)
+        return q
+
+    def keys(self, x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
+        """x [b, t, d] -> k [b, t, k, dh]: RoPE and QK norm (no temperature on keys)."""
+        k = rearrange(self.k_proj(x), "b t (k dh) -> b t k dh", dh=self.dh)
+        if self.use_rope:
+            k = apply_rope(k, freqs_cis)
+        if self.use_qk_norm:
+            k = rms_norm(k, self.cfg.rms_norm_eps)
+        return k
+
+    def weights(self, q: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+        """The attention weights themselves, for inspection (forward never forms them: SDPA fuses
+        them): q [b, t, h, dh], k [b, s, k, dh] -> [b, h, t, s], fp32, this layer's mask."""
+        q = rearrange(q.float(), "b t (k g) dh -> b k g t dh", k=self.n_kv)  # query heads i*g.. share kv head i
+        scores = torch.einsum("bkgtd,bskd->bkgts", q, k.float()) * self.dh**-0.5
+        scores = scores.masked_fill(~attention_mask(q_pos, k_pos, self.chunk), float("-inf"))
+        # softmax(q k^T / sqrt(dh) + mask)      (Vaswani et al. 2017, eq. 1)
+        return rearrange(scores.softmax(-1), "b k g t s -> b (k g) t s")
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, freqs_cis: torch.Tensor,
+                cache: KVCache | None = None) -> torch.Tensor:
+        """x [b, t, d] at absolute positions [t] -> [b, t, d]."""
+        q, k = self.queries(x, positions, freqs_cis), self.keys(x, freqs_cis)
+        v = rearrange(self.v_proj(x), "b t (k dh) -> b k t dh", dh=self.dh)
         q = rearrange(q, "b t h dh -> b h t dh")
         k = rearrange(k, "b t k dh -> b k t dh")
         k_pos = positions

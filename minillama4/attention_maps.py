@@ -34,8 +34,7 @@ from dataclasses import dataclass, field
 import torch
 from einops import rearrange
 
-from .attention import Attention, attention_mask, nope_temperature
-from .layers import apply_rope, rms_norm
+from .attention import Attention
 
 
 @torch.no_grad()
@@ -43,22 +42,8 @@ def attention_probs(attn: Attention, x: torch.Tensor, positions: torch.Tensor,
                     freqs_cis: torch.Tensor) -> torch.Tensor:
     """The weights one Attention module applies: x [b, t, d] (its input, after the layer's
     RMSNorm) at absolute positions [t] with RoPE angles freqs_cis -> [b, h, t, t] (fp32)."""
-    q = rearrange(attn.q_proj(x), "b t (h dh) -> b t h dh", dh=attn.dh)
-    k = rearrange(attn.k_proj(x), "b t (k dh) -> b t k dh", dh=attn.dh)
-    if attn.use_rope:
-        q, k = apply_rope(q, freqs_cis), apply_rope(k, freqs_cis)
-    if attn.use_qk_norm:  # after RoPE, per head over dh, no weight
-        q, k = rms_norm(q, attn.cfg.rms_norm_eps), rms_norm(k, attn.cfg.rms_norm_eps)
-    if attn.temperature:  # NoPE layers: s(p) = 1 + attn_scale * log(floor((p + 1) / floor_scale) + 1)
-        q = q * rearrange(nope_temperature(positions, attn.cfg.floor_scale, attn.cfg.attn_scale), "t -> 1 t 1 1")
-    q, k = q.float(), k.float()
-    # GQA: query heads i*g .. i*g + g - 1 share kv head i, as in Attention (h = k * g)
-    q = rearrange(q, "b t (k g) dh -> b k g t dh", k=attn.n_kv)
-    scores = torch.einsum("bkgtd,bskd->bkgts", q, k) / math.sqrt(attn.dh)
-    mask = attention_mask(positions, positions, attn.chunk)  # [t, s] True = allowed
-    scores = scores.masked_fill(~mask, float("-inf"))
-    # softmax(q k^T / sqrt(dh) + mask)      (Vaswani et al. 2017, eq. 1)
-    return rearrange(scores.softmax(-1), "b k g t s -> b (k g) t s")
+    q, k = attn.queries(x, positions, freqs_cis), attn.keys(x, freqs_cis)  # the layer's own steps
+    return attn.weights(q, k, positions, positions)
 
 
 @dataclass

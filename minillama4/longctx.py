@@ -49,10 +49,9 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange, repeat
 
-from .attention import attention_mask, nope_temperature
 from .config import Llama4Config, TextConfig
 from .configs import tiny
-from .layers import apply_rope, rms_norm, rope_angles, rope_inv_freq
+from .layers import rope_angles, rope_inv_freq
 from .model import Llama4Text
 from .tokenizer import ByteTokenizer
 from .train.loop import TrainConfig, lr_at, param_groups
@@ -403,19 +402,10 @@ def attention_probs(model: Llama4Text, ids: torch.Tensor, layer: int, queries: t
     cfg = model.cfg
     positions = torch.arange(x.shape[1], device=x.device)
     rows = positions if queries is None else torch.as_tensor(queries, device=x.device)
-    q = rearrange(attn.q_proj(x[:, rows]), "b t (h dh) -> b t h dh", dh=attn.dh)
-    k = rearrange(attn.k_proj(x), "b s (k dh) -> b s k dh", dh=attn.dh)
-    if attn.use_rope:
-        inv_freq = rope_inv_freq(cfg, x.device)
-        q, k = apply_rope(q, rope_angles(rows, inv_freq)), apply_rope(k, rope_angles(positions, inv_freq))
-    if attn.use_qk_norm:
-        q, k = rms_norm(q, cfg.rms_norm_eps), rms_norm(k, cfg.rms_norm_eps)
-    if attn.temperature:
-        q = q * rearrange(nope_temperature(rows, cfg.floor_scale, cfg.attn_scale), "t -> 1 t 1 1")
-    q = rearrange(q, "b t (k g) dh -> b k g t dh", g=attn.n_heads // attn.n_kv)
-    scores = torch.einsum("bkgtd,bskd->bkgts", q.float(), k.float()) * attn.dh**-0.5
-    scores = scores.masked_fill(~attention_mask(rows, positions, attn.chunk), float("-inf"))
-    return rearrange(scores.softmax(-1), "b k g t s -> b (k g) t s")
+    inv_freq = rope_inv_freq(cfg, x.device)
+    q = attn.queries(x[:, rows], rows, rope_angles(rows, inv_freq))  # the layer's own steps
+    k = attn.keys(x, rope_angles(positions, inv_freq))
+    return attn.weights(q, k, rows, positions)
 
 
 @torch.no_grad()
