@@ -59,6 +59,8 @@ def test_fp32_logits_and_greedy_tokens(name):
     got_tokens = ours.generate(prompt, max_new_tokens=new)
     assert got_tokens.shape == (2, 11 + new)
     assert torch.equal(got_tokens, ref_tokens)
+    # the static decode step (decode.py: in-place cache, masked whole buffer, gather dispatch)
+    assert torch.equal(ours.generate(prompt, max_new_tokens=new, decode="static"), ref_tokens)
 
 
 def test_batch_of_three_and_reference_dispatch():
