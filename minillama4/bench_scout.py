@@ -10,7 +10,10 @@ with random keys/values up to the context instead of a real prefill: decode cost
 on the values); decode as a fraction of the roofline = (bytes one decode step must read) /
 (measured device copy bandwidth) / (measured time per token), both eager and as a replayed CUDA
 graph (decode.py; "static", the same step without a graph, on CPU); decode with a RouterTrace active;
-and transformers vs ours on the same bf16 weights of a `--slice-layers`-layer model at full width.
+on CUDA the W4A16 expert kernel alone (its chosen block/split and bandwidth) and a torch.profiler
+table of where a static decode step's GPU time goes; and transformers vs ours on the same bf16
+weights of a `--slice-layers`-layer model at full width. Each part is printed as it lands; a part
+that fails is reported and the next one runs.
 
 Bytes per decode step: every weight except the routed experts and the embedding table, plus
 top-k of E routed experts per MoE layer, one embedding row, and the KV cache positions each
@@ -22,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+import traceback
 
 import torch
 
@@ -115,40 +119,164 @@ def time_prefill(model, tokens: int) -> float:
     return tokens / (time.perf_counter() - start)
 
 
+def _section(r: dict, name: str, fn, emit) -> None:
+    """Run one part of the benchmark; on failure record the error and go on with the next part
+    (a GPU lease is short: one broken part should not lose the others' numbers)."""
+    try:
+        fn()
+    except Exception as exc:  # noqa: BLE001 - reported, not swallowed
+        r.setdefault("errors", {})[name] = f"{type(exc).__name__}: {exc}"
+        emit(f"{name}: FAILED: {type(exc).__name__}: {exc}")
+        traceback.print_exc()
+
+
+def _time_ms(fn, cuda: bool) -> float:
+    """Milliseconds per call: triton's do_bench on CUDA (it flushes the L2 cache between calls,
+    so the weights are read from memory as at decode), a plain average on the CPU."""
+    if cuda:
+        from triton.testing import do_bench
+
+        return do_bench(fn, warmup=10, rep=50)
+    fn()
+    start = time.perf_counter()
+    for _ in range(3):
+        fn()
+    return (time.perf_counter() - start) / 3 * 1e3
+
+
+def kernel_bandwidth(model, device) -> list[dict]:
+    """The W4A16 expert kernel alone on the first MoE layer's experts, one row (batch-1 top-1
+    decode): the (BLOCK_N, SPLIT) it chose and the int4 bytes (weights and scales) read per second."""
+    from . import w4a16
+
+    cuda = torch.device(device).type == "cuda"
+    experts = next(m for m in model.modules() if isinstance(m, MoE)).experts
+    ids = torch.zeros(1, dtype=torch.long, device=device)
+    out = []
+    for name in ("gate_up", "down"):
+        packed, scales = getattr(experts, f"{name}_packed"), getattr(experts, f"{name}_scales")
+        x = torch.randn(1, packed.shape[2] * 2, dtype=torch.bfloat16, device=device)
+        w4a16.expert_matmul(x, ids, packed, scales)  # on CUDA: times the blocks and splits, keeps the best
+        ms = _time_ms(lambda: w4a16.expert_matmul(x, ids, packed, scales), cuda)
+        nbytes = packed[0].numel() + scales[0].numel() * scales.element_size()
+        config = w4a16.CHOSEN.get((1, packed.shape[1], x.shape[1], x.dtype, x.device), w4a16.DEFAULT)
+        out.append({"matrix": name, "n": packed.shape[1], "k": x.shape[1], "block_n_split": list(config),
+                    "us": ms * 1e3, "GBps": nbytes / ms / 1e6})
+    return out
+
+
+def kernel_profile(model, context: int, top: int = 12) -> list[dict]:
+    """Where a static decode step's time goes: torch.profiler over 3 steps, by kernel (GPU time
+    on CUDA, the ops' own CPU time on the CPU), the `top` biggest and then the total."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = model.device.type == "cuda"
+    cache = filled_cache(model, context, 8)
+    step = DecodeStep(model, cache)
+    tok = torch.ones(1, 1, dtype=torch.long, device=model.device)
+    with torch.inference_mode():
+        tok = step(tok).argmax(-1, keepdim=True)
+        _sync(model.device)
+        with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+            for _ in range(3):
+                tok = step(tok).argmax(-1, keepdim=True)
+            _sync(model.device)
+    rows = []
+    for ev in prof.key_averages():
+        t = (getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)) if cuda else ev.self_cpu_time_total
+        if t > 0:
+            rows.append({"kernel": ev.key[:90], "calls_per_step": ev.count / 3, "us_per_step": t / 3})
+    rows.sort(key=lambda row: -row["us_per_step"])
+    total = {"kernel": "(all)", "calls_per_step": sum(x["calls_per_step"] for x in rows),
+             "us_per_step": sum(x["us_per_step"] for x in rows)}
+    return rows[:top] + [total]
+
+
 def run(preset="scout", device="cuda", int4=True, which="all", contexts=(128, 4096, 32768), prefill=2048,
-        slice_layers=4, compare_hf=True, steps=16) -> dict:
+        slice_layers=4, compare_hf=True, steps=16, emit=print, save=None) -> dict:
+    """The whole benchmark. Each measurement is printed by `emit` as it lands and `save(r)` is
+    called after each part, so a run cut short keeps what it measured."""
     cfg = configs.get(preset)
     text = Llama4Config(text=cfg.text, vision=None, name=cfg.name)
+    cuda = torch.device(device).type == "cuda"
     r = {"preset": preset, "device": str(device), "int4": int4, "which": which,
-         "gpu": torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else "cpu",
-         "torch": torch.__version__}
-    bandwidth = copy_bandwidth(device, 1 << (30 if torch.device(device).type == "cuda" else 26))
+         "gpu": torch.cuda.get_device_name(device) if cuda else "cpu", "torch": torch.__version__}
+    save = save or (lambda r: None)
+    bandwidth = copy_bandwidth(device, 1 << (30 if cuda else 26))
     r["copy_bandwidth_GBps"] = bandwidth / 1e9
+    emit(f"{r['gpu']}, torch {r['torch']}: copy bandwidth {bandwidth / 1e9:.0f} GB/s")
     start = time.perf_counter()
     model = random_model(text, quantize="int4" if int4 else None, which=which, device=device,
                          context=max(contexts) + steps + 2, verbose=True)
     _sync(device)
     r["build_s"] = time.perf_counter() - start
     r["weights_GiB"] = model_bytes(model) / 2**30
-    if torch.device(device).type == "cuda":
+    if cuda:
         r["allocated_GiB"] = torch.cuda.memory_allocated(device) / 2**30
-    r["prefill_tokens"], r["prefill_tok_s"] = prefill, time_prefill(model, prefill)
+    emit(f"built in {r['build_s']:.1f} s: weights {r['weights_GiB']:.1f} GiB"
+         + (f", allocated {r['allocated_GiB']:.1f} GiB" if cuda else ""))
+    save(r)
+
+    def prefill_part():
+        r["prefill_tokens"], r["prefill_tok_s"] = prefill, time_prefill(model, prefill)
+        emit(f"prefill {prefill} tokens: {r['prefill_tok_s']:,.0f} tok/s")
+    _section(r, "prefill", prefill_part, emit)
+    if cuda and int4:
+        r["prefill_peak_GiB"] = torch.cuda.max_memory_allocated(device) / 2**30
+        emit(f"peak allocated after prefill: {r['prefill_peak_GiB']:.1f} GiB")
+
+    def kernel_part():
+        r["w4a16"] = kernel_bandwidth(model, device)
+        for k in r["w4a16"]:
+            emit(f"W4A16 kernel, {k['matrix']} [{k['n']} x {k['k']}], block/split {k['block_n_split']}: "
+                 f"{k['us']:.1f} us = {k['GBps']:.0f} GB/s ({100 * k['GBps'] * 1e9 / bandwidth:.0f}% of copy)")
+    if cuda and int4:
+        _section(r, "w4a16", kernel_part, emit)
+    save(r)
+
     r["decode"] = []
-    graph = torch.device(device).type == "cuda"
     for ctx in contexts:
         ideal = decode_bytes(model, ctx) / bandwidth
-        for mode in ("eager", "graph") if graph else ("eager", "static"):
-            tok_s = time_decode(model, ctx, steps, mode=mode)
-            r["decode"].append({"context": ctx, "mode": mode, "tok_s": tok_s, "roofline_tok_s": 1 / ideal,
-                                "fraction_of_roofline": tok_s * ideal})
-    r["decode_trace_on_tok_s"] = time_decode(model, contexts[0], steps, trace=True)
+        for mode in ("eager", "graph") if cuda else ("eager", "static"):
+            def decode_part(ctx=ctx, mode=mode):
+                tok_s = time_decode(model, ctx, steps, mode=mode)
+                r["decode"].append({"context": ctx, "mode": mode, "tok_s": tok_s, "roofline_tok_s": 1 / ideal,
+                                    "fraction_of_roofline": tok_s * ideal})
+                emit(_decode_line(r["decode"][-1]))
+            _section(r, f"decode {ctx} {mode}", decode_part, emit)
+            save(r)
+
+    def trace_part():
+        r["decode_trace_context"] = contexts[0]
+        r["decode_trace_on_tok_s"] = time_decode(model, contexts[0], steps, trace=True)
+        emit(f"decode with RouterTrace active at context {contexts[0]}: {r['decode_trace_on_tok_s']:.1f} tok/s")
+    _section(r, "trace", trace_part, emit)
+
+    def profile_part():
+        r["profile"] = kernel_profile(model, contexts[0])
+        emit(f"static decode step at context {contexts[0]}, GPU time by kernel (torch.profiler):")
+        for row in r["profile"]:
+            emit(f"  {row['us_per_step']:9.1f} us  {row['calls_per_step']:6.0f} calls  {row['kernel']}")
+    if cuda:
+        _section(r, "profile", profile_part, emit)
     del model
-    if torch.device(device).type == "cuda":
+    if cuda:
         torch.cuda.empty_cache()
         r["peak_allocated_GiB"] = torch.cuda.max_memory_allocated(device) / 2**30
+        emit(f"peak allocated {r['peak_allocated_GiB']:.1f} GiB")
+    save(r)
     if compare_hf:
-        r["slice"] = compare_slice(text, slice_layers, device, prefill, steps)
+        def slice_part():
+            r["slice"] = compare_slice(text, slice_layers, device, prefill, steps)
+            emit("\n".join(_slice_lines(r["slice"])))
+        _section(r, "slice", slice_part, emit)
+        save(r)
     return r
+
+
+def _decode_line(d: dict) -> str:
+    return (f"decode at context {d['context']:>6,} ({d.get('mode', 'eager'):>6}): {d['tok_s']:7.1f} tok/s = "
+            f"{100 * d['fraction_of_roofline']:.1f}% of the roofline ({d['roofline_tok_s']:.0f} tok/s)")
 
 
 def compare_slice(cfg: Llama4Config, layers: int, device, prefill: int, steps: int) -> dict:
@@ -169,28 +297,34 @@ def compare_slice(cfg: Llama4Config, layers: int, device, prefill: int, steps: i
     return {"layers": layers, "forward": fwd, "decode": dec, "decode_step": step}
 
 
+def _slice_lines(s: dict) -> list[str]:
+    f, d = s["forward"]["results"], s["decode"]["results"]
+    lines = [f"{s['layers']}-layer full-width bf16 slice, same weights (ours fast / ours reference / transformers):",
+             "  prefill tok/s " + " / ".join(f"{f[k]['tokens_per_s']:,.0f}" for k in ("ours_fast", "ours_reference", "transformers"))
+             + f"  -> {f['ours_fast']['tokens_per_s'] / f['transformers']['tokens_per_s']:.2f}x transformers",
+             "  decode tok/s  " + " / ".join(f"{d[k]['decode_tokens_per_s']:,.1f}" for k in ("ours_fast", "ours_reference", "transformers"))
+             + f"  -> {d['ours_fast']['decode_tokens_per_s'] / d['transformers']['decode_tokens_per_s']:.2f}x transformers"]
+    if "decode_step" in s:
+        st = s["decode_step"]
+        lines.append(f"  decode tok/s, ours {st['mode']} step at context {st['context']}: {st['tok_s']:,.1f}"
+                     f"  -> {st['tok_s'] / d['transformers']['decode_tokens_per_s']:.2f}x transformers")
+    return lines
+
+
 def format_report(r: dict) -> str:
+    """The summary of a finished (or partly failed) run."""
     lines = [f"full {r['preset']} ({'int4 ' + r['which'] if r['int4'] else 'bf16'}) on {r['gpu']}, torch {r['torch']}",
              f"copy bandwidth {r['copy_bandwidth_GBps']:.0f} GB/s; built in {r['build_s']:.1f} s; "
              f"weights {r['weights_GiB']:.1f} GiB" + (f"; peak allocated {r['peak_allocated_GiB']:.1f} GiB"
-                                                      if "peak_allocated_GiB" in r else ""),
-             f"prefill {r['prefill_tokens']} tokens: {r['prefill_tok_s']:,.0f} tok/s"]
-    for d in r["decode"]:
-        lines.append(f"decode at context {d['context']:>6,} ({d.get('mode', 'eager'):>6}): {d['tok_s']:7.1f} tok/s = "
-                     f"{100 * d['fraction_of_roofline']:.1f}% of the roofline ({d['roofline_tok_s']:.0f} tok/s)")
-    lines.append(f"decode with RouterTrace active at context {r['decode'][0]['context']}: {r['decode_trace_on_tok_s']:.1f} tok/s")
+                                                      if "peak_allocated_GiB" in r else "")]
+    if "prefill_tok_s" in r:
+        lines.append(f"prefill {r['prefill_tokens']} tokens: {r['prefill_tok_s']:,.0f} tok/s")
+    lines += [_decode_line(d) for d in r.get("decode", [])]
+    if "decode_trace_on_tok_s" in r:
+        lines.append(f"decode with RouterTrace active at context {r['decode_trace_context']}: {r['decode_trace_on_tok_s']:.1f} tok/s")
     if "slice" in r:
-        s = r["slice"]
-        f, d = s["forward"]["results"], s["decode"]["results"]
-        lines.append(f"{s['layers']}-layer full-width bf16 slice, same weights (ours fast / ours reference / transformers):")
-        lines.append("  prefill tok/s " + " / ".join(f"{f[k]['tokens_per_s']:,.0f}" for k in ("ours_fast", "ours_reference", "transformers"))
-                     + f"  -> {f['ours_fast']['tokens_per_s'] / f['transformers']['tokens_per_s']:.2f}x transformers")
-        lines.append("  decode tok/s  " + " / ".join(f"{d[k]['decode_tokens_per_s']:,.1f}" for k in ("ours_fast", "ours_reference", "transformers"))
-                     + f"  -> {d['ours_fast']['decode_tokens_per_s'] / d['transformers']['decode_tokens_per_s']:.2f}x transformers")
-        if "decode_step" in s:
-            st = s["decode_step"]
-            lines.append(f"  decode tok/s, ours {st['mode']} step at context {st['context']}: {st['tok_s']:,.1f}"
-                         f"  -> {st['tok_s'] / d['transformers']['decode_tokens_per_s']:.2f}x transformers")
+        lines += _slice_lines(r["slice"])
+    lines += [f"FAILED {name}: {err}" for name, err in r.get("errors", {}).items()]
     return "\n".join(lines)
 
 
@@ -209,13 +343,17 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"--device {args.device}: CUDA is not available")
+    def save(r):
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump(r, fh, indent=2, default=str)
+
     r = run(args.preset, args.device, args.int4, args.which, tuple(int(c) for c in args.contexts.split(",")),
-            args.prefill, args.slice_layers, not args.no_hf, args.steps)
-    print(format_report(r))
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(r, fh, indent=2, default=str)
-    return 0
+            args.prefill, args.slice_layers, not args.no_hf, args.steps,
+            emit=lambda line: print(line, flush=True), save=save)
+    print("\nsummary:\n" + format_report(r))
+    save(r)
+    return 1 if r.get("errors") else 0
 
 
 if __name__ == "__main__":

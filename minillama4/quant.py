@@ -80,7 +80,7 @@ class Int4Linear(nn.Module):
         self.in_features, self.out_features, self.group = in_features, out_features, group
         self.register_buffer("packed", torch.zeros(out_features, in_features // 2, dtype=torch.uint8, device=device))
         self.register_buffer("scales", torch.zeros(in_features // group, out_features, dtype=torch.bfloat16, device=device))
-        self._kernel_weight = None  # the per-device packed layout, built on first use
+        self._kernel_weight = None  # (the kernel's packed layout, its scales and zeros), built on first use
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group: int = GROUP) -> "Int4Linear":
@@ -108,14 +108,14 @@ class Int4Linear(nn.Module):
         rows = x.reshape(-1, self.in_features)
         if x.device.type == "cpu" and hasattr(torch, "_weight_int4pack_mm_for_cpu") and self.out_features % 16 == 0:
             if self._kernel_weight is None:
-                self._kernel_weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_int4(self.packed), 2)
-            return lambda: torch._weight_int4pack_mm_for_cpu(rows, self._kernel_weight, self.group,
-                                                              _scales_and_zeros(self.scales))
+                self._kernel_weight = (torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_int4(self.packed), 2),
+                                       _scales_and_zeros(self.scales))
+            return lambda: torch._weight_int4pack_mm_for_cpu(rows, self._kernel_weight[0], self.group,
+                                                              self._kernel_weight[1])
         if x.device.type == "cuda" and rows.shape[0] <= 16 and self.in_features % 1024 == 0:
             if self._kernel_weight is None:  # tinygemm: fast for decode, slow for large batches
-                self._kernel_weight = torch._convert_weight_to_int4pack(self.packed, 8)
-            return lambda: torch._weight_int4pack_mm(rows, self._kernel_weight, self.group,
-                                                     _scales_and_zeros(self.scales))
+                self._kernel_weight = (torch._convert_weight_to_int4pack(self.packed, 8), _scales_and_zeros(self.scales))
+            return lambda: torch._weight_int4pack_mm(rows, self._kernel_weight[0], self.group, self._kernel_weight[1])
         return None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -83,3 +83,13 @@ def test_scout_bench_dry_run_on_cpu_reports_every_decode_mode():
     assert r["slice"]["decode_step"]["mode"] == "static" and r["slice"]["decode_step"]["tok_s"] > 0
     report = bench_scout.format_report(r)
     assert "( eager)" in report and "(static)" in report and "static step at context 16" in report
+
+
+def test_scout_bench_profile_lists_where_a_static_step_spends_its_time():
+    from minillama4 import bench_scout, configs, random_model
+
+    model = random_model(configs.get("small"), quantize="int4", which="all")
+    rows = bench_scout.kernel_profile(model, context=12, top=5)
+    assert len(rows) == 6 and rows[-1]["kernel"] == "(all)"
+    assert all(r["us_per_step"] > 0 and r["calls_per_step"] > 0 for r in rows)
+    assert rows[-1]["us_per_step"] >= sum(r["us_per_step"] for r in rows[:-1])

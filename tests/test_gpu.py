@@ -115,3 +115,19 @@ def test_w4a16_kernel_on_cuda_bf16():
     got = w4a16.expert_matmul(x, ids, packed, scales).float()
     ref = torch.stack([x[i].float() @ dequantize_int4(packed[ids[i]], scales[ids[i]]).T for i in range(3)])
     assert rel_err(got, ref) < 1e-2  # bf16 output
+
+
+def test_w4a16_every_block_and_split_on_cuda():
+    pytest.importorskip("triton")
+    from minillama4 import w4a16
+    from minillama4.quant import dequantize_int4, quantize_int4
+
+    g = torch.Generator(device="cuda").manual_seed(1)
+    packed, scales = quantize_int4(torch.randn(4, 320, 1152, device="cuda", generator=g))  # 9 groups
+    x = torch.randn(2, 1152, device="cuda", generator=g).bfloat16()
+    ids = torch.tensor([3, 1], device="cuda")
+    ref = torch.stack([x[i].float() @ dequantize_int4(packed[ids[i]], scales[ids[i]]).T for i in range(2)])
+    for config in w4a16.CANDIDATES:
+        assert rel_err(w4a16.expert_matmul(x, ids, packed, scales, config=config).float(), ref) < 1e-2, config
+    w4a16.expert_matmul(x, ids, packed, scales)  # times them and keeps the fastest
+    assert w4a16.CHOSEN[(2, 320, 1152, torch.bfloat16, x.device)] in w4a16.CANDIDATES

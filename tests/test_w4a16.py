@@ -41,6 +41,15 @@ else:
         ref = torch.stack([x[i] @ dequantize_int4(packed[ids[i]], scales[ids[i]]).T for i in range(rows)])
         assert rel_err(got, ref) < 1e-6
 
+    @pytest.mark.parametrize("config", w4a16.CANDIDATES)
+    def test_every_block_and_split_gives_the_same_product(config):
+        g = torch.Generator().manual_seed(7)
+        packed, scales = quantize_int4(torch.randn(3, 80, 640, generator=g))  # 5 groups: uneven splits
+        x = torch.randn(2, 640, generator=g)
+        ids = torch.tensor([2, 0])
+        ref = torch.stack([x[i] @ dequantize_int4(packed[ids[i]], scales[ids[i]]).T for i in range(2)])
+        assert rel_err(w4a16.expert_matmul(x, ids, packed, scales, config=config), ref) < 1e-6
+
     def test_kernel_refuses_shapes_that_do_not_fit():
         packed, scales = quantize_int4(torch.randn(2, 64, 256))
         with pytest.raises(ValueError, match="do not fit"):
@@ -65,3 +74,11 @@ else:
                     static = step(nxt)
                 assert sum(reads.values()) == 0
                 assert rel_err(static, logits) < 1e-5
+
+    def test_the_scout_bench_times_the_kernel_alone():
+        from minillama4 import bench_scout
+
+        model = ml4.random_model(ml4.configs.get("small"), quantize="int4", which="all")
+        rows = bench_scout.kernel_bandwidth(model, "cpu")
+        assert [r["matrix"] for r in rows] == ["gate_up", "down"]
+        assert all(r["GBps"] > 0 and tuple(r["block_n_split"]) == w4a16.DEFAULT for r in rows)
