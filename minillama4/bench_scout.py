@@ -146,7 +146,7 @@ def _time_ms(fn, cuda: bool) -> float:
 
 def kernel_bandwidth(model, device) -> list[dict]:
     """The W4A16 expert kernel alone on the first MoE layer's experts, one row (batch-1 top-1
-    decode): the (BLOCK_N, SPLIT) it chose and the int4 bytes (weights and scales) read per second."""
+    decode): the (BLOCK_N, GROUPS, SPLIT) it chose and the int4 bytes (weights, scales) read per second."""
     from . import w4a16
 
     cuda = torch.device(device).type == "cuda"
@@ -156,11 +156,11 @@ def kernel_bandwidth(model, device) -> list[dict]:
     for name in ("gate_up", "down"):
         packed, scales = getattr(experts, f"{name}_packed"), getattr(experts, f"{name}_scales")
         x = torch.randn(1, packed.shape[2] * 2, dtype=torch.bfloat16, device=device)
-        w4a16.expert_matmul(x, ids, packed, scales)  # on CUDA: times the blocks and splits, keeps the best
+        w4a16.expert_matmul(x, ids, packed, scales)  # on CUDA: times the tiles and splits, keeps the best
         ms = _time_ms(lambda: w4a16.expert_matmul(x, ids, packed, scales), cuda)
         nbytes = packed[0].numel() + scales[0].numel() * scales.element_size()
-        config = w4a16.CHOSEN.get((1, packed.shape[1], x.shape[1], x.dtype, x.device), w4a16.DEFAULT)
-        out.append({"matrix": name, "n": packed.shape[1], "k": x.shape[1], "block_n_split": list(config),
+        config = w4a16.CHOSEN.get(("int4", 1, packed.shape[1], x.shape[1], x.dtype, x.device), w4a16.DEFAULT_INT4)
+        out.append({"matrix": name, "n": packed.shape[1], "k": x.shape[1], "config": list(config),
                     "us": ms * 1e3, "GBps": nbytes / ms / 1e6})
     return out
 
@@ -228,7 +228,7 @@ def run(preset="scout", device="cuda", int4=True, which="all", contexts=(128, 40
     def kernel_part():
         r["w4a16"] = kernel_bandwidth(model, device)
         for k in r["w4a16"]:
-            emit(f"W4A16 kernel, {k['matrix']} [{k['n']} x {k['k']}], block/split {k['block_n_split']}: "
+            emit(f"W4A16 kernel, {k['matrix']} [{k['n']} x {k['k']}], block_n/groups/split {k['config']}: "
                  f"{k['us']:.1f} us = {k['GBps']:.0f} GB/s ({100 * k['GBps'] * 1e9 / bandwidth:.0f}% of copy)")
     if cuda and int4:
         _section(r, "w4a16", kernel_part, emit)
@@ -255,8 +255,7 @@ def run(preset="scout", device="cuda", int4=True, which="all", contexts=(128, 40
     def profile_part():
         r["profile"] = kernel_profile(model, contexts[0])
         emit(f"static decode step at context {contexts[0]}, GPU time by kernel (torch.profiler):")
-        for row in r["profile"]:
-            emit(f"  {row['us_per_step']:9.1f} us  {row['calls_per_step']:6.0f} calls  {row['kernel']}")
+        emit("\n".join(_profile_lines(r["profile"])))
     if cuda:
         _section(r, "profile", profile_part, emit)
     del model
@@ -294,7 +293,10 @@ def compare_slice(cfg: Llama4Config, layers: int, device, prefill: int, steps: i
     # in steady state at the same short context (a graph is captured once per cache, not per token)
     mode = "graph" if torch.device(device).type == "cuda" else "static"
     step = {"mode": mode, "context": 16, "tok_s": time_decode(ours, 16, steps, mode=mode)}
-    return {"layers": layers, "forward": fwd, "decode": dec, "decode_step": step}
+    out = {"layers": layers, "forward": fwd, "decode": dec, "decode_step": step}
+    if torch.device(device).type == "cuda":
+        out["profile"] = kernel_profile(ours, 16)
+    return out
 
 
 def _slice_lines(s: dict) -> list[str]:
@@ -308,7 +310,14 @@ def _slice_lines(s: dict) -> list[str]:
         st = s["decode_step"]
         lines.append(f"  decode tok/s, ours {st['mode']} step at context {st['context']}: {st['tok_s']:,.1f}"
                      f"  -> {st['tok_s'] / d['transformers']['decode_tokens_per_s']:.2f}x transformers")
+    if "profile" in s:
+        lines.append(f"  ours, static decode step at context {s['decode_step']['context']}, GPU time by kernel:")
+        lines += _profile_lines(s["profile"])
     return lines
+
+
+def _profile_lines(rows: list[dict]) -> list[str]:
+    return [f"  {row['us_per_step']:9.1f} us  {row['calls_per_step']:6.0f} calls  {row['kernel']}" for row in rows]
 
 
 def format_report(r: dict) -> str:

@@ -14,8 +14,9 @@ Three dispatch paths give the same result (tests/test_moe.py):
                per-expert slices (torch._grouped_mm), or a loop over the slices without it
   "gather":    for decode: gather each token copy's expert weights by index and run a batched
                matmul. Copies k experts per token (wasteful beyond a few tokens) but never asks
-               the host which experts were chosen, so a decode step can be a CUDA graph. int4
-               experts on CUDA skip the copy: a Triton kernel reads the chosen expert (w4a16.py).
+               the host which experts were chosen, so a decode step can be a CUDA graph. On CUDA
+               it skips the copy: a Triton kernel reads each row's expert in place (w4a16.py),
+               int4 or not. "fast" takes the same kernel for int4 experts at decode on CUDA.
 (A padded batched-matmul variant was slower on CPU: it copied the active experts' weights on
 every call and padded every expert to the busiest one; see docs/benchmarks.md.)
 
@@ -54,6 +55,20 @@ class Experts(nn.Module):
     def gathered(self, ids: torch.Tensor, dtype=None):
         """The weights of experts `ids` [m] (a device tensor; copies): [m, d, 2f] and [m, f, d]."""
         return self.gate_up_proj[ids], self.down_proj[ids]
+
+    def kernel_available(self, x: torch.Tensor) -> bool:
+        """Whether the Triton rows-times-their-own-expert kernel (w4a16.py) runs on x's device."""
+        from . import w4a16  # imported on first use: Triton is optional and slow to import
+
+        return w4a16.available(x)
+
+    def chosen(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Row m of x [m, d] through expert ids[m] (a device tensor), the weights read in place
+        by the kernel (no gathered copies). -> [m, d]."""
+        from . import w4a16
+
+        gate, up = w4a16.expert_matmul_dense(x, ids, self.gate_up_proj).chunk(2, dim=-1)
+        return w4a16.expert_matmul_dense(up * F.silu(gate), ids, self.down_proj)
 
 
 class MoE(nn.Module):
@@ -108,11 +123,11 @@ class MoE(nn.Module):
         """Each of the n*k token copies gets its own copy of its expert's weights (gathered on the
         device by index), then one batched matmul per weight; the k outputs of a token are summed."""
         k = top_ids.shape[1]
-        if getattr(self.experts, "quantized", False) and self.experts.kernel_available(x):
-            # int4 on CUDA: a Triton kernel reads each copy's expert itself, no weight copies (w4a16.py)
+        if self.experts.kernel_available(x):
+            # on CUDA a Triton kernel reads each copy's expert itself, no weight copies (w4a16.py)
             expert_in = rearrange(x[:, None, :] * gates[..., None], "n k d -> (n k) d")  # u_e = s_e * x
             expert_out = self.experts.chosen(expert_in, rearrange(top_ids, "n k -> (n k)"))
-            return reduce(expert_out, "(n k) d -> n d", "sum", k=k)
+            return expert_out if k == 1 else reduce(expert_out, "(n k) d -> n d", "sum", k=k)  # (k = 1: Scout)
         w_in, w_out = self.experts.gathered(rearrange(top_ids, "n k -> (n k)"), x.dtype)  # [m, d, 2f], [m, f, d]
         expert_in = rearrange(x[:, None, :] * gates[..., None], "n k d -> (n k) 1 d")  # u_e = s_e * x
         gate, up = torch.bmm(expert_in, w_in.to(x.dtype)).chunk(2, dim=-1)
@@ -124,6 +139,9 @@ class MoE(nn.Module):
         slice: one grouped matmul per weight where torch has one for this device and dtype
         (no host sync, no padding, no weight copies), else a loop over the slices."""
         k = top_ids.shape[1]
+        quantized = getattr(self.experts, "quantized", False)
+        if quantized and x.shape[0] * k < self.n_experts and self.experts.kernel_available(x):
+            return self._gather(x, top_ids, gates)  # int4 decode on CUDA: the W4A16 kernel, no host sync
         flat_ids = rearrange(top_ids, "n k -> (n k)")
         order = torch.argsort(flat_ids, stable=True)
         tokens = order // k  # which token each sorted copy came from
@@ -132,7 +150,6 @@ class MoE(nn.Module):
         # On CPU a handful of token copies (decode) is faster as a loop: measured in docs/benchmarks.md.
         # int4 experts (quant.py) loop for few tokens, one expert dequantized at a time; for more
         # tokens (prefill) all experts are dequantized into one scratch buffer shared by the layers.
-        quantized = getattr(self.experts, "quantized", False)
         few = len(flat_ids) < self.n_experts and (quantized or x.device.type == "cpu")
         if quantized and self.n_experts > self.experts.max_scratch_experts:
             few = True  # too many experts to dequantize a whole layer at once: loop

@@ -13,8 +13,9 @@ odd k in the low nibble; scales bf16 [k/group, n]. This is what torch's int4 mat
 (`_weight_int4pack_mm` on CUDA, `_weight_int4pack_mm_for_cpu` on CPU) after a per-device
 conversion, with zero points 0 and their dequant formula w = (q - 8) * scale + zero.
 
-Paths: `Int4Linear` uses the CPU int4 kernel for bf16 inputs on CPU and tinygemm for small
-batches on CUDA, else dequantizes (the readable reference, also used for prefill).
+Paths: `Int4Linear` uses the CPU int4 kernel for bf16 inputs on CPU; on CUDA for decode-sized
+batches the faster (timed once per shape) of torch's tinygemm and the Triton W4A16 kernel; else it
+dequantizes (the readable reference, also used for prefill).
 `Int4Experts` dequantizes one expert at a time (reference path and few tokens); for prefill
 every expert into one bf16 scratch buffer reused by all layers, then a grouped matmul
 (`dequantized_all`); for static decode, the experts chosen by a device index tensor, no host
@@ -112,11 +113,32 @@ class Int4Linear(nn.Module):
                                        _scales_and_zeros(self.scales))
             return lambda: torch._weight_int4pack_mm_for_cpu(rows, self._kernel_weight[0], self.group,
                                                               self._kernel_weight[1])
-        if x.device.type == "cuda" and rows.shape[0] <= 16 and self.in_features % 1024 == 0:
-            if self._kernel_weight is None:  # tinygemm: fast for decode, slow for large batches
-                self._kernel_weight = (torch._convert_weight_to_int4pack(self.packed, 8), _scales_and_zeros(self.scales))
-            return lambda: torch._weight_int4pack_mm(rows, self._kernel_weight[0], self.group, self._kernel_weight[1])
+        if x.device.type == "cuda" and rows.shape[0] <= 16:  # decode-sized: a GEMV kernel
+            kernels = self._cuda_kernels(rows)
+            name = _choose_linear_kernel(rows, self, kernels)
+            if name != "tinygemm":
+                self._kernel_weight = None  # tinygemm's copy of the weights is not needed
+            return kernels[name]
         return None
+
+    def _cuda_kernels(self, rows: torch.Tensor) -> dict:
+        """The decode kernels this shape can use on CUDA: torch's tinygemm (its own weight layout,
+        built on first use) and the Triton W4A16 kernel of w4a16.py (quant.py's layout as is)."""
+        from . import w4a16
+
+        kernels = {}
+        if self.in_features % 1024 == 0:  # tinygemm's tiling: fast for decode, slow for large batches
+            def tinygemm():
+                if self._kernel_weight is None:
+                    self._kernel_weight = (torch._convert_weight_to_int4pack(self.packed, 8),
+                                           _scales_and_zeros(self.scales))
+                return torch._weight_int4pack_mm(rows, self._kernel_weight[0], self.group, self._kernel_weight[1])
+            kernels["tinygemm"] = tinygemm
+        if w4a16.available(rows):  # a linear is expert 0 of a one-expert stack
+            kernels["w4a16"] = lambda: w4a16.expert_matmul(rows, w4a16.zero_ids(rows.shape[0], rows.device),
+                                                           self.packed[None], self.scales[None])
+        kernels["dequantize"] = lambda: F.linear(rows, self.dequantized(rows.dtype))
+        return kernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         kernel = self._kernel(x)
@@ -126,6 +148,25 @@ class Int4Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, int4 group={self.group}"
+
+
+_LINEAR_KERNEL: dict = {}  # (rows, out, in, device) -> the fastest decode kernel's name, measured
+
+
+def _choose_linear_kernel(rows: torch.Tensor, linear: Int4Linear, kernels: dict) -> str:
+    """On CUDA, time each decode kernel once per shape (w4a16.time_ms) and keep the fastest;
+    while a CUDA graph is being recorded use tinygemm (decode.DecodeStep runs a step before it
+    records, so by then every shape has been timed)."""
+    key = (rows.shape[0], linear.out_features, linear.in_features, rows.device)
+    if key not in _LINEAR_KERNEL:
+        fallback = "tinygemm" if "tinygemm" in kernels else "dequantize"
+        if len(kernels) == 1 or torch.cuda.is_current_stream_capturing():
+            return fallback
+        from .w4a16 import time_ms
+
+        times = {name: time_ms(fn) for name, fn in kernels.items() if name != "dequantize"}
+        _LINEAR_KERNEL[key] = min(times, key=times.get)
+    return _LINEAR_KERNEL[key]
 
 
 class Int4Experts(nn.Module):

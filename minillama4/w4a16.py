@@ -1,26 +1,28 @@
-"""A Triton W4A16 kernel for MoE decode: each token copy's expert is read from device memory.
+"""Triton GEMV kernels for decode where each row brings its own weight matrix, read on the device.
 
-    y[m] = x[m] @ W[expert[m]]^T        x [m, k] (bf16 or fp32), W int4 in quant.py's layout
+    y[m] = x[m] @ W[expert[m]]^T        W int4 in quant.py's layout (expert_matmul)
+    y[m] = x[m] @ W[expert[m]]          W bf16/fp32 stacked experts [e, k, n] (expert_matmul_dense)
 
-Why: at decode, a routed expert's weights are read once per token. Dequantizing the chosen
-expert to bf16 first (the "gather" dispatch's fallback) writes and re-reads four times the int4
-bytes; torch's int4 kernel (`_weight_int4pack_mm`) takes one weight matrix, so picking the expert
-needs its index on the host (a sync, no CUDA graph). This kernel takes the expert index as a
-device tensor and dequantizes in registers: int4 bytes in, one output row out.
+Why: at decode a routed expert's weights are read once per token. Dequantizing (or, for bf16,
+gathering) the chosen expert first writes and re-reads a copy of it; torch's matmuls take one
+weight matrix, so picking the expert needs its index on the host (a sync, no CUDA graph). These
+kernels take the expert index as a device tensor and read the weights once. The int4 one is also
+what an int4 linear uses at decode when it beats torch's tinygemm kernel (quant.py: measured).
 
-One program computes BLOCK_N outputs of one row m over one SPLIT-th of k. It walks its part of k
-one quantization group at a time:
-loads the group's 64 bytes per output (128 int4 weights: even k in the high nibble, odd k in the
-low one), the matching even and odd inputs, and the group's scale, and accumulates in fp32:
+int4: one program computes BLOCK_N outputs of row m over one SPLIT-th of k, GROUPS quantization
+groups per iteration: a [BLOCK_N, GROUPS * 64] tile of bytes (128 int4 weights per group and
+output: even k in the high nibble, odd k in the low one), the matching even and odd inputs, and
+the groups' scales; it accumulates in fp32
     y[m, n] = sum_g scale[e, g, n] * sum_{j in g} (q[e, n, j] - 8) * x[m, j]      (quant.py)
-
-With SPLIT > 1 the fp32 partial sums of the splits are added afterwards. The (BLOCK_N, SPLIT) pair is timed once per shape on the GPU
-(`choose`), the one tuning done here.
+dense: one program computes BLOCK_N outputs over one SPLIT-th of k, BLOCK_K inputs at a time.
+With SPLIT > 1 the fp32 partial sums of the splits are added afterwards (no atomics: a replayed
+CUDA graph gives the same bits as the step it recorded). The tile shape and the split are timed
+once per shape on the GPU (`choose`), the one tuning done here.
 
 Simplifications: a GEMV per row (good for the few rows of decode, not for prefill, which
 dequantizes into a scratch buffer and uses a grouped matmul); no num_warps/stages search; gate/up
-and SwiGLU are not fused. Runs on CUDA, or on the CPU under Triton's
-interpreter (TRITON_INTERPRET=1, how the tests check it without a GPU).
+and SwiGLU are not fused. Runs on CUDA, or on the CPU under Triton's interpreter
+(TRITON_INTERPRET=1, how the tests check it without a GPU).
 
 Axes: m rows (token copies), n outputs, k inputs, e experts, g groups along k, s splits of k.
 """
@@ -38,84 +40,153 @@ except ImportError:  # optional: without Triton the gather dispatch dequantizes 
     triton = None
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-# (BLOCK_N outputs per program, SPLIT programs along k): split-k gives decode's few rows enough
-# programs to keep every multiprocessor reading (Scout's down_proj has only 5120 outputs)
-CANDIDATES = tuple((block_n, split) for block_n in (16, 32, 64, 128) for split in (1, 2, 4, 8))
-DEFAULT = (64, 1)
-CHOSEN: dict = {}  # (rows, n, k, dtype, device) -> (block_n, split): measured on first CUDA use
+# int4 tiles (BLOCK_N outputs, GROUPS groups of k per iteration) and dense tiles (BLOCK_N, BLOCK_K),
+# each tried with SPLIT = 1 and with enough splits of k for about two programs per multiprocessor
+INT4_TILES = ((8, 4), (8, 8), (16, 2), (16, 4), (32, 1), (32, 2), (64, 1))
+DENSE_TILES = ((32, 64), (64, 32), (64, 64), (128, 16), (128, 32), (256, 16))
+DEFAULT_INT4, DEFAULT_DENSE = (32, 2, 1), (64, 32, 1)  # on the interpreter and while capturing a graph
+CHOSEN: dict = {}  # (kernel, rows, n, k, dtype, device) -> (block_n, groups or block_k, split): measured
+_ZERO_IDS: dict = {}
 
 
 def available(x: torch.Tensor) -> bool:
-    """True when the kernel can run on x's device: Triton on a CUDA device, or its interpreter."""
+    """True when the kernels can run on x's device: Triton on a CUDA device, or its interpreter."""
     return triton is not None and (x.is_cuda or INTERPRET)
+
+
+def zero_ids(m: int, device) -> torch.Tensor:
+    """m zeros (long) on the device, kept: an int4 linear is expert 0 of a one-expert stack."""
+    key = torch.device(device)
+    if key not in _ZERO_IDS or _ZERO_IDS[key].shape[0] < m:
+        _ZERO_IDS[key] = torch.zeros(max(m, 16), dtype=torch.long, device=device)
+    return _ZERO_IDS[key][:m]
 
 
 if triton is not None:
     @triton.jit
     def _w4a16_rows(x_ptr, ids_ptr, w_ptr, s_ptr, y_ptr, N, G, GROUPS_PER_SPLIT,
                     stride_xm, stride_we, stride_wn, stride_se, stride_sg, stride_ys, stride_ym,
-                    GROUP: tl.constexpr, BLOCK: tl.constexpr):
+                    GROUP: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr):
+        HALF: tl.constexpr = GROUP // 2  # bytes per group and output
         m = tl.program_id(0)
-        offs_n = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         split = tl.program_id(2)
         n_ok = offs_n < N
         e = tl.load(ids_ptr + m).to(tl.int64)  # the expert, read on the device
-        j = tl.arange(0, GROUP // 2)  # byte j of a group holds k = 2j (high nibble) and 2j + 1 (low)
-        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        j = tl.arange(0, GROUPS * HALF)  # byte j of the tile holds k = 2j (high nibble) and 2j + 1 (low)
+        gi = tl.arange(0, GROUPS)
+        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
         first = split * GROUPS_PER_SPLIT
         last = tl.minimum(first + GROUPS_PER_SPLIT, G)
-        for g in range(first, last):
-            x_even = tl.load(x_ptr + m * stride_xm + g * GROUP + 2 * j).to(tl.float32)
-            x_odd = tl.load(x_ptr + m * stride_xm + g * GROUP + 2 * j + 1).to(tl.float32)
-            w = tl.load(w_ptr + e * stride_we + offs_n[:, None] * stride_wn + (g * (GROUP // 2) + j)[None, :],
-                        mask=n_ok[:, None], other=136)  # 136 = 0x88: q - 8 = 0 in both nibbles
+        for g in range(first, last, GROUPS):
+            byte = g * HALF + j
+            j_ok = (g + j // HALF) < last
+            x_even = tl.load(x_ptr + m * stride_xm + 2 * byte, mask=j_ok, other=0.0).to(tl.float32)
+            x_odd = tl.load(x_ptr + m * stride_xm + 2 * byte + 1, mask=j_ok, other=0.0).to(tl.float32)
+            w = tl.load(w_ptr + e * stride_we + offs_n[:, None] * stride_wn + byte[None, :],
+                        mask=n_ok[:, None] & j_ok[None, :], other=136)  # 136 = 0x88: q - 8 = 0 in both nibbles
             hi = (w >> 4).to(tl.float32) - 8.0
             lo = (w & 15).to(tl.float32) - 8.0
-            part = tl.sum(hi * x_even[None, :] + lo * x_odd[None, :], axis=1)
-            scale = tl.load(s_ptr + e * stride_se + g * stride_sg + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-            acc += part * scale
+            prod = hi * x_even[None, :] + lo * x_odd[None, :]  # [BLOCK_N, GROUPS * HALF]
+            part = tl.sum(tl.reshape(prod, (BLOCK_N, GROUPS, HALF)), axis=2)  # per group: [BLOCK_N, GROUPS]
+            scale = tl.load(s_ptr + e * stride_se + (g + gi)[None, :] * stride_sg + offs_n[:, None],
+                            mask=n_ok[:, None] & ((g + gi) < last)[None, :], other=0.0).to(tl.float32)
+            acc += tl.sum(part * scale, axis=1)
+        tl.store(y_ptr + split * stride_ys + m * stride_ym + offs_n, acc.to(y_ptr.dtype.element_ty), mask=n_ok)
+
+    @triton.jit
+    def _dense_rows(x_ptr, ids_ptr, w_ptr, y_ptr, N, K, K_PER_SPLIT,
+                    stride_xm, stride_we, stride_wk, stride_ys, stride_ym,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        m = tl.program_id(0)
+        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        split = tl.program_id(2)
+        n_ok = offs_n < N
+        e = tl.load(ids_ptr + m).to(tl.int64)
+        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        first = split * K_PER_SPLIT
+        last = tl.minimum(first + K_PER_SPLIT, K)
+        for k0 in range(first, last, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = offs_k < last
+            x = tl.load(x_ptr + m * stride_xm + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+            w = tl.load(w_ptr + e * stride_we + offs_k[:, None] * stride_wk + offs_n[None, :],
+                        mask=k_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
+            acc += tl.sum(w * x[:, None], axis=0)
         tl.store(y_ptr + split * stride_ys + m * stride_ym + offs_n, acc.to(y_ptr.dtype.element_ty), mask=n_ok)
 
 
-def _launch(x, expert_ids, packed, scales, block_n: int, split: int) -> torch.Tensor:
+def _splits(programs: int, steps: int, device) -> int:
+    """Splits of k that give about two programs per multiprocessor (at most one per step of k)."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+    return max(1, min(steps, triton.cdiv(2 * sms, programs)))
+
+
+def _finish(y: torch.Tensor, dtype) -> torch.Tensor:
+    return y[0] if y.shape[0] == 1 else y.sum(0).to(dtype)
+
+
+def _launch_int4(x, expert_ids, packed, scales, block_n: int, groups_per_iter: int, split: int) -> torch.Tensor:
     m, k = x.shape
-    e, n, _ = packed.shape
-    groups = scales.shape[1]
-    per_split = triton.cdiv(groups, split)
+    n, groups = packed.shape[1], scales.shape[1]
+    per_split = triton.cdiv(triton.cdiv(groups, split), groups_per_iter) * groups_per_iter
     split = triton.cdiv(groups, per_split)  # no empty splits
-    # one split writes y directly; several write fp32 partial sums, added up here (deterministic,
-    # unlike atomics: a replayed CUDA graph gives the same bits as the step it recorded)
     y = torch.empty(split, m, n, dtype=x.dtype if split == 1 else torch.float32, device=x.device)
-    grid = (m, triton.cdiv(n, block_n), split)
-    _w4a16_rows[grid](x, expert_ids, packed, scales, y, n, groups, per_split,
-                      x.stride(0), packed.stride(0), packed.stride(1), scales.stride(0), scales.stride(1),
-                      y.stride(0), y.stride(1), GROUP=k // groups, BLOCK=block_n)
-    return y[0] if split == 1 else y.sum(0).to(x.dtype)
+    _w4a16_rows[(m, triton.cdiv(n, block_n), split)](
+        x, expert_ids, packed, scales, y, n, groups, per_split,
+        x.stride(0), packed.stride(0), packed.stride(1), scales.stride(0), scales.stride(1), y.stride(0), y.stride(1),
+        GROUP=k // groups, BLOCK_N=block_n, GROUPS=groups_per_iter)
+    return _finish(y, x.dtype)
 
 
-def choose(x, expert_ids, packed, scales) -> tuple[int, int]:
-    """The (BLOCK_N, SPLIT) for this shape: on CUDA the fastest of CANDIDATES, timed once per
-    (rows, n, k, dtype, device) with triton.testing.do_bench and remembered in CHOSEN; DEFAULT on
-    the interpreter, and while a CUDA graph is being recorded (timing would break the capture;
-    decode.DecodeStep runs the step once before recording, so the choice is made by then)."""
+def _launch_dense(x, expert_ids, w, block_n: int, block_k: int, split: int) -> torch.Tensor:
+    m, k = x.shape
+    n = w.shape[2]
+    per_split = triton.cdiv(triton.cdiv(k, split), block_k) * block_k
+    split = triton.cdiv(k, per_split)
+    y = torch.empty(split, m, n, dtype=x.dtype if split == 1 else torch.float32, device=x.device)
+    _dense_rows[(m, triton.cdiv(n, block_n), split)](
+        x, expert_ids, w, y, n, k, per_split, x.stride(0), w.stride(0), w.stride(1), y.stride(0), y.stride(1),
+        BLOCK_N=block_n, BLOCK_K=block_k)
+    return _finish(y, x.dtype)
+
+
+def time_ms(fn) -> float:
+    """Milliseconds per call on the GPU, with triton's do_bench (it flushes the L2 cache between
+    calls, so weights come from memory as they do at decode)."""
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=5, rep=20)
+
+
+def choose(kind: str, x, n: int, candidates, default, launch):
+    """The fastest of `candidates` for this shape: on CUDA each is timed once per
+    (kind, rows, n, k, dtype, device) and the winner kept in CHOSEN; `default` on the interpreter,
+    and while a CUDA graph is being recorded (timing would break the capture; decode.DecodeStep
+    runs the step once before recording, so the choice is made by then)."""
     if not x.is_cuda:
-        return DEFAULT
-    key = (x.shape[0], packed.shape[1], x.shape[1], x.dtype, x.device)
+        return default
+    key = (kind, x.shape[0], n, x.shape[1], x.dtype, x.device)
     if key not in CHOSEN:
         if torch.cuda.is_current_stream_capturing():
-            return DEFAULT
-        from triton.testing import do_bench
-
-        times = {c: do_bench(lambda c=c: _launch(x, expert_ids, packed, scales, *c), warmup=5, rep=20)
-                 for c in CANDIDATES}
+            return default
+        times = {c: time_ms(lambda c=c: launch(*c)) for c in candidates}
         CHOSEN[key] = min(times, key=times.get)
     return CHOSEN[key]
 
 
+def _candidates(tiles, n: int, steps_of, x) -> list[tuple[int, int, int]]:
+    out = []
+    for a, b in tiles:
+        steps = steps_of(b)
+        out += sorted({(a, b, 1), (a, b, _splits(x.shape[0] * triton.cdiv(n, a), steps, x.device))})
+    return out
+
+
 def expert_matmul(x: torch.Tensor, expert_ids: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
-                  config: tuple[int, int] | None = None) -> torch.Tensor:
+                  config: tuple[int, int, int] | None = None) -> torch.Tensor:
     """x [m, k], expert_ids [m] (device), packed uint8 [e, n, k/2], scales [e, k/group, n] -> [m, n].
-    config: (BLOCK_N, SPLIT) to force one; by default `choose` picks it."""
+    config: (BLOCK_N, GROUPS per iteration, SPLIT) to force one; by default `choose` picks it."""
     if triton is None:
         raise RuntimeError("minillama4.w4a16 needs Triton (pip install triton)")
     m, k = x.shape
@@ -125,5 +196,27 @@ def expert_matmul(x: torch.Tensor, expert_ids: torch.Tensor, packed: torch.Tenso
         raise ValueError(f"w4a16: x {tuple(x.shape)}, expert_ids {tuple(expert_ids.shape)}, packed {tuple(packed.shape)}"
                          f" and scales {tuple(scales.shape)} do not fit together")
     x, packed, scales = x.contiguous(), packed.contiguous(), scales.contiguous()
-    block_n, split = config or choose(x, expert_ids, packed, scales)
-    return _launch(x, expert_ids, packed, scales, block_n, split)
+    launch = lambda *c: _launch_int4(x, expert_ids, packed, scales, *c)  # noqa: E731
+    if config is None:
+        config = choose("int4", x, n, _candidates(INT4_TILES, n, lambda gpi: triton.cdiv(groups, gpi), x),
+                        DEFAULT_INT4, launch)
+    return launch(*config)
+
+
+def expert_matmul_dense(x: torch.Tensor, expert_ids: torch.Tensor, w: torch.Tensor,
+                        config: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """x [m, k], expert_ids [m] (device), w [e, k, n] (moe.Experts' x @ W layout) -> [m, n].
+    config: (BLOCK_N, BLOCK_K, SPLIT) to force one; by default `choose` picks it."""
+    if triton is None:
+        raise RuntimeError("minillama4.w4a16 needs Triton (pip install triton)")
+    m, k = x.shape
+    if w.dim() != 3 or w.shape[1] != k or expert_ids.shape != (m,):
+        raise ValueError(f"dense rows: x {tuple(x.shape)}, expert_ids {tuple(expert_ids.shape)} and w {tuple(w.shape)}"
+                         f" do not fit together")
+    n = w.shape[2]
+    x, w = x.contiguous(), w.contiguous()
+    launch = lambda *c: _launch_dense(x, expert_ids, w, *c)  # noqa: E731
+    if config is None:
+        config = choose("dense", x, n, _candidates(DENSE_TILES, n, lambda bk: triton.cdiv(k, bk), x),
+                        DEFAULT_DENSE, launch)
+    return launch(*config)

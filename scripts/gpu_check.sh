@@ -14,6 +14,6 @@ export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD PYTHONUNBUFFERED=1
   $PY -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)"
   git log -1 --format='commit %h %s' 2>/dev/null; } > "$OUT/machine.txt" 2>&1
 cat "$OUT/machine.txt"
-timeout 150 $PY -m pytest tests/test_gpu.py -q -p no:cacheprovider -rA 2>&1 | tee "$OUT/test_gpu.txt"
-timeout 330 $PY -m minillama4.bench scout --int4 --which all --device cuda --json "$OUT/bench_scout.json" 2>&1 | tee "$OUT/bench_scout.txt"
+timeout 120 $PY -m pytest tests/test_gpu.py -q -p no:cacheprovider -rA 2>&1 | tee "$OUT/test_gpu.txt"
+timeout 300 $PY -m minillama4.bench scout --int4 --which all --device cuda --json "$OUT/bench_scout.json" 2>&1 | tee "$OUT/bench_scout.txt"
 echo "done: $OUT"

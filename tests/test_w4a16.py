@@ -41,19 +41,32 @@ else:
         ref = torch.stack([x[i] @ dequantize_int4(packed[ids[i]], scales[ids[i]]).T for i in range(rows)])
         assert rel_err(got, ref) < 1e-6
 
-    @pytest.mark.parametrize("config", w4a16.CANDIDATES)
-    def test_every_block_and_split_gives_the_same_product(config):
+    @pytest.mark.parametrize("tile", w4a16.INT4_TILES)
+    @pytest.mark.parametrize("split", [1, 2, 3])
+    def test_every_int4_tile_and_split_gives_the_same_product(tile, split):
         g = torch.Generator().manual_seed(7)
-        packed, scales = quantize_int4(torch.randn(3, 80, 640, generator=g))  # 5 groups: uneven splits
+        packed, scales = quantize_int4(torch.randn(3, 80, 640, generator=g))  # 5 groups: uneven tiles and splits
         x = torch.randn(2, 640, generator=g)
         ids = torch.tensor([2, 0])
         ref = torch.stack([x[i] @ dequantize_int4(packed[ids[i]], scales[ids[i]]).T for i in range(2)])
-        assert rel_err(w4a16.expert_matmul(x, ids, packed, scales, config=config), ref) < 1e-6
+        assert rel_err(w4a16.expert_matmul(x, ids, packed, scales, config=(*tile, split)), ref) < 1e-6
 
-    def test_kernel_refuses_shapes_that_do_not_fit():
+    @pytest.mark.parametrize("tile", w4a16.DENSE_TILES)
+    @pytest.mark.parametrize("split", [1, 3])
+    def test_every_dense_tile_and_split_gives_the_same_product(tile, split):
+        g = torch.Generator().manual_seed(8)
+        w = torch.randn(4, 200, 72, generator=g)  # k = 200, n = 72: no tile divides them
+        x = torch.randn(3, 200, generator=g)
+        ids = torch.tensor([3, 3, 1])
+        ref = torch.stack([x[i] @ w[ids[i]] for i in range(3)])
+        assert rel_err(w4a16.expert_matmul_dense(x, ids, w, config=(*tile, split)), ref) < 1e-6
+
+    def test_kernels_refuse_shapes_that_do_not_fit():
         packed, scales = quantize_int4(torch.randn(2, 64, 256))
         with pytest.raises(ValueError, match="do not fit"):
             w4a16.expert_matmul(torch.randn(3, 128), torch.zeros(3, dtype=torch.long), packed, scales)
+        with pytest.raises(ValueError, match="do not fit"):
+            w4a16.expert_matmul_dense(torch.randn(3, 128), torch.zeros(3, dtype=torch.long), torch.randn(2, 64, 8))
 
     def test_int4_static_decode_through_the_kernel_matches_eager():
         cfg = small_text(hidden_size=128, head_dim=32, intermediate_size=128, intermediate_size_mlp=256,
@@ -81,4 +94,14 @@ else:
         model = ml4.random_model(ml4.configs.get("small"), quantize="int4", which="all")
         rows = bench_scout.kernel_bandwidth(model, "cpu")
         assert [r["matrix"] for r in rows] == ["gate_up", "down"]
-        assert all(r["GBps"] > 0 and tuple(r["block_n_split"]) == w4a16.DEFAULT for r in rows)
+        assert all(r["GBps"] > 0 and tuple(r["config"]) == w4a16.DEFAULT_INT4 for r in rows)
+
+    def test_dense_static_decode_through_the_kernel_matches_eager():
+        cfg = small_text(hidden_size=128, head_dim=32, intermediate_size=128, intermediate_size_mlp=256,
+                         num_experts_per_tok=2, interleave_moe_layer_step=2)
+        model = ml4.Llama4Text.random(cfg, seed=4)
+        ids = torch.randint(3, cfg.vocab_size, (2, 5), generator=torch.Generator().manual_seed(4))
+        with host_reads() as reads:
+            static = model.generate(ids, 12, decode="static")
+        assert torch.equal(static, model.generate(ids, 12))
+        assert reads["tolist"] == 0  # the MoE layers never asked the host which experts were chosen
