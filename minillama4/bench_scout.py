@@ -131,12 +131,12 @@ def _section(r: dict, name: str, fn, emit) -> None:
 
 
 def _time_ms(fn, cuda: bool) -> float:
-    """Milliseconds per call: triton's do_bench on CUDA (it flushes the L2 cache between calls,
-    so the weights are read from memory as at decode), a plain average on the CPU."""
+    """Milliseconds per call: on CUDA the GPU time of a replayed graph of fn with a cold L2 cache
+    (w4a16.time_ms), a plain average on the CPU."""
     if cuda:
-        from triton.testing import do_bench
+        from .w4a16 import time_ms
 
-        return do_bench(fn, warmup=10, rep=50)
+        return time_ms(fn)
     fn()
     start = time.perf_counter()
     for _ in range(3):
@@ -245,6 +245,16 @@ def run(preset="scout", device="cuda", int4=True, which="all", contexts=(128, 40
                 emit(_decode_line(r["decode"][-1]))
             _section(r, f"decode {ctx} {mode}", decode_part, emit)
             save(r)
+
+    def choices_part():
+        from . import quant, w4a16
+
+        r["kernels_chosen"] = {"int4 linears (rows, out, in)": {f"{k[0]}x{k[1]}x{k[2]}": v for k, v in quant._LINEAR_KERNEL.items()},
+                               "row kernels (kind, rows, n, k)": {f"{k[0]} {k[1]}x{k[2]}x{k[3]}": list(v)
+                                                                  for k, v in w4a16.CHOSEN.items()}}
+        emit(f"kernels chosen by timing: {json.dumps(r['kernels_chosen'])}")
+    if cuda:
+        _section(r, "kernels chosen", choices_part, emit)
 
     def trace_part():
         r["decode_trace_context"] = contexts[0]

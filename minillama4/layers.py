@@ -4,7 +4,8 @@ Axes (einops names used in this file):
   b batch, t tokens, h heads, dh head dim, j rotary pair (dh = 2 * j), two = the pair's two halves
 
 Numerics follow Hugging Face transformers' Llama 4 so bf16 results agree: norms and RoPE compute
-in fp32 and cast back to the input dtype before any weight multiply.
+in fp32 and cast back to the input dtype before any weight multiply. On CUDA, inference runs the
+norms as one fused Triton kernel each (norm_kernel.py), the same math.
 """
 
 from __future__ import annotations
@@ -22,8 +23,23 @@ from .config import TextConfig
 def rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
     """x / sqrt(mean(x^2) + eps) over the last axis, in fp32, cast back to x's dtype.
     Used weightless as Llama 4's "L2Norm" on q and k: it is an RMS norm, not a unit-length norm."""
+    if _fused_norm(x, None):
+        return _norm_kernel().rms_norm(x, None, eps)
     xf = x.float()
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x)
+
+
+def _fused_norm(x: torch.Tensor, weight: torch.Tensor | None) -> bool:
+    """On CUDA without gradients, norms run as one fused kernel (norm_kernel.py: same math)."""
+    if not x.is_cuda or (torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad))):
+        return False
+    return _norm_kernel().available(x)
+
+
+def _norm_kernel():
+    from . import norm_kernel  # imported on first CUDA use: Triton is optional and slow to import
+
+    return norm_kernel
 
 
 class RMSNorm(nn.Module):
@@ -35,6 +51,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _fused_norm(x, self.weight):
+            return _norm_kernel().rms_norm(x, self.weight, self.eps)
         return rms_norm(x, self.eps) * self.weight
 
 

@@ -10,11 +10,13 @@ kernels take the expert index as a device tensor and read the weights once. The 
 what an int4 linear uses at decode when it beats torch's tinygemm kernel (quant.py: measured).
 
 int4: one program computes BLOCK_N outputs of row m over one SPLIT-th of k, GROUPS quantization
-groups per iteration: a [BLOCK_N, GROUPS * 64] tile of bytes (128 int4 weights per group and
-output: even k in the high nibble, odd k in the low one), the matching even and odd inputs, and
-the groups' scales; it accumulates in fp32
-    y[m, n] = sum_g scale[e, g, n] * sum_{j in g} (q[e, n, j] - 8) * x[m, j]      (quant.py)
-dense: one program computes BLOCK_N outputs over one SPLIT-th of k, BLOCK_K inputs at a time.
+groups per trip of its loop (unrolled: more loads in flight). Per group it loads a [BLOCK_N, 64]
+tile of bytes (128 int4 weights per output: even k in the high nibble, odd k in the low one), the
+matching even and odd inputs and the group's scales, and adds into a [BLOCK_N, 64] fp32
+accumulator, summed once after the loop:
+    y[m, n] = sum_g sum_{j in g} scale[e, g, n] * (q[e, n, j] - 8) * x[m, j]      (quant.py)
+dense: one program computes BLOCK_N outputs over one SPLIT-th of k, BLOCK_K inputs at a time,
+into a [BLOCK_K, BLOCK_N] accumulator summed after the loop.
 With SPLIT > 1 the fp32 partial sums of the splits are added afterwards (no atomics: a replayed
 CUDA graph gives the same bits as the step it recorded). The tile shape and the split are timed
 once per shape on the GPU (`choose`), the one tuning done here.
@@ -42,8 +44,8 @@ except ImportError:  # optional: without Triton the gather dispatch dequantizes 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # int4 tiles (BLOCK_N outputs, GROUPS groups of k per iteration) and dense tiles (BLOCK_N, BLOCK_K),
 # each tried with SPLIT = 1 and with enough splits of k for about two programs per multiprocessor
-INT4_TILES = ((8, 4), (8, 8), (16, 2), (16, 4), (32, 1), (32, 2), (64, 1))
-DENSE_TILES = ((32, 64), (64, 32), (64, 64), (128, 16), (128, 32), (256, 16))
+INT4_TILES = ((4, 8), (8, 4), (8, 8), (16, 2), (16, 4), (32, 2), (64, 1))
+DENSE_TILES = ((32, 64), (64, 32), (64, 64), (128, 16), (128, 32), (256, 8), (256, 16))
 DEFAULT_INT4, DEFAULT_DENSE = (32, 2, 1), (64, 32, 1)  # on the interpreter and while capturing a graph
 CHOSEN: dict = {}  # (kernel, rows, n, k, dtype, device) -> (block_n, groups or block_k, split): measured
 _ZERO_IDS: dict = {}
@@ -73,26 +75,26 @@ if triton is not None:
         split = tl.program_id(2)
         n_ok = offs_n < N
         e = tl.load(ids_ptr + m).to(tl.int64)  # the expert, read on the device
-        j = tl.arange(0, GROUPS * HALF)  # byte j of the tile holds k = 2j (high nibble) and 2j + 1 (low)
-        gi = tl.arange(0, GROUPS)
-        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        j = tl.arange(0, HALF)  # byte j of a group holds k = 2j (high nibble) and 2j + 1 (low)
+        w_rows = w_ptr + e * stride_we + offs_n[:, None] * stride_wn
+        acc = tl.zeros((BLOCK_N, HALF), dtype=tl.float32)  # summed over j once, after the loop
         first = split * GROUPS_PER_SPLIT
         last = tl.minimum(first + GROUPS_PER_SPLIT, G)
-        for g in range(first, last, GROUPS):
-            byte = g * HALF + j
-            j_ok = (g + j // HALF) < last
-            x_even = tl.load(x_ptr + m * stride_xm + 2 * byte, mask=j_ok, other=0.0).to(tl.float32)
-            x_odd = tl.load(x_ptr + m * stride_xm + 2 * byte + 1, mask=j_ok, other=0.0).to(tl.float32)
-            w = tl.load(w_ptr + e * stride_we + offs_n[:, None] * stride_wn + byte[None, :],
-                        mask=n_ok[:, None] & j_ok[None, :], other=136)  # 136 = 0x88: q - 8 = 0 in both nibbles
-            hi = (w >> 4).to(tl.float32) - 8.0
-            lo = (w & 15).to(tl.float32) - 8.0
-            prod = hi * x_even[None, :] + lo * x_odd[None, :]  # [BLOCK_N, GROUPS * HALF]
-            part = tl.sum(tl.reshape(prod, (BLOCK_N, GROUPS, HALF)), axis=2)  # per group: [BLOCK_N, GROUPS]
-            scale = tl.load(s_ptr + e * stride_se + (g + gi)[None, :] * stride_sg + offs_n[:, None],
-                            mask=n_ok[:, None] & ((g + gi) < last)[None, :], other=0.0).to(tl.float32)
-            acc += tl.sum(part * scale, axis=1)
-        tl.store(y_ptr + split * stride_ys + m * stride_ym + offs_n, acc.to(y_ptr.dtype.element_ty), mask=n_ok)
+        for g0 in range(first, last, GROUPS):
+            for i in tl.static_range(GROUPS):  # GROUPS groups per trip: more bytes in flight
+                g = g0 + i
+                j_ok = g + 0 * j < last  # (as vectors: the interpreter takes no scalar masks)
+                x_even = tl.load(x_ptr + m * stride_xm + g * GROUP + 2 * j, mask=j_ok, other=0.0).to(tl.float32)
+                x_odd = tl.load(x_ptr + m * stride_xm + g * GROUP + 2 * j + 1, mask=j_ok, other=0.0).to(tl.float32)
+                w = tl.load(w_rows + (g * HALF + j)[None, :], mask=n_ok[:, None] & j_ok[None, :],
+                            other=136)  # 136 = 0x88: q - 8 = 0 in both nibbles
+                scale = tl.load(s_ptr + e * stride_se + g * stride_sg + offs_n, mask=n_ok & (g + 0 * offs_n < last),
+                                other=0.0).to(tl.float32)
+                hi = (w >> 4).to(tl.float32) - 8.0
+                lo = (w & 15).to(tl.float32) - 8.0
+                acc += (hi * x_even[None, :] + lo * x_odd[None, :]) * scale[:, None]
+        y = tl.sum(acc, axis=1)
+        tl.store(y_ptr + split * stride_ys + m * stride_ym + offs_n, y.to(y_ptr.dtype.element_ty), mask=n_ok)
 
     @triton.jit
     def _dense_rows(x_ptr, ids_ptr, w_ptr, y_ptr, N, K, K_PER_SPLIT,
@@ -103,7 +105,7 @@ if triton is not None:
         split = tl.program_id(2)
         n_ok = offs_n < N
         e = tl.load(ids_ptr + m).to(tl.int64)
-        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)  # summed over k once, after the loop
         first = split * K_PER_SPLIT
         last = tl.minimum(first + K_PER_SPLIT, K)
         for k0 in range(first, last, BLOCK_K):
@@ -112,14 +114,19 @@ if triton is not None:
             x = tl.load(x_ptr + m * stride_xm + offs_k, mask=k_ok, other=0.0).to(tl.float32)
             w = tl.load(w_ptr + e * stride_we + offs_k[:, None] * stride_wk + offs_n[None, :],
                         mask=k_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
-            acc += tl.sum(w * x[:, None], axis=0)
-        tl.store(y_ptr + split * stride_ys + m * stride_ym + offs_n, acc.to(y_ptr.dtype.element_ty), mask=n_ok)
+            acc += w * x[:, None]
+        y = tl.sum(acc, axis=0)
+        tl.store(y_ptr + split * stride_ys + m * stride_ym + offs_n, y.to(y_ptr.dtype.element_ty), mask=n_ok)
+
+
+_SMS: dict = {}
 
 
 def _splits(programs: int, steps: int, device) -> int:
     """Splits of k that give about two programs per multiprocessor (at most one per step of k)."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
-    return max(1, min(steps, triton.cdiv(2 * sms, programs)))
+    if device not in _SMS:
+        _SMS[device] = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+    return max(1, min(steps, triton.cdiv(2 * _SMS[device], programs)))
 
 
 def _finish(y: torch.Tensor, dtype) -> torch.Tensor:
@@ -152,25 +159,32 @@ def _launch_dense(x, expert_ids, w, block_n: int, block_k: int, split: int) -> t
 
 
 def time_ms(fn) -> float:
-    """Milliseconds per call on the GPU, with triton's do_bench (it flushes the L2 cache between
-    calls, so weights come from memory as they do at decode)."""
+    """GPU milliseconds per call of fn (a few kernel launches): fn is recorded once in a CUDA graph
+    and its replays are timed with triton's do_bench, which flushes the L2 cache between calls, so
+    weights come from memory as at decode. Python's launch overhead is left out, as it is from a
+    replayed decode step (timing fn itself measured mostly Python for these 10-50 us kernels)."""
     from triton.testing import do_bench
 
-    return do_bench(fn, warmup=5, rep=20)
+    fn()  # compiles and warms up outside the graph
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return do_bench(graph.replay, warmup=5, rep=20)
 
 
 def choose(kind: str, x, n: int, candidates, default, launch):
-    """The fastest of `candidates` for this shape: on CUDA each is timed once per
-    (kind, rows, n, k, dtype, device) and the winner kept in CHOSEN; `default` on the interpreter,
-    and while a CUDA graph is being recorded (timing would break the capture; decode.DecodeStep
-    runs the step once before recording, so the choice is made by then)."""
+    """The fastest configuration for this shape: on CUDA each of `candidates()` is timed once per
+    (kind, rows, n, k, dtype, device) (time_ms) and the winner kept in CHOSEN; `default` on the
+    interpreter, and while a CUDA graph is being recorded (timing would break the capture;
+    decode.DecodeStep runs the step once before recording, so the choice is made by then)."""
     if not x.is_cuda:
         return default
     key = (kind, x.shape[0], n, x.shape[1], x.dtype, x.device)
     if key not in CHOSEN:
         if torch.cuda.is_current_stream_capturing():
             return default
-        times = {c: time_ms(lambda c=c: launch(*c)) for c in candidates}
+        times = {c: time_ms(lambda c=c: launch(*c)) for c in candidates()}
         CHOSEN[key] = min(times, key=times.get)
     return CHOSEN[key]
 
@@ -198,7 +212,7 @@ def expert_matmul(x: torch.Tensor, expert_ids: torch.Tensor, packed: torch.Tenso
     x, packed, scales = x.contiguous(), packed.contiguous(), scales.contiguous()
     launch = lambda *c: _launch_int4(x, expert_ids, packed, scales, *c)  # noqa: E731
     if config is None:
-        config = choose("int4", x, n, _candidates(INT4_TILES, n, lambda gpi: triton.cdiv(groups, gpi), x),
+        config = choose("int4", x, n, lambda: _candidates(INT4_TILES, n, lambda gpi: triton.cdiv(groups, gpi), x),
                         DEFAULT_INT4, launch)
     return launch(*config)
 
@@ -217,6 +231,6 @@ def expert_matmul_dense(x: torch.Tensor, expert_ids: torch.Tensor, w: torch.Tens
     x, w = x.contiguous(), w.contiguous()
     launch = lambda *c: _launch_dense(x, expert_ids, w, *c)  # noqa: E731
     if config is None:
-        config = choose("dense", x, n, _candidates(DENSE_TILES, n, lambda bk: triton.cdiv(k, bk), x),
+        config = choose("dense", x, n, lambda: _candidates(DENSE_TILES, n, lambda bk: triton.cdiv(k, bk), x),
                         DEFAULT_DENSE, launch)
     return launch(*config)

@@ -3,7 +3,7 @@
 import subprocess
 import sys
 
-HEAVY = ["transformers", "plotly", "ipywidgets", "jupyterlab", "IPython", "pytest", "tokenizers"]
+HEAVY = ["transformers", "plotly", "ipywidgets", "jupyterlab", "IPython", "pytest", "tokenizers", "triton"]
 
 
 def test_import_is_light():

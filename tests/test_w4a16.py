@@ -105,3 +105,21 @@ else:
             static = model.generate(ids, 12, decode="static")
         assert torch.equal(static, model.generate(ids, 12))
         assert reads["tolist"] == 0  # the MoE layers never asked the host which experts were chosen
+
+    @pytest.mark.parametrize("dtype, weight_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                                     (torch.bfloat16, torch.float32), (torch.bfloat16, None)])
+    def test_fused_rms_norm_is_the_layers_math(dtype, weight_dtype):
+        from minillama4 import norm_kernel
+        from minillama4.layers import rms_norm
+
+        g = torch.Generator().manual_seed(5)
+        x = (torch.randn(2, 3, 320, generator=g) * 3).to(dtype)
+        weight = None if weight_dtype is None else torch.randn(320, generator=g).to(weight_dtype)
+        ref = rms_norm(x, 1e-5) if weight is None else rms_norm(x, 1e-5) * weight  # the readable version (CPU)
+        got = norm_kernel.rms_norm(x, weight, 1e-5)
+        assert got.dtype == ref.dtype and got.shape == ref.shape
+        # bf16: the interpreter truncates when it casts to bf16 where a GPU rounds to nearest, so
+        # results differ by an ulp or two here (tests/test_gpu.py checks the compiled kernel)
+        assert rel_err(got, ref) < (1e-6 if dtype == torch.float32 else 2e-2)
+        q = torch.randn(1, 2, 4, 64, generator=g).to(dtype)[:, :, 1:3]  # a non-contiguous view, as after a slice
+        assert rel_err(norm_kernel.rms_norm(q, None, 1e-5), rms_norm(q, 1e-5)) < 2e-2
