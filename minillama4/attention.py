@@ -27,11 +27,22 @@ from .layers import apply_rope, rms_norm
 def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, chunk: int | None) -> torch.Tensor:
     """Boolean [t, s], True where query position q may attend to key position k:
     causal (k <= q) and, for chunked layers, in the same chunk (q // chunk == k // chunk).
-    A key position of -1 marks an empty cache slot (static decode) and is never attended."""
+    A key position of -1 marks an empty cache slot (static decode) and is never attended.
+    (On CUDA one fused kernel computes the same, fused.py.)"""
+    if q_pos.is_cuda and _fused_mask_available():
+        from .fused import attention_mask as fused_mask
+
+        return fused_mask(q_pos, k_pos, chunk)
     allowed = (k_pos[None, :] <= q_pos[:, None]) & (k_pos[None, :] >= 0)
     if chunk is not None:
         allowed &= (k_pos[None, :] // chunk) == (q_pos[:, None] // chunk)
     return allowed
+
+
+def _fused_mask_available() -> bool:
+    from .fused import triton  # imported on first CUDA use: Triton is optional and slow to import
+
+    return triton is not None
 
 
 def nope_temperature(positions: torch.Tensor, floor_scale: int, attn_scale: float) -> torch.Tensor:

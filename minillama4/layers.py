@@ -5,7 +5,7 @@ Axes (einops names used in this file):
 
 Numerics follow Hugging Face transformers' Llama 4 so bf16 results agree: norms and RoPE compute
 in fp32 and cast back to the input dtype before any weight multiply. On CUDA, inference runs the
-norms as one fused Triton kernel each (norm_kernel.py), the same math.
+norms and RoPE as one fused Triton kernel each (fused.py), the same math.
 """
 
 from __future__ import annotations
@@ -24,22 +24,27 @@ def rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
     """x / sqrt(mean(x^2) + eps) over the last axis, in fp32, cast back to x's dtype.
     Used weightless as Llama 4's "L2Norm" on q and k: it is an RMS norm, not a unit-length norm."""
     if _fused_norm(x, None):
-        return _norm_kernel().rms_norm(x, None, eps)
+        return _fused().rms_norm(x, None, eps)
     xf = x.float()
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x)
 
 
 def _fused_norm(x: torch.Tensor, weight: torch.Tensor | None) -> bool:
-    """On CUDA without gradients, norms run as one fused kernel (norm_kernel.py: same math)."""
+    """On CUDA without gradients, norms run as one fused kernel (fused.py: same math)."""
     if not x.is_cuda or (torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad))):
         return False
-    return _norm_kernel().available(x)
+    return _fused().available(x)
 
 
-def _norm_kernel():
-    from . import norm_kernel  # imported on first CUDA use: Triton is optional and slow to import
+def _fused_rope(x: torch.Tensor) -> bool:
+    """On CUDA without gradients, RoPE runs as one fused kernel (fused.py: same math)."""
+    return x.is_cuda and not (torch.is_grad_enabled() and x.requires_grad) and _fused().available(x)
 
-    return norm_kernel
+
+def _fused():
+    from . import fused  # imported on first CUDA use: Triton is optional and slow to import
+
+    return fused
 
 
 class RMSNorm(nn.Module):
@@ -52,7 +57,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _fused_norm(x, self.weight):
-            return _norm_kernel().rms_norm(x, self.weight, self.eps)
+            return _fused().rms_norm(x, self.weight, self.eps)
         return rms_norm(x, self.eps) * self.weight
 
 
@@ -88,6 +93,8 @@ def rope_angles(positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor
 def apply_rope(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
     """Rotate adjacent pairs (x[2j], x[2j+1]) as complex numbers (interleaved, Meta/GPT-J style;
     the Hugging Face q/k weights are not permuted for rotate_half). x: [b, t, h, dh], fp32 math."""
+    if _fused_rope(x):
+        return _fused().rope(x, freqs_cis)
     pairs = torch.view_as_complex(rearrange(x.float(), "b t h (j two) -> b t h j two", two=2).contiguous())
     rotated = pairs * rearrange(freqs_cis, "t j -> 1 t 1 j")
     return rearrange(torch.view_as_real(rotated), "b t h j two -> b t h (j two)").type_as(x)

@@ -145,8 +145,8 @@ def test_w4a16_every_tile_and_split_on_cuda():
 
 
 def test_fused_rms_norm_on_cuda():
-    """The fused norm (norm_kernel.py) against the readable math, which the CPU and training run."""
-    from minillama4 import norm_kernel
+    """The fused norm (fused.py) against the readable math, which the CPU and training run."""
+    from minillama4 import fused
 
     g = torch.Generator(device="cuda").manual_seed(6)
     for dtype in (torch.float32, torch.bfloat16):
@@ -154,10 +154,25 @@ def test_fused_rms_norm_on_cuda():
         w = torch.randn(5120, device="cuda", generator=g).to(dtype)
         xf = x.float()
         ref = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5)).type_as(x) * w
-        assert rel_err(norm_kernel.rms_norm(x, w, 1e-5), ref) < (1e-6 if dtype == torch.float32 else 1e-2)
+        assert rel_err(fused.rms_norm(x, w, 1e-5), ref) < (1e-6 if dtype == torch.float32 else 1e-2)
     from minillama4.layers import RMSNorm
 
     norm = RMSNorm(64, 1e-5).cuda()
     x = torch.randn(2, 64, device="cuda", requires_grad=True)
     norm(x).sum().backward()  # with gradients the readable version runs: it has a backward
     assert x.grad is not None and norm.weight.grad is not None
+
+
+def test_fused_rope_and_mask_on_cuda_match_the_cpu():
+    from minillama4 import attention, fused
+    from minillama4.layers import apply_rope, rope_angles, rope_inv_freq
+
+    cfg = small_text(head_dim=128)
+    x = torch.randn(1, 4, 40, 128)
+    freqs_cis = rope_angles(torch.arange(100, 104), rope_inv_freq(cfg))
+    ref = apply_rope(x, freqs_cis)  # CPU: the readable version
+    assert rel_err(fused.rope(x.cuda(), freqs_cis.cuda()).cpu(), ref) < 1e-6
+    q_pos, k_pos = torch.arange(8190, 8194), torch.cat([torch.arange(8180, 8194), torch.full((5,), -1)])
+    for chunk in (None, 8192):
+        assert torch.equal(attention.attention_mask(q_pos.cuda(), k_pos.cuda(), chunk).cpu(),
+                           attention.attention_mask(q_pos, k_pos, chunk))

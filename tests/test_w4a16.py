@@ -109,17 +109,42 @@ else:
     @pytest.mark.parametrize("dtype, weight_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
                                                      (torch.bfloat16, torch.float32), (torch.bfloat16, None)])
     def test_fused_rms_norm_is_the_layers_math(dtype, weight_dtype):
-        from minillama4 import norm_kernel
+        from minillama4 import fused
         from minillama4.layers import rms_norm
 
         g = torch.Generator().manual_seed(5)
         x = (torch.randn(2, 3, 320, generator=g) * 3).to(dtype)
         weight = None if weight_dtype is None else torch.randn(320, generator=g).to(weight_dtype)
         ref = rms_norm(x, 1e-5) if weight is None else rms_norm(x, 1e-5) * weight  # the readable version (CPU)
-        got = norm_kernel.rms_norm(x, weight, 1e-5)
+        got = fused.rms_norm(x, weight, 1e-5)
         assert got.dtype == ref.dtype and got.shape == ref.shape
         # bf16: the interpreter truncates when it casts to bf16 where a GPU rounds to nearest, so
         # results differ by an ulp or two here (tests/test_gpu.py checks the compiled kernel)
         assert rel_err(got, ref) < (1e-6 if dtype == torch.float32 else 2e-2)
         q = torch.randn(1, 2, 4, 64, generator=g).to(dtype)[:, :, 1:3]  # a non-contiguous view, as after a slice
-        assert rel_err(norm_kernel.rms_norm(q, None, 1e-5), rms_norm(q, 1e-5)) < 2e-2
+        assert rel_err(fused.rms_norm(q, None, 1e-5), rms_norm(q, 1e-5)) < 2e-2
+
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+    def test_fused_rope_is_the_layers_math(dtype):
+        from minillama4 import fused
+        from minillama4.layers import apply_rope, rope_angles, rope_inv_freq
+
+        cfg = small_text(head_dim=32)
+        x = torch.randn(2, 5, 3, 32, generator=torch.Generator().manual_seed(9)).to(dtype)
+        freqs_cis = rope_angles(torch.arange(7, 12), rope_inv_freq(cfg))
+        with torch.enable_grad():  # the readable version: layers.apply_rope fuses only without gradients
+            ref = apply_rope(x.clone().requires_grad_(dtype == torch.float32), freqs_cis).detach()
+        got = fused.rope(x, freqs_cis)
+        assert got.dtype == dtype and rel_err(got, ref) < (1e-6 if dtype == torch.float32 else 2e-2)
+
+    @pytest.mark.parametrize("chunk", [None, 4])
+    def test_fused_attention_mask_is_the_attention_math(chunk):
+        from minillama4 import attention, fused
+
+        q_pos = torch.tensor([5, 6, 9])
+        k_pos = torch.tensor([-1, 0, 3, 4, 5, 6, 7, 8, 9, 10, -1])  # empty slots, other chunks, the future
+        ref = (k_pos[None, :] <= q_pos[:, None]) & (k_pos[None, :] >= 0)
+        if chunk:
+            ref &= (k_pos[None, :] // chunk) == (q_pos[:, None] // chunk)
+        assert torch.equal(fused.attention_mask(q_pos, k_pos, chunk), ref)
+        assert torch.equal(attention.attention_mask(q_pos, k_pos, chunk), ref)  # the readable version (CPU)

@@ -1,0 +1,119 @@
+"""Fused kernels for CUDA inference: the RMS norm, RoPE and the attention mask, one kernel each.
+
+Each computes exactly what the readable version in layers.py / attention.py computes (which the
+CPU and training run), in the same order and precision:
+    rms_norm        y = to_x_dtype(x / sqrt(mean(x^2) + eps)) * weight     (fp32 math; weight optional)
+    rope            (x[2j] + i x[2j+1]) * e^{i p theta_j}, fp32, cast to x's dtype
+    attention_mask  (k <= q) & (k >= 0) & (k // chunk == q // chunk)
+Why: eagerly each is a chain of small kernels (a norm: cast, square, mean, add and rsqrt,
+multiply, cast back, weight multiply). A batch-1 decode step of full Scout ran about 3,400
+kernels, 1-2 us each even replayed from a CUDA graph: more time than reading the attention and
+shared-expert weights (docs/benchmarks.md, the profile of the static decode step).
+
+Simplifications: one program per row with the whole row in registers (rows up to 16,384 wide);
+no backward, so layers.py calls these only when no gradient is needed.
+
+Axes: r rows, d the normalised dim, j rotary pair, t query positions, s key positions.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # optional: without Triton layers.py runs the readable version
+    triton = None
+
+MAX_DIM = 16384
+
+
+def available(x: torch.Tensor) -> bool:
+    """True when the kernels run on x's device (CUDA, or Triton's interpreter) for x's width."""
+    return (triton is not None and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
+            and x.shape[-1] <= MAX_DIM)
+
+
+if triton is not None:
+    @triton.jit
+    def _rms_norm_rows(x_ptr, w_ptr, y_ptr, D, eps, stride_xr, stride_yr,
+                       HAS_WEIGHT: tl.constexpr, BLOCK: tl.constexpr):
+        r = tl.program_id(0)
+        d = tl.arange(0, BLOCK)
+        d_ok = d < D
+        x = tl.load(x_ptr + r * stride_xr + d, mask=d_ok, other=0.0).to(tl.float32)
+        # x / sqrt(mean(x^2) + eps), then cast to x's dtype before the weight (as Llama 4 does)
+        normed = (x * tl.rsqrt(tl.sum(x * x, axis=0) / D + eps)).to(x_ptr.dtype.element_ty)
+        if HAS_WEIGHT:
+            w = tl.load(w_ptr + d, mask=d_ok, other=0.0).to(tl.float32)
+            out = normed.to(tl.float32) * w
+        else:
+            out = normed
+        tl.store(y_ptr + r * stride_yr + d, out.to(y_ptr.dtype.element_ty), mask=d_ok)
+
+    @triton.jit
+    def _rope_rows(x_ptr, cs_ptr, y_ptr, H, T, J, stride_xr, stride_yr, BLOCK: tl.constexpr):
+        r = tl.program_id(0)  # row r = ((b * T) + t) * H + h
+        t = (r // H) % T
+        j = tl.arange(0, BLOCK)
+        j_ok = j < J
+        even = tl.load(x_ptr + r * stride_xr + 2 * j, mask=j_ok, other=0.0).to(tl.float32)
+        odd = tl.load(x_ptr + r * stride_xr + 2 * j + 1, mask=j_ok, other=0.0).to(tl.float32)
+        cos = tl.load(cs_ptr + t * 2 * J + 2 * j, mask=j_ok, other=1.0)  # freqs_cis as (real, imag) pairs
+        sin = tl.load(cs_ptr + t * 2 * J + 2 * j + 1, mask=j_ok, other=0.0)
+        # (even + i odd) * (cos + i sin)
+        tl.store(y_ptr + r * stride_yr + 2 * j, (even * cos - odd * sin).to(y_ptr.dtype.element_ty), mask=j_ok)
+        tl.store(y_ptr + r * stride_yr + 2 * j + 1, (even * sin + odd * cos).to(y_ptr.dtype.element_ty), mask=j_ok)
+
+    @triton.jit
+    def _mask_rows(q_ptr, k_ptr, m_ptr, S, CHUNK, BLOCK: tl.constexpr, CHUNKED: tl.constexpr):
+        t = tl.program_id(0)
+        s = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        s_ok = s < S
+        q = tl.load(q_ptr + t + 0 * s)  # (as a vector: the interpreter broadcasts no scalar loads)
+        k = tl.load(k_ptr + s, mask=s_ok, other=-1)
+        allowed = (k <= q) & (k >= 0)
+        if CHUNKED:
+            allowed = allowed & (k // CHUNK == q // CHUNK)
+        tl.store(m_ptr + t * S + s, allowed.to(tl.int8), mask=s_ok)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """x [..., d] -> the same shape; dtype x's, or torch's promotion of x and weight (as x * weight)."""
+    d = x.shape[-1]
+    rows = x.reshape(-1, d)
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    dtype = x.dtype if weight is None else torch.result_type(x, weight)
+    out = torch.empty(rows.shape, dtype=dtype, device=x.device)
+    block = triton.next_power_of_2(d)
+    _rms_norm_rows[(rows.shape[0],)](rows, weight if weight is not None else rows, out, d, eps,
+                                     rows.stride(0), out.stride(0), HAS_WEIGHT=weight is not None, BLOCK=block,
+                                     num_warps=4 if block <= 2048 else 8)
+    return out.reshape(x.shape)
+
+
+def rope(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
+    """x [b, t, h, dh] rotated by freqs_cis [t, dh/2] (complex64), as layers.apply_rope."""
+    b, t, h, dh = x.shape
+    rows = x.reshape(-1, dh)
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    cs = torch.view_as_real(freqs_cis.contiguous())  # [t, j, 2] fp32: cos, sin
+    out = torch.empty(rows.shape, dtype=x.dtype, device=x.device)
+    _rope_rows[(rows.shape[0],)](rows, cs, out, h, t, dh // 2, rows.stride(0), out.stride(0),
+                                 BLOCK=triton.next_power_of_2(dh // 2))
+    return out.reshape(x.shape)
+
+
+def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, chunk: int | None) -> torch.Tensor:
+    """Boolean [t, s], as attention.attention_mask."""
+    q_pos, k_pos = q_pos.contiguous(), k_pos.contiguous()
+    t, s = q_pos.shape[0], k_pos.shape[0]
+    out = torch.empty(t, s, dtype=torch.int8, device=q_pos.device)
+    block = 1024
+    _mask_rows[(t, triton.cdiv(s, block))](q_pos, k_pos, out, s, chunk or 1, BLOCK=block, CHUNKED=chunk is not None)
+    return out.view(torch.bool)
