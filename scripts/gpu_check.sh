@@ -11,8 +11,7 @@ PY=${PYTHON:-python3}
 mkdir -p "$OUT"
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD PYTHONUNBUFFERED=1
 { date -u; nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,clocks.max.mem --format=csv
-  $PY -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)"
-  git log -1 --format='commit %h %s' 2>/dev/null; } > "$OUT/machine.txt" 2>&1
+  $PY -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)"; } > "$OUT/machine.txt" 2>&1
 cat "$OUT/machine.txt"
 timeout 120 $PY -m pytest tests/test_gpu.py -q -p no:cacheprovider -rA 2>&1 | tee "$OUT/test_gpu.txt"
 timeout 300 $PY -m minillama4.bench scout --int4 --which all --device cuda --json "$OUT/bench_scout.json" 2>&1 | tee "$OUT/bench_scout.txt"
