@@ -30,10 +30,12 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float,
 @torch.no_grad()
 def generate(model, input_ids, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
              seed: int | None = None, stop_tokens=None, cache=None, pixel_values=None,
-             decode: str = "eager") -> torch.Tensor:
+             decode: str = "auto") -> torch.Tensor:
     """Returns prompt + generated tokens, [b, t + new] (new <= max_new_tokens). `pixel_values`
     (multimodal models) are used by the prefill, where the prompt's <|patch|> tokens are.
-    `decode`: "eager", "static" or "graph" (CUDA only), the same tokens (decode.py)."""
+    `decode`: "eager", "static" or "graph" (CUDA only), the same tokens (decode.py); "auto" is
+    "graph" on CUDA (an eager step is Python-bound there: ten times slower for full Scout,
+    docs/benchmarks.md) and "eager" elsewhere."""
     from .decode import DECODE_MODES, DecodeStep
 
     if max_new_tokens < 0:
@@ -42,9 +44,11 @@ def generate(model, input_ids, max_new_tokens: int, temperature: float = 0.0, to
         raise ValueError(f"temperature={temperature} must be >= 0")
     if not 0 < top_p <= 1:
         raise ValueError(f"top_p={top_p} must be in (0, 1]")
-    if decode not in DECODE_MODES:
-        raise ValueError(f"decode={decode!r}: expected one of {DECODE_MODES}")
+    if decode not in DECODE_MODES + ("auto",):
+        raise ValueError(f"decode={decode!r}: expected 'auto' or one of {DECODE_MODES}")
     ids = model.check_ids(input_ids)
+    if decode == "auto":
+        decode = "graph" if ids.is_cuda else "eager"
     b, t = ids.shape
     if max_new_tokens == 0:
         return ids

@@ -66,6 +66,25 @@ def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor, dtype=torch.floa
     return rearrange(w, "... n g k -> ... n (g k)").to(dtype)
 
 
+def dequantize_on_device(packed: torch.Tensor, scales: torch.Tensor, dtype=torch.float32,
+                         out: torch.Tensor | None = None, transpose: bool = False) -> torch.Tensor:
+    """dequantize_int4 (of [e, n, k/2] stacks, or of one [n, k/2] matrix): on CUDA one Triton
+    kernel (w4a16.dequantize, the same values), elsewhere the readable version above. transpose:
+    return [..., k, n], the x @ W layout; out: a buffer of that shape to write into."""
+    single = packed.dim() == 2
+    if packed.is_cuda:
+        from . import w4a16
+
+        if w4a16.available(packed):
+            if single:
+                packed, scales, out = packed[None], scales[None], None if out is None else out[None]
+            w = w4a16.dequantize(packed, scales, dtype, out, transpose)
+            return w[0] if single else w
+    w = dequantize_int4(packed, scales, dtype)
+    w = w.transpose(-2, -1) if transpose else w
+    return w if out is None else out.copy_(w)
+
+
 def _scales_and_zeros(scales: torch.Tensor) -> torch.Tensor:
     """Scales [g, n] -> the kernels' [g, n, 2] (scale, zero=0)."""
     return torch.stack([scales, torch.zeros_like(scales)], dim=-1).to(torch.bfloat16).contiguous()
@@ -100,7 +119,7 @@ class Int4Linear(nn.Module):
         self.packed, self.scales, self._kernel_weight = packed, scales, None
 
     def dequantized(self, dtype=torch.float32) -> torch.Tensor:
-        return dequantize_int4(self.packed, self.scales, dtype)
+        return dequantize_on_device(self.packed, self.scales, dtype)
 
     def _kernel(self, x: torch.Tensor):
         """The int4 matmul kernel for this device, or None (then: dequantize + matmul)."""
@@ -216,6 +235,10 @@ class Int4Experts(nn.Module):
         prefill needs one layer's experts at a time, never all layers' (Scout: 3.75 GiB in bf16)."""
         w_in = _scratch("gate_up", (self.n_experts, self.dim, 2 * self.hidden), dtype, self.gate_up_packed.device)
         w_out = _scratch("down", (self.n_experts, self.hidden, self.dim), dtype, self.down_packed.device)
+        if self.gate_up_packed.is_cuda:  # one kernel per stack, written in place (w4a16.dequantize)
+            dequantize_on_device(self.gate_up_packed, self.gate_up_scales, dtype, out=w_in, transpose=True)
+            dequantize_on_device(self.down_packed, self.down_scales, dtype, out=w_out, transpose=True)
+            return w_in, w_out
         for e in range(self.n_experts):  # one expert at a time: the fp32 temporaries stay small
             w_in[e].copy_(dequantize_int4(self.gate_up_packed[e], self.gate_up_scales[e], dtype).T)
             w_out[e].copy_(dequantize_int4(self.down_packed[e], self.down_scales[e], dtype).T)
@@ -244,8 +267,8 @@ class Int4Experts(nn.Module):
 
     def one(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert e on tokens x [n, d] (dequantizes that expert's two matrices)."""
-        w_in = dequantize_int4(self.gate_up_packed[e], self.gate_up_scales[e], x.dtype)
-        w_out = dequantize_int4(self.down_packed[e], self.down_scales[e], x.dtype)
+        w_in = dequantize_on_device(self.gate_up_packed[e], self.gate_up_scales[e], x.dtype)
+        w_out = dequantize_on_device(self.down_packed[e], self.down_scales[e], x.dtype)
         gate, up = F.linear(x, w_in).chunk(2, dim=-1)
         return F.linear(up * F.silu(gate), w_out)
 

@@ -1,4 +1,5 @@
-"""Triton GEMV kernels for decode where each row brings its own weight matrix, read on the device.
+"""Triton kernels for int4 weights and MoE decode: GEMVs where each row brings its own weight
+matrix, read on the device, and a one-kernel dequantize for prefill.
 
     y[m] = x[m] @ W[expert[m]]^T        W int4 in quant.py's layout (expert_matmul)
     y[m] = x[m] @ W[expert[m]]          W bf16/fp32 stacked experts [e, k, n] (expert_matmul_dense)
@@ -42,12 +43,16 @@ except ImportError:  # optional: without Triton the gather dispatch dequantizes 
     triton = None
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-# int4 tiles (BLOCK_N outputs, GROUPS groups of k per iteration) and dense tiles (BLOCK_N, BLOCK_K),
+# int4 tiles (BLOCK_N outputs, GROUPS groups of k per trip, warps: a [BLOCK_N, 64]-byte tile per
+# group gives 16-byte loads per thread when BLOCK_N = 8 * warps) and dense tiles (BLOCK_N, BLOCK_K),
 # each tried with SPLIT = 1 and with enough splits of k for about two programs per multiprocessor
-INT4_TILES = ((4, 8), (8, 4), (8, 8), (16, 2), (16, 4), (32, 2), (64, 1))
+INT4_TILES = ((8, 2, 1), (8, 4, 1), (8, 8, 1), (16, 2, 2), (16, 4, 2), (16, 8, 2), (32, 2, 4), (32, 4, 4),
+              (8, 4, 4), (8, 8, 4), (64, 1, 4), (64, 2, 8))
 DENSE_TILES = ((32, 64), (64, 32), (64, 64), (128, 16), (128, 32), (256, 8), (256, 16))
-DEFAULT_INT4, DEFAULT_DENSE = (32, 2, 1), (64, 32, 1)  # on the interpreter and while capturing a graph
-CHOSEN: dict = {}  # (kernel, rows, n, k, dtype, device) -> (block_n, groups or block_k, split): measured
+# configurations (BLOCK_N, GROUPS, SPLIT, warps) and (BLOCK_N, BLOCK_K, SPLIT) used on the
+# interpreter and while a CUDA graph is being recorded before any was timed
+DEFAULT_INT4, DEFAULT_DENSE = (32, 2, 1, 4), (64, 32, 1)
+CHOSEN: dict = {}  # (kernel, rows, n, k, dtype, device) -> the fastest configuration, measured
 _ZERO_IDS: dict = {}
 
 
@@ -119,7 +124,55 @@ if triton is not None:
         tl.store(y_ptr + split * stride_ys + m * stride_ym + offs_n, y.to(y_ptr.dtype.element_ty), mask=n_ok)
 
 
+    @triton.jit
+    def _dequantize_tiles(w_ptr, s_ptr, out_ptr, N,
+                          stride_we, stride_wn, stride_se, stride_sg, stride_oe, stride_on, stride_ok,
+                          GROUP: tl.constexpr, BLOCK_N: tl.constexpr):
+        HALF: tl.constexpr = GROUP // 2
+        e = tl.program_id(0)
+        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        g = tl.program_id(2)  # one quantization group of k per program
+        n_ok = offs_n < N
+        j = tl.arange(0, HALF)
+        w = tl.load(w_ptr + e * stride_we + offs_n[:, None] * stride_wn + (g * HALF + j)[None, :],
+                    mask=n_ok[:, None], other=136)
+        scale = tl.load(s_ptr + e * stride_se + g * stride_sg + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+        # W' = (q - 8) * scale in fp32, then the output dtype (as quant.dequantize_int4)
+        hi = ((w >> 4).to(tl.float32) - 8.0) * scale[:, None]
+        lo = ((w & 15).to(tl.float32) - 8.0) * scale[:, None]
+        out = out_ptr + e * stride_oe + offs_n[:, None] * stride_on
+        tl.store(out + (g * GROUP + 2 * j)[None, :] * stride_ok, hi.to(out_ptr.dtype.element_ty), mask=n_ok[:, None])
+        tl.store(out + (g * GROUP + 2 * j + 1)[None, :] * stride_ok, lo.to(out_ptr.dtype.element_ty), mask=n_ok[:, None])
+
+
 _SMS: dict = {}
+
+
+def dequantize(packed: torch.Tensor, scales: torch.Tensor, dtype, out: torch.Tensor | None = None,
+               transpose: bool = False) -> torch.Tensor:
+    """quant.dequantize_int4 in one kernel: packed [e, n, k/2], scales [e, k/group, n] ->
+    W' [e, n, k] (or [e, k, n], the x @ W layout, with transpose=True), written into `out` if
+    given. For prefill, which multiplies whole dequantized matrices; the same values as the
+    readable version (fp32 products, then one cast)."""
+    if triton is None:
+        raise RuntimeError("minillama4.w4a16 needs Triton (pip install triton)")
+    e, n, half = packed.shape
+    groups = scales.shape[1]
+    k = 2 * half
+    if k % groups or scales.shape != (e, groups, n):
+        raise ValueError(f"dequantize: packed {tuple(packed.shape)} and scales {tuple(scales.shape)} do not fit together")
+    shape = (e, k, n) if transpose else (e, n, k)
+    if out is None:
+        out = torch.empty(shape, dtype=dtype, device=packed.device)
+    elif tuple(out.shape) != shape:
+        raise ValueError(f"dequantize: out {tuple(out.shape)} should be {shape}")
+    packed, scales = packed.contiguous(), scales.contiguous()
+    stride_on, stride_ok = (out.stride(2), out.stride(1)) if transpose else (out.stride(1), out.stride(2))
+    block_n = 64
+    _dequantize_tiles[(e, triton.cdiv(n, block_n), groups)](
+        packed, scales, out, n, packed.stride(0), packed.stride(1), scales.stride(0), scales.stride(1),
+        out.stride(0), stride_on, stride_ok, GROUP=k // groups, BLOCK_N=block_n)
+    return out
 
 
 def _splits(programs: int, steps: int, device) -> int:
@@ -133,7 +186,8 @@ def _finish(y: torch.Tensor, dtype) -> torch.Tensor:
     return y[0] if y.shape[0] == 1 else y.sum(0).to(dtype)
 
 
-def _launch_int4(x, expert_ids, packed, scales, block_n: int, groups_per_iter: int, split: int) -> torch.Tensor:
+def _launch_int4(x, expert_ids, packed, scales, block_n: int, groups_per_iter: int, split: int,
+                 warps: int = 4) -> torch.Tensor:
     m, k = x.shape
     n, groups = packed.shape[1], scales.shape[1]
     per_split = triton.cdiv(triton.cdiv(groups, split), groups_per_iter) * groups_per_iter
@@ -142,7 +196,7 @@ def _launch_int4(x, expert_ids, packed, scales, block_n: int, groups_per_iter: i
     _w4a16_rows[(m, triton.cdiv(n, block_n), split)](
         x, expert_ids, packed, scales, y, n, groups, per_split,
         x.stride(0), packed.stride(0), packed.stride(1), scales.stride(0), scales.stride(1), y.stride(0), y.stride(1),
-        GROUP=k // groups, BLOCK_N=block_n, GROUPS=groups_per_iter)
+        GROUP=k // groups, BLOCK_N=block_n, GROUPS=groups_per_iter, num_warps=warps)
     return _finish(y, x.dtype)
 
 
@@ -189,18 +243,19 @@ def choose(kind: str, x, n: int, candidates, default, launch):
     return CHOSEN[key]
 
 
-def _candidates(tiles, n: int, steps_of, x) -> list[tuple[int, int, int]]:
+def _candidates(tiles, n: int, steps_of, x) -> list[tuple]:
+    """Each tile (BLOCK_N, b, *options) with SPLIT = 1 and with the split that fills the GPU."""
     out = []
-    for a, b in tiles:
-        steps = steps_of(b)
-        out += sorted({(a, b, 1), (a, b, _splits(x.shape[0] * triton.cdiv(n, a), steps, x.device))})
+    for a, b, *options in tiles:
+        split = _splits(x.shape[0] * triton.cdiv(n, a), steps_of(b), x.device)
+        out += [(a, b, s, *options) for s in sorted({1, split})]
     return out
 
 
 def expert_matmul(x: torch.Tensor, expert_ids: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
                   config: tuple[int, int, int] | None = None) -> torch.Tensor:
     """x [m, k], expert_ids [m] (device), packed uint8 [e, n, k/2], scales [e, k/group, n] -> [m, n].
-    config: (BLOCK_N, GROUPS per iteration, SPLIT) to force one; by default `choose` picks it."""
+    config: (BLOCK_N, GROUPS per trip, SPLIT[, warps]) to force one; by default `choose` picks it."""
     if triton is None:
         raise RuntimeError("minillama4.w4a16 needs Triton (pip install triton)")
     m, k = x.shape

@@ -69,7 +69,7 @@ def test_static_decode_matches_eager_on_cuda_fp32():
                      num_experts_per_tok=2, interleave_moe_layer_step=2)
     model = ml4.Llama4Text.random(cfg, seed=9, device="cuda")
     ids = torch.randint(3, cfg.vocab_size, (2, 5), device="cuda")
-    assert torch.equal(model.generate(ids, 30, decode="static"), model.generate(ids, 30))
+    assert torch.equal(model.generate(ids, 30, decode="static"), model.generate(ids, 30, decode="eager"))
 
 
 @pytest.mark.parametrize("int4", [False, True])
@@ -130,10 +130,10 @@ def test_w4a16_every_tile_and_split_on_cuda():
     x = torch.randn(2, 1152, device="cuda", generator=g).bfloat16()
     ids = torch.tensor([3, 1], device="cuda")
     ref = torch.stack([x[i].float() @ dequantize_int4(packed[ids[i]], scales[ids[i]]).T for i in range(2)])
-    for tile in w4a16.INT4_TILES:
+    for block_n, groups, warps in w4a16.INT4_TILES:
         for split in (1, 4):
-            got = w4a16.expert_matmul(x, ids, packed, scales, config=(*tile, split)).float()
-            assert rel_err(got, ref) < 1e-2, (tile, split)
+            got = w4a16.expert_matmul(x, ids, packed, scales, config=(block_n, groups, split, warps)).float()
+            assert rel_err(got, ref) < 1e-2, (block_n, groups, split, warps)
     w4a16.expert_matmul(x, ids, packed, scales)  # times them and keeps the fastest
     assert ("int4", 2, 320, 1152, torch.bfloat16, x.device) in w4a16.CHOSEN
     w = torch.randn(4, 1152, 320, device="cuda", generator=g).bfloat16()
@@ -176,3 +176,15 @@ def test_fused_rope_and_mask_on_cuda_match_the_cpu():
     for chunk in (None, 8192):
         assert torch.equal(attention.attention_mask(q_pos.cuda(), k_pos.cuda(), chunk).cpu(),
                            attention.attention_mask(q_pos, k_pos, chunk))
+
+
+def test_dequantize_kernel_on_cuda_gives_the_readable_values():
+    from minillama4 import w4a16
+    from minillama4.quant import dequantize_int4, quantize_int4
+
+    g = torch.Generator(device="cuda").manual_seed(12)
+    packed, scales = quantize_int4(torch.randn(4, 320, 1152, device="cuda", generator=g))
+    for dtype in (torch.float32, torch.bfloat16):
+        ref = dequantize_int4(packed, scales, dtype)
+        assert torch.equal(w4a16.dequantize(packed, scales, dtype), ref)
+        assert torch.equal(w4a16.dequantize(packed, scales, dtype, transpose=True), ref.transpose(1, 2))

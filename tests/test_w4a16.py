@@ -49,7 +49,8 @@ else:
         x = torch.randn(2, 640, generator=g)
         ids = torch.tensor([2, 0])
         ref = torch.stack([x[i] @ dequantize_int4(packed[ids[i]], scales[ids[i]]).T for i in range(2)])
-        assert rel_err(w4a16.expert_matmul(x, ids, packed, scales, config=(*tile, split)), ref) < 1e-6
+        block_n, groups, warps = tile
+        assert rel_err(w4a16.expert_matmul(x, ids, packed, scales, config=(block_n, groups, split, warps)), ref) < 1e-6
 
     @pytest.mark.parametrize("tile", w4a16.DENSE_TILES)
     @pytest.mark.parametrize("split", [1, 3])
@@ -148,3 +149,17 @@ else:
             ref &= (k_pos[None, :] // chunk) == (q_pos[:, None] // chunk)
         assert torch.equal(fused.attention_mask(q_pos, k_pos, chunk), ref)
         assert torch.equal(attention.attention_mask(q_pos, k_pos, chunk), ref)  # the readable version (CPU)
+
+    @pytest.mark.parametrize("transpose", [False, True])
+    def test_dequantize_kernel_gives_the_readable_values(transpose):
+        from minillama4.quant import dequantize_on_device
+
+        g = torch.Generator().manual_seed(10)
+        packed, scales = quantize_int4(torch.randn(3, 96, 384, generator=g))
+        ref = dequantize_int4(packed, scales)  # the readable version, fp32
+        got = w4a16.dequantize(packed, scales, torch.float32, transpose=transpose)
+        assert torch.equal(got, ref.transpose(1, 2) if transpose else ref)
+        out = torch.empty(3, 384, 96)
+        assert w4a16.dequantize(packed, scales, torch.float32, out=out, transpose=True) is out
+        # the wrapper quant.py calls (CPU tensors: the readable version) gives the same, one matrix too
+        assert torch.equal(dequantize_on_device(packed[1], scales[1], transpose=True), dequantize_int4(packed[1], scales[1]).T)
