@@ -1,10 +1,11 @@
 """Decode steps with static shapes and no host sync, optionally replayed as a CUDA graph.
 
-Eager decode (`generate`'s default) runs the ordinary forward for each new token. On a GPU at
-batch 1 that is slow for reasons that have nothing to do with arithmetic: Python launches a few
-hundred small kernels per token, and the MoE layers ask the host which experts were chosen (a
-device-to-host sync per layer). Measured on an H100 with full Scout in int4: about 8 ms of GPU
-work per token but 58-105 ms of wall time (docs/benchmarks.md).
+Eager decode (`generate`'s default off CUDA) runs the ordinary forward for each new token. On a
+GPU at batch 1 that is slow for reasons that have nothing to do with arithmetic: Python launches
+a couple of thousand small kernels per token, and the KV cache update (and, without the W4A16
+kernel, the MoE dispatch) asks the host for values: a device-to-host sync per layer. Measured on an H100 80GB with full Scout in int4: about 10 ms of
+GPU work per token, but eager decode ran at 8-9 tokens/s; the replayed graph below at 97
+(docs/benchmarks.md).
 
 A `DecodeStep` runs one token per sequence in a form whose kernels and shapes never change:
   * the position is a device tensor; the RoPE angles and the NoPE temperature are computed from
