@@ -115,7 +115,8 @@ def _plan_or_refuse(cfg, multimodal, quantize, which, dtype, device, context, ve
 
     kept = cfg if multimodal else dataclasses.replace(cfg, vision=None)
     name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "bf16", None: "bf16"}[dtype]
-    plan = plan_memory(kept, context=context, quantize=quantize, which=which, dtype=name, prefill_tokens=min(context, 2048))
+    plan = plan_memory(kept, context=context, quantize=quantize, which=which, dtype=name, prefill_tokens=min(context, 2048),
+                       cuda=torch.device(device).type == "cuda")
     if verbose:
         print(plan.table())
     check_fits(plan, available_bytes(device), where=str(device))

@@ -9,7 +9,8 @@ scale per 128 weights) when quantize="int4", or every decoder linear with which=
 stays in `dtype`. KV cache: 2 (k, v) x kv_heads x head_dim x bytes per position per layer, with
 chunked layers capped at one chunk when the ring buffer is on. Activations are an estimate for a
 prefill of `prefill_tokens` tokens: a few residual-stream copies, one expert's dequantized
-scratch, the attention scores of one layer, and the logits.
+scratch, the attention scores of one layer, and the logits. With cuda=True and int4, tinygemm's
+second copy of the int4 linears (the decode kernel those linears use on a GPU).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ class MemoryPlan:
     weights: dict = field(default_factory=dict)  # component -> bytes
     kv_cache: int = 0  # bytes
     activations: int = 0  # bytes (estimate)
+    decode_kernels: int = 0  # bytes: tinygemm's own copy of the int4 linears' weights (CUDA decode)
 
     @property
     def weight_bytes(self) -> int:
@@ -42,15 +44,17 @@ class MemoryPlan:
 
     @property
     def total(self) -> int:
-        return self.weight_bytes + self.kv_cache + self.activations
+        return self.weight_bytes + self.kv_cache + self.activations + self.decode_kernels
 
     def table(self) -> str:
         rows = [f"memory plan for {self.name}: context {self.context:,}, batch {self.batch}"]
         rows += [f"  weights {name:<26} {b / GIB:8.2f} GiB" for name, b in self.weights.items() if b]
         rows += [f"  weights total                      {self.weight_bytes / GIB:8.2f} GiB",
                  f"  KV cache                           {self.kv_cache / GIB:8.2f} GiB",
-                 f"  activations (estimate)             {self.activations / GIB:8.2f} GiB",
-                 f"  total                              {self.total / GIB:8.2f} GiB"]
+                 f"  activations (estimate)             {self.activations / GIB:8.2f} GiB"]
+        if self.decode_kernels:
+            rows.append(f"  int4 linears, tinygemm layout      {self.decode_kernels / GIB:8.2f} GiB")
+        rows.append(f"  total                              {self.total / GIB:8.2f} GiB")
         return "\n".join(rows)
 
 
@@ -66,7 +70,8 @@ def kv_cache_bytes(cfg: TextConfig, context: int, batch: int = 1, bytes_per_valu
 
 
 def plan_memory(config: Llama4Config | TextConfig, context: int = 8192, batch: int = 1, quantize: str | None = None,
-                which: str = "ffn", dtype: str = "bf16", ring: bool = True, prefill_tokens: int = 2048) -> MemoryPlan:
+                which: str = "ffn", dtype: str = "bf16", ring: bool = True, prefill_tokens: int = 2048,
+                cuda: bool = False) -> MemoryPlan:
     if quantize not in (None, "int4"):
         raise ValueError(f"quantize={quantize!r}: expected None or 'int4'")
     full = config if isinstance(config, Llama4Config) else Llama4Config(text=config, vision=None)
@@ -85,8 +90,13 @@ def plan_memory(config: Llama4Config | TextConfig, context: int = 8192, batch: i
                       * (t.num_local_experts if t.num_local_experts <= 16 else 1) if quantize else 0)
                    + t.num_attention_heads * tokens * min(prefill_tokens, context) * value_bytes  # scores
                    + tokens * t.vocab_size * 4)  # logits (fp32)
+    # on CUDA an int4 linear whose decode kernel is torch's tinygemm keeps the weights a second time
+    # in tinygemm's layout (quant.Int4Linear; tinygemm won every Scout shape, docs/benchmarks.md):
+    # count it for every int4 linear, the routed experts excepted (they use the W4A16 kernel)
+    linears = [name for name in int4_parts if name != "text.routed_experts"] if quantize and cuda else []
     return MemoryPlan(name=full.name, context=context, batch=batch, weights=weights,
-                      kv_cache=kv_cache_bytes(t, context, batch, value_bytes, ring), activations=activations)
+                      kv_cache=kv_cache_bytes(t, context, batch, value_bytes, ring), activations=activations,
+                      decode_kernels=sum(weights[name] for name in linears))
 
 
 def available_bytes(device="cpu") -> int:
