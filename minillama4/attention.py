@@ -21,7 +21,7 @@ from einops import rearrange
 from torch import nn
 
 from .config import TextConfig
-from .layers import apply_rope, rms_norm
+from .layers import apply_rope, fused_ok, rms_norm
 
 
 def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, chunk: int | None) -> torch.Tensor:
@@ -29,7 +29,7 @@ def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, chunk: int | None) 
     causal (k <= q) and, for chunked layers, in the same chunk (q // chunk == k // chunk).
     A key position of -1 marks an empty cache slot (static decode) and is never attended.
     (On CUDA one fused kernel computes the same, fused.py.)"""
-    if q_pos.is_cuda and _fused_mask_available():
+    if fused_ok(q_pos):
         from .fused import attention_mask as fused_mask
 
         return fused_mask(q_pos, k_pos, chunk)
@@ -37,12 +37,6 @@ def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, chunk: int | None) 
     if chunk is not None:
         allowed &= (k_pos[None, :] // chunk) == (q_pos[:, None] // chunk)
     return allowed
-
-
-def _fused_mask_available() -> bool:
-    from .fused import triton  # imported on first CUDA use: Triton is optional and slow to import
-
-    return triton is not None
 
 
 def nope_temperature(positions: torch.Tensor, floor_scale: int, attn_scale: float) -> torch.Tensor:
@@ -92,6 +86,11 @@ class KVCache:
         if self.static:  # one decode token at a device position: slot = p % slots (= p in a full cache)
             if k.shape[2] != 1:
                 raise ValueError(f"a static KV cache update takes one token per step, got {k.shape[2]}")
+            if fused_ok(k):  # the three writes below in one kernel (fused.py)
+                from .fused import cache_write
+
+                cache_write(k, v, positions, keys, values, slot_pos)
+                return keys, values, slot_pos
             slot = positions % slots
             keys.index_copy_(2, slot, k)
             values.index_copy_(2, slot, v)

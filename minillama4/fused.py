@@ -1,10 +1,13 @@
-"""Fused kernels for CUDA inference: the RMS norm, RoPE and the attention mask, one kernel each.
+"""Fused kernels for CUDA inference: the RMS norm, RoPE, the attention mask, SwiGLU's
+silu(gate) * up and the static KV-cache write, one kernel each.
 
 Each computes exactly what the readable version in layers.py / attention.py computes (which the
 CPU and training run), in the same order and precision:
     rms_norm        y = to_x_dtype(x / sqrt(mean(x^2) + eps)) * weight     (fp32 math; weight optional)
     rope            (x[2j] + i x[2j+1]) * e^{i p theta_j}, fp32, cast to x's dtype
     attention_mask  (k <= q) & (k >= 0) & (k // chunk == q // chunk)
+    silu_mul        to_dtype(silu(gate)) * up                             (fp32 math, as F.silu then *)
+    cache_write     keys[slot], values[slot], slot_pos[slot] = k, v, p    slot = p % slots
 Why: eagerly each is a chain of small kernels (a norm: cast, square, mean, add and rsqrt,
 multiply, cast back, weight multiply). A batch-1 decode step of full Scout ran about 3,400
 kernels, 1-2 us each even replayed from a CUDA graph: more time than reading the attention and
@@ -13,7 +16,8 @@ shared-expert weights (docs/benchmarks.md, the profile of the static decode step
 Simplifications: one program per row with the whole row in registers (rows up to 16,384 wide);
 no backward, so layers.py calls these only when no gradient is needed.
 
-Axes: r rows, d the normalised dim, j rotary pair, t query positions, s key positions.
+Axes: r rows, d the normalised (or head) dim, j rotary pair, t query positions, s key positions,
+f hidden features, b sequences, h kv heads.
 """
 
 from __future__ import annotations
@@ -29,11 +33,12 @@ except ImportError:  # optional: without Triton layers.py runs the readable vers
     triton = None
 
 MAX_DIM = 16384
+ENABLED = True  # False: the readable versions run everywhere (the tests compare the two)
 
 
 def available(x: torch.Tensor) -> bool:
     """True when the kernels run on x's device (CUDA, or Triton's interpreter) for x's width."""
-    return (triton is not None and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
+    return (ENABLED and triton is not None and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
             and x.shape[-1] <= MAX_DIM)
 
 
@@ -67,6 +72,32 @@ if triton is not None:
         # (even + i odd) * (cos + i sin)
         tl.store(y_ptr + r * stride_yr + 2 * j, (even * cos - odd * sin).to(y_ptr.dtype.element_ty), mask=j_ok)
         tl.store(y_ptr + r * stride_yr + 2 * j + 1, (even * sin + odd * cos).to(y_ptr.dtype.element_ty), mask=j_ok)
+
+    @triton.jit
+    def _silu_mul(g_ptr, u_ptr, y_ptr, F, stride_g, stride_u, stride_y, BLOCK: tl.constexpr):
+        r = tl.program_id(0)
+        f = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        f_ok = f < F
+        g = tl.load(g_ptr + r * stride_g + f, mask=f_ok, other=0.0).to(tl.float32)
+        u = tl.load(u_ptr + r * stride_u + f, mask=f_ok, other=0.0).to(tl.float32)
+        # silu(g) = g * sigmoid(g) in fp32, cast to the input dtype (as F.silu), then times up
+        s = (g / (1.0 + tl.exp(-g))).to(y_ptr.dtype.element_ty).to(tl.float32)
+        tl.store(y_ptr + r * stride_y + f, (s * u).to(y_ptr.dtype.element_ty), mask=f_ok)
+
+    @triton.jit
+    def _cache_write(k_ptr, v_ptr, pos_ptr, keys_ptr, values_ptr, slot_pos_ptr, H, SLOTS, DH,
+                     stride_kb, stride_kh, stride_cb, stride_ch, stride_cs, BLOCK: tl.constexpr):
+        bh = tl.program_id(0)  # one (sequence, kv head) per program
+        b, h = bh // H, bh % H
+        d = tl.arange(0, BLOCK)
+        d_ok = d < DH
+        p = tl.load(pos_ptr + 0 * d)  # the position, read on the device (as a vector for the interpreter)
+        slot = p % SLOTS
+        src = b * stride_kb + h * stride_kh + d
+        dst = b * stride_cb + h * stride_ch + slot * stride_cs + d
+        tl.store(keys_ptr + dst, tl.load(k_ptr + src, mask=d_ok), mask=d_ok)
+        tl.store(values_ptr + dst, tl.load(v_ptr + src, mask=d_ok), mask=d_ok)
+        tl.store(slot_pos_ptr + slot, p, mask=(d == 0) & (bh + 0 * d == 0))  # once: program 0, lane 0
 
     @triton.jit
     def _mask_rows(q_ptr, k_ptr, m_ptr, S, CHUNK, BLOCK: tl.constexpr, CHUNKED: tl.constexpr):
@@ -117,3 +148,30 @@ def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, chunk: int | None) 
     block = 1024
     _mask_rows[(t, triton.cdiv(s, block))](q_pos, k_pos, out, s, chunk or 1, BLOCK=block, CHUNKED=chunk is not None)
     return out.view(torch.bool)
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for [..., f] tensors (views with unit stride along f, e.g. the two halves of a
+    fused gate/up output), as `F.silu(gate) * up` computes it."""
+    f = gate.shape[-1]
+    g, u = gate.reshape(-1, f), up.reshape(-1, f)
+    if g.stride(-1) != 1 or u.stride(-1) != 1:
+        g, u = g.contiguous(), u.contiguous()
+    out = torch.empty(g.shape, dtype=gate.dtype, device=gate.device)
+    block = 1024
+    _silu_mul[(g.shape[0], triton.cdiv(f, block))](g, u, out, f, g.stride(0), u.stride(0), out.stride(0), BLOCK=block)
+    return out.reshape(gate.shape)
+
+
+def cache_write(k: torch.Tensor, v: torch.Tensor, position: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                slot_pos: torch.Tensor) -> None:
+    """One decode token into a static KV cache, in place: k, v [b, kv, 1, dh] go to slot
+    position % slots of keys, values [b, kv, slots, dh], and slot_pos[slot] = position (a [1]
+    device tensor), as attention.KVCache.update does with three index_copy_ calls."""
+    b, h, _, dh = k.shape
+    k, v = k.contiguous(), v.contiguous()
+    if not (keys.is_contiguous() and values.is_contiguous()):
+        raise ValueError("cache_write needs contiguous cache buffers")
+    _cache_write[(b * h,)](k, v, position, keys, values, slot_pos, h, keys.shape[2], dh,
+                           k.stride(0), k.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
+                           BLOCK=triton.next_power_of_2(dh))

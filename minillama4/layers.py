@@ -11,6 +11,7 @@ norms and RoPE as one fused Triton kernel each (fused.py), the same math.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -23,26 +24,35 @@ from .config import TextConfig
 def rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
     """x / sqrt(mean(x^2) + eps) over the last axis, in fp32, cast back to x's dtype.
     Used weightless as Llama 4's "L2Norm" on q and k: it is an RMS norm, not a unit-length norm."""
-    if _fused_norm(x, None):
+    if fused_ok(x):
         return _fused().rms_norm(x, None, eps)
     xf = x.float()
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x)
 
 
-def _fused_norm(x: torch.Tensor, weight: torch.Tensor | None) -> bool:
-    """On CUDA without gradients, norms run as one fused kernel (fused.py: same math)."""
-    if not x.is_cuda or (torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad))):
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def fused_ok(x: torch.Tensor, *others: torch.Tensor) -> bool:
+    """Whether the fused Triton kernels (fused.py: the same math as the readable code here) take
+    this step: on CUDA (or under Triton's interpreter, how the CPU tests run them) and only
+    when no gradient is needed, since they have no backward."""
+    if not (x.is_cuda or _INTERPRET):
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, *others)):
         return False
     return _fused().available(x)
 
 
-def _fused_rope(x: torch.Tensor) -> bool:
-    """On CUDA without gradients, RoPE runs as one fused kernel (fused.py: same math)."""
-    return x.is_cuda and not (torch.is_grad_enabled() and x.requires_grad) and _fused().available(x)
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """SwiGLU's activation silu(gate) * up (one fused kernel on CUDA without gradients)."""
+    if fused_ok(gate, up):
+        return _fused().silu_mul(gate, up)
+    return F.silu(gate) * up
 
 
 def _fused():
-    from . import fused  # imported on first CUDA use: Triton is optional and slow to import
+    from . import fused  # imported on first use: Triton is optional and slow to import
 
     return fused
 
@@ -56,7 +66,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _fused_norm(x, self.weight):
+        if fused_ok(x, self.weight):
             return _fused().rms_norm(x, self.weight, self.eps)
         return rms_norm(x, self.eps) * self.weight
 
@@ -93,7 +103,7 @@ def rope_angles(positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor
 def apply_rope(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
     """Rotate adjacent pairs (x[2j], x[2j+1]) as complex numbers (interleaved, Meta/GPT-J style;
     the Hugging Face q/k weights are not permuted for rotate_half). x: [b, t, h, dh], fp32 math."""
-    if _fused_rope(x):
+    if fused_ok(x):
         return _fused().rope(x, freqs_cis)
     pairs = torch.view_as_complex(rearrange(x.float(), "b t h (j two) -> b t h j two", two=2).contiguous())
     rotated = pairs * rearrange(freqs_cis, "t j -> 1 t 1 j")
@@ -111,4 +121,4 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Linear(hidden, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))

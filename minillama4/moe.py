@@ -32,7 +32,7 @@ from einops import rearrange, reduce
 from torch import nn
 
 from .config import TextConfig
-from .layers import SwiGLU
+from .layers import SwiGLU, silu_mul
 
 DISPATCH_MODES = ("fast", "reference", "gather")
 
@@ -68,7 +68,7 @@ class Experts(nn.Module):
         from . import w4a16
 
         gate, up = w4a16.expert_matmul_dense(x, ids, self.gate_up_proj).chunk(2, dim=-1)
-        return w4a16.expert_matmul_dense(up * F.silu(gate), ids, self.down_proj)
+        return w4a16.expert_matmul_dense(silu_mul(gate, up), ids, self.down_proj)
 
 
 class MoE(nn.Module):

@@ -262,8 +262,10 @@ class Int4Experts(nn.Module):
         row's expert is read from device memory and dequantized in registers. -> [m, d]."""
         from . import w4a16
 
+        from .layers import silu_mul
+
         gate, up = w4a16.expert_matmul(x, ids, self.gate_up_packed, self.gate_up_scales).chunk(2, dim=-1)
-        return w4a16.expert_matmul(up * F.silu(gate), ids, self.down_packed, self.down_scales)
+        return w4a16.expert_matmul(silu_mul(gate, up), ids, self.down_packed, self.down_scales)
 
     def one(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert e on tokens x [n, d] (dequantizes that expert's two matrices)."""

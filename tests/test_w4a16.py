@@ -27,9 +27,20 @@ if not INTERPRETED:
         assert " passed" in run.stdout and "skipped" not in run.stdout, run.stdout[-2000:]
 
 else:
-    from minillama4 import w4a16
+    from contextlib import contextmanager
+
+    from minillama4 import fused, w4a16
     from minillama4.decode import DecodeStep, host_reads
     from minillama4.quant import dequantize_int4, quantize_int4, quantize_model
+
+    @contextmanager
+    def readable():
+        """The model's readable code instead of the fused kernels (which the interpreter runs here)."""
+        fused.ENABLED = False
+        try:
+            yield
+        finally:
+            fused.ENABLED = True
 
     @pytest.mark.parametrize("experts, n, k, rows", [(4, 96, 256, 5), (1, 64, 128, 1), (16, 200, 384, 3)])
     def test_kernel_matches_the_dequantized_reference(experts, n, k, rows):
@@ -110,37 +121,37 @@ else:
     @pytest.mark.parametrize("dtype, weight_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
                                                      (torch.bfloat16, torch.float32), (torch.bfloat16, None)])
     def test_fused_rms_norm_is_the_layers_math(dtype, weight_dtype):
-        from minillama4 import fused
         from minillama4.layers import rms_norm
 
         g = torch.Generator().manual_seed(5)
         x = (torch.randn(2, 3, 320, generator=g) * 3).to(dtype)
         weight = None if weight_dtype is None else torch.randn(320, generator=g).to(weight_dtype)
-        ref = rms_norm(x, 1e-5) if weight is None else rms_norm(x, 1e-5) * weight  # the readable version (CPU)
+        with readable():
+            ref = rms_norm(x, 1e-5) if weight is None else rms_norm(x, 1e-5) * weight
+            q = torch.randn(1, 2, 4, 64, generator=g).to(dtype)[:, :, 1:3]  # a non-contiguous view, as after a slice
+            q_ref = rms_norm(q, 1e-5)
         got = fused.rms_norm(x, weight, 1e-5)
         assert got.dtype == ref.dtype and got.shape == ref.shape
         # bf16: the interpreter truncates when it casts to bf16 where a GPU rounds to nearest, so
         # results differ by an ulp or two here (tests/test_gpu.py checks the compiled kernel)
         assert rel_err(got, ref) < (1e-6 if dtype == torch.float32 else 2e-2)
-        q = torch.randn(1, 2, 4, 64, generator=g).to(dtype)[:, :, 1:3]  # a non-contiguous view, as after a slice
-        assert rel_err(fused.rms_norm(q, None, 1e-5), rms_norm(q, 1e-5)) < 2e-2
+        assert rel_err(fused.rms_norm(q, None, 1e-5), q_ref) < 2e-2
 
     @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
     def test_fused_rope_is_the_layers_math(dtype):
-        from minillama4 import fused
         from minillama4.layers import apply_rope, rope_angles, rope_inv_freq
 
         cfg = small_text(head_dim=32)
         x = torch.randn(2, 5, 3, 32, generator=torch.Generator().manual_seed(9)).to(dtype)
         freqs_cis = rope_angles(torch.arange(7, 12), rope_inv_freq(cfg))
-        with torch.enable_grad():  # the readable version: layers.apply_rope fuses only without gradients
-            ref = apply_rope(x.clone().requires_grad_(dtype == torch.float32), freqs_cis).detach()
+        with readable():
+            ref = apply_rope(x, freqs_cis)
         got = fused.rope(x, freqs_cis)
         assert got.dtype == dtype and rel_err(got, ref) < (1e-6 if dtype == torch.float32 else 2e-2)
 
     @pytest.mark.parametrize("chunk", [None, 4])
     def test_fused_attention_mask_is_the_attention_math(chunk):
-        from minillama4 import attention, fused
+        from minillama4 import attention
 
         q_pos = torch.tensor([5, 6, 9])
         k_pos = torch.tensor([-1, 0, 3, 4, 5, 6, 7, 8, 9, 10, -1])  # empty slots, other chunks, the future
@@ -148,7 +159,8 @@ else:
         if chunk:
             ref &= (k_pos[None, :] // chunk) == (q_pos[:, None] // chunk)
         assert torch.equal(fused.attention_mask(q_pos, k_pos, chunk), ref)
-        assert torch.equal(attention.attention_mask(q_pos, k_pos, chunk), ref)  # the readable version (CPU)
+        with readable():
+            assert torch.equal(attention.attention_mask(q_pos, k_pos, chunk), ref)
 
     @pytest.mark.parametrize("transpose", [False, True])
     def test_dequantize_kernel_gives_the_readable_values(transpose):
@@ -163,3 +175,51 @@ else:
         assert w4a16.dequantize(packed, scales, torch.float32, out=out, transpose=True) is out
         # the wrapper quant.py calls (CPU tensors: the readable version) gives the same, one matrix too
         assert torch.equal(dequantize_on_device(packed[1], scales[1], transpose=True), dequantize_int4(packed[1], scales[1]).T)
+
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+    def test_fused_silu_mul_is_swiglus_activation(dtype):
+        g = torch.Generator().manual_seed(11)
+        both = (torch.randn(3, 2, 2 * 1500, generator=g) * 4).to(dtype)
+        gate, up = both.chunk(2, dim=-1)  # views, as after a fused gate/up matmul
+        ref = torch.nn.functional.silu(gate) * up
+        got = fused.silu_mul(gate, up)
+        assert got.dtype == dtype and rel_err(got, ref) < (1e-6 if dtype == torch.float32 else 2e-2)
+
+    def test_fused_cache_write_is_the_three_index_copies():
+        g = torch.Generator().manual_seed(12)
+        keys, values = torch.randn(2, 3, 8, 16, generator=g), torch.randn(2, 3, 8, 16, generator=g)
+        slot_pos = torch.full((8,), -1, dtype=torch.long)
+        k, v = torch.randn(2, 3, 1, 16, generator=g), torch.randn(2, 3, 1, 16, generator=g)
+        ref = [t.clone() for t in (keys, values, slot_pos)]
+        position = torch.tensor([13])  # slot 13 % 8 = 5
+        ref[0].index_copy_(2, position % 8, k)
+        ref[1].index_copy_(2, position % 8, v)
+        ref[2].index_copy_(0, position % 8, position)
+        fused.cache_write(k, v, position, keys, values, slot_pos)
+        assert all(torch.equal(a, b) for a, b in zip((keys, values, slot_pos), ref))
+
+    @pytest.mark.parametrize("int4", [False, True])
+    def test_the_fused_model_matches_the_readable_model(int4):
+        """The fused kernels of fused.py in place (norms, RoPE, mask, SwiGLU activation, cache write)
+        against the readable code, the row kernels in both: logits of a prefill and of decode steps."""
+        cfg = small_text(hidden_size=128, head_dim=32, intermediate_size=128, intermediate_size_mlp=256,
+                         num_experts_per_tok=2, interleave_moe_layer_step=2)
+        model = ml4.Llama4Text.random(cfg, seed=13)
+        if int4:
+            model = quantize_model(model, which="all")
+        ids = torch.randint(3, cfg.vocab_size, (2, 11), generator=torch.Generator().manual_seed(13))
+
+        def run():
+            cache = model.new_cache(2, 24)
+            with torch.no_grad():
+                logits = [model(ids, cache=cache)[:, -1]]
+                step = DecodeStep(model, cache)
+                for _ in range(9):  # positions 11..19: across the chunk of 8
+                    logits.append(step(logits[-1].argmax(-1, keepdim=True)))
+            return torch.stack(logits)
+
+        with readable():
+            ref = run()
+        got = run()
+        assert rel_err(got, ref) < 1e-5
+        assert torch.equal(got.argmax(-1), ref.argmax(-1))
