@@ -9,7 +9,8 @@ int4 on the device); prefill tokens/s; decode tokens/s at several contexts (the 
 with random keys/values up to the context instead of a real prefill: decode cost does not depend
 on the values); decode as a fraction of the roofline = (bytes one decode step must read) /
 (measured device copy bandwidth) / (measured time per token), both eager and as a replayed CUDA
-graph (decode.py; "static", the same step without a graph, on CPU); decode with a RouterTrace active;
+graph (decode.py; "static", the same step without a graph, on CPU); decode with a RouterTrace
+active, in the graph (static on CPU), against the same without;
 on CUDA the W4A16 expert kernel alone (its chosen block/split and bandwidth) and a torch.profiler
 table of where a static decode step's GPU time goes; and transformers vs ours on the same bf16
 weights of a `--slice-layers`-layer model at full width. Each part is printed as it lands; a part
@@ -257,9 +258,10 @@ def run(preset="scout", device="cuda", int4=True, which="all", contexts=(128, 40
         _section(r, "kernels chosen", choices_part, emit)
 
     def trace_part():
-        r["decode_trace_context"] = contexts[0]
-        r["decode_trace_on_tok_s"] = time_decode(model, contexts[0], steps, trace=True)
-        emit(f"decode with RouterTrace active at context {contexts[0]}: {r['decode_trace_on_tok_s']:.1f} tok/s")
+        mode = "graph" if cuda else "static"
+        r["decode_trace_context"], r["decode_trace_mode"] = contexts[0], mode
+        r["decode_trace_on_tok_s"] = time_decode(model, contexts[0], steps, trace=True, mode=mode)
+        emit(_trace_line(r))
     _section(r, "trace", trace_part, emit)
 
     def profile_part():
@@ -281,6 +283,14 @@ def run(preset="scout", device="cuda", int4=True, which="all", contexts=(128, 40
         _section(r, "slice", slice_part, emit)
         save(r)
     return r
+
+
+def _trace_line(r: dict) -> str:
+    """Decode with a RouterTrace active against the same mode and context without one."""
+    ctx, mode = r["decode_trace_context"], r.get("decode_trace_mode", "eager")
+    off = [d["tok_s"] for d in r.get("decode", []) if d["context"] == ctx and d["mode"] == mode]
+    versus = f" (without: {off[0]:.1f}, {100 * (1 - r['decode_trace_on_tok_s'] / off[0]):+.0f}% slower)" if off else ""
+    return f"decode with RouterTrace active at context {ctx} ({mode}): {r['decode_trace_on_tok_s']:.1f} tok/s{versus}"
 
 
 def _decode_line(d: dict) -> str:
@@ -340,7 +350,7 @@ def format_report(r: dict) -> str:
         lines.append(f"prefill {r['prefill_tokens']} tokens: {r['prefill_tok_s']:,.0f} tok/s")
     lines += [_decode_line(d) for d in r.get("decode", [])]
     if "decode_trace_on_tok_s" in r:
-        lines.append(f"decode with RouterTrace active at context {r['decode_trace_context']}: {r['decode_trace_on_tok_s']:.1f} tok/s")
+        lines.append(_trace_line(r))
     if "slice" in r:
         lines += _slice_lines(r["slice"])
     lines += [f"FAILED {name}: {err}" for name, err in r.get("errors", {}).items()]

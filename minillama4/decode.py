@@ -21,10 +21,12 @@ per token instead of hundreds. Sampling stays outside the graph, on the device.
     step = DecodeStep(model, cache, graph=True)   # after a prefill has filled `cache`
     logits = step(next_ids)                        # [b, 1] -> [b, v]; cache.length += 1
 
+With a RouterTrace active, the MoE layers copy their router outputs into fixed device buffers
+inside the step (a graph can record copies, not host reads: a second graph is captured for
+traced steps), and after the step the buffers go to the trace in three host copies.
+
 Simplifications: full-attention layers attend over all `max_len` slots of the cache (masked)
-rather than the filled ones, so a cache much longer than the context costs attention reads; a
-RouterTrace cannot record a replayed graph, so with a trace active the step runs eagerly (same
-numbers, recorded as usual).
+rather than the filled ones, so a cache much longer than the context costs attention reads.
 
 Axes: b batch, v vocab.
 """
@@ -70,6 +72,31 @@ def host_reads():
                 setattr(torch.Tensor, name, original)
 
 
+class _DeviceRecorder:
+    """Stands in for the RouterTrace inside a decode step: each MoE layer's router logits, chosen
+    experts and gates are copied into fixed device buffers, and `flush` hands them to the trace."""
+
+    def __init__(self, moes: list, rows: int, device):
+        self.index = {m.layer: i for i, m in enumerate(moes)}
+        layers, experts, k = len(moes), moes[0].n_experts, moes[0].top_k
+        self.logits = torch.zeros(layers, rows, experts, dtype=torch.float32, device=device)
+        self.ids = torch.zeros(layers, rows, k, dtype=torch.long, device=device)
+        self.gates = torch.zeros(layers, rows, k, dtype=torch.float32, device=device)
+
+    def record(self, layer: int, logits: torch.Tensor, top_ids: torch.Tensor, gates: torch.Tensor) -> None:
+        i = self.index[layer]
+        self.logits[i].copy_(logits)
+        self.ids[i].copy_(top_ids)
+        self.gates[i].copy_(gates)
+
+    def flush(self, trace) -> None:
+        """Three device-to-host copies for all layers, then the trace's usual per-layer record."""
+        # copies even on the CPU: the trace keeps what it is given, and the next step overwrites the buffers
+        logits, ids, gates = (t.to("cpu", copy=True) for t in (self.logits, self.ids, self.gates))
+        for layer, i in self.index.items():
+            trace.record(layer, logits[i], ids[i], gates[i])
+
+
 class DecodeStep:
     """One-token decode steps on a filled KV cache; `graph=True` replays a CUDA graph (CUDA only)."""
 
@@ -84,8 +111,9 @@ class DecodeStep:
         # the step's inputs live in fixed device buffers: a replayed graph reads them from there
         self.ids = torch.zeros(cache.batch, 1, dtype=torch.long, device=device)
         self.pos = torch.zeros(1, dtype=torch.long, device=device)
-        self.graph, self.logits = None, None
+        self.graphs = {}  # traced (bool) -> (CUDA graph, its logits buffer), captured on first use
         self.moes = [m for m in self.text.modules() if isinstance(m, MoE)]
+        self.recorder = _DeviceRecorder(self.moes, cache.batch, device) if self.moes else None
 
     def _forward(self) -> torch.Tensor:
         text = self.text
@@ -96,30 +124,34 @@ class DecodeStep:
         return text.lm_head(text.model.norm(h))[:, -1]
 
     @contextmanager
-    def _static(self):
-        """The cache writes in place and the MoE layers gather, for this step only."""
-        previous = [m.dispatch for m in self.moes]
+    def _static(self, traced: bool):
+        """For this step only: the cache writes in place, the MoE layers gather, and with a trace
+        they record into the device buffers instead of the trace."""
+        previous = [(m.dispatch, m.trace) for m in self.moes]
         self.cache.static = True
         for m in self.moes:
             m.dispatch = "gather"
+            m.trace = self.recorder if traced else None
         try:
             yield
         finally:
             self.cache.static = False
-            for m, mode in zip(self.moes, previous):
-                m.dispatch = mode
+            for m, (mode, trace) in zip(self.moes, previous):
+                m.dispatch, m.trace = mode, trace
 
-    def _capture(self) -> torch.Tensor:
+    def _capture(self, traced: bool) -> torch.Tensor:
         """Run the step once for real on a side stream (warm-up: lazy kernel layouts, cuBLAS
-        workspaces), then record it. Recording launches nothing, so the cache sees one step."""
+        workspaces, kernel choices), then record it. Recording launches nothing, so the cache
+        (and the trace buffers) see one step."""
         side = torch.cuda.Stream(device=self.ids.device)
         side.wait_stream(torch.cuda.current_stream(self.ids.device))
         with torch.cuda.stream(side):
             logits = self._forward()
         torch.cuda.current_stream(self.ids.device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = self._forward()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = self._forward()
+        self.graphs[traced] = (graph, out)
         return logits
 
     @torch.no_grad()
@@ -131,16 +163,20 @@ class DecodeStep:
         self.ids.copy_(ids)
         self.pos.fill_(self.cache.length)  # a device-side fill: no sync
         trace = self.text.trace
+        traced = trace is not None and self.recorder is not None
         if trace is not None:
             # copies: on the CPU the trace would otherwise keep views of buffers the next step overwrites
             trace.begin(self.ids.clone(), self.pos.clone(), torch.zeros_like(self.ids, dtype=torch.bool))
-        with self._static():
-            if trace is not None or not self.use_graph:
+        with self._static(traced):
+            if not self.use_graph:
                 logits = self._forward()
-            elif self.graph is None:
-                logits = self._capture()
+            elif traced not in self.graphs:
+                logits = self._capture(traced)
             else:
-                self.graph.replay()
-                logits = self.logits.clone()  # the graph's output buffer is reused by the next replay
+                graph, out = self.graphs[traced]
+                graph.replay()
+                logits = out.clone()  # the graph's output buffer is reused by the next replay
+        if traced:
+            self.recorder.flush(trace)
         self.cache.length += 1
         return logits

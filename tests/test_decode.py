@@ -10,6 +10,7 @@ from helpers import rel_err, small_text
 
 import minillama4 as ml4
 from minillama4.decode import DecodeStep, host_reads
+from minillama4.moe import MoE
 from minillama4.quant import quantize_model
 
 CASES = {
@@ -130,8 +131,30 @@ def test_router_trace_records_static_decode_like_eager():
         traces[mode] = trace
     for layer in traces["eager"].moe_layers:
         assert torch.equal(traces["static"].expert_ids(layer), traces["eager"].expert_ids(layer))
+        assert rel_err(traces["static"].logits(layer), traces["eager"].logits(layer)) < 1e-5
+        assert rel_err(traces["static"].gates(layer), traces["eager"].gates(layer)) < 1e-5
     assert torch.equal(traces["static"].positions(), traces["eager"].positions())
     assert torch.equal(traces["static"].token_ids(), traces["eager"].token_ids())
+
+
+def test_router_trace_records_every_static_step_through_device_buffers():
+    """Traced static steps copy the router outputs into device buffers (what a CUDA graph can
+    record), hand them to the trace after the step, and give the layers their trace back."""
+    cfg = small_text(interleave_moe_layer_step=2)  # dense and MoE layers: the buffers skip the dense ones
+    model = ml4.Llama4Text.random(cfg, seed=8)
+    ids = prompt(cfg.vocab_size, batch=2, seed=8)
+    cache = model.new_cache(2, 20)
+    with torch.no_grad(), ml4.RouterTrace(model) as trace:
+        nxt = model(ids, cache=cache)[:, -1].argmax(-1, keepdim=True)
+        step = DecodeStep(model, cache)
+        moes = [m for m in model.modules() if isinstance(m, MoE)]
+        assert len(moes) < cfg.num_hidden_layers
+        for _ in range(3):
+            nxt = step(nxt).argmax(-1, keepdim=True)
+        assert all(m.trace is trace for m in moes)  # the step put the trace back
+    assert len(trace.token_ids()) == 2 * (ids.shape[1] + 3)
+    for layer in trace.moe_layers:
+        assert trace.expert_ids(layer).shape == (2 * (ids.shape[1] + 3), cfg.num_experts_per_tok)
 
 
 def test_dispatch_is_restored_after_each_step():

@@ -221,3 +221,21 @@ def test_fused_kernels_on_cuda_match_the_readable_model(int4):
     got = run()
     assert rel_err(got, ref) < 1e-5
     assert torch.equal(got.argmax(-1), ref.argmax(-1))
+
+
+def test_router_trace_under_a_cuda_graph_records_what_static_steps_record():
+    cfg = small_text(hidden_size=128, head_dim=32, intermediate_size=128, intermediate_size_mlp=256,
+                     num_experts_per_tok=2, interleave_moe_layer_step=2)
+    model = ml4.Llama4Text.random(cfg, seed=14, device="cuda")
+    ids = torch.randint(3, cfg.vocab_size, (2, 5), device="cuda")
+    traces, outs = {}, {}
+    for mode in ("static", "graph"):
+        with ml4.RouterTrace(model) as trace:
+            outs[mode] = model.generate(ids, 12, decode=mode)
+        traces[mode] = trace
+    assert torch.equal(outs["graph"], outs["static"])
+    assert torch.equal(outs["graph"], model.generate(ids, 12, decode="graph"))  # untraced: the other graph
+    for layer in traces["static"].moe_layers:
+        assert torch.equal(traces["graph"].expert_ids(layer), traces["static"].expert_ids(layer))
+        assert torch.equal(traces["graph"].logits(layer), traces["static"].logits(layer))
+    assert torch.equal(traces["graph"].token_ids(), traces["static"].token_ids())
