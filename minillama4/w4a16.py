@@ -19,12 +19,17 @@ accumulator, summed once after the loop:
 dense: one program computes BLOCK_N outputs over one SPLIT-th of k, BLOCK_K inputs at a time,
 into a [BLOCK_K, BLOCK_N] accumulator summed after the loop.
 With SPLIT > 1 the fp32 partial sums of the splits are added afterwards (no atomics: a replayed
-CUDA graph gives the same bits as the step it recorded). The tile shape and the split are timed
-once per shape on the GPU (`choose`), the one tuning done here.
+CUDA graph gives the same bits as the step it recorded). The tile shape, the split and (int4) the
+warps are timed once per shape on the GPU (`choose`), the one tuning done here.
+dequantize: one program per (expert, BLOCK_N outputs, group) writes W' = (q - 8) * scale, in
+either layout, so prefill's grouped matmul gets bf16 weights without fp32 temporaries.
+
+Measured (docs/benchmarks.md, H100 and H200): the int4 GEMV reads Scout's experts at about
+1 TB/s, a third of the copy bandwidth; torch's tinygemm (1.3 TB/s) won every linear shape.
 
 Simplifications: a GEMV per row (good for the few rows of decode, not for prefill, which
-dequantizes into a scratch buffer and uses a grouped matmul); no num_warps/stages search; gate/up
-and SwiGLU are not fused. Runs on CUDA, or on the CPU under Triton's interpreter
+dequantizes and uses a grouped matmul); no pipelining-stage search; gate/up and SwiGLU are not
+fused. Runs on CUDA, or on the CPU under Triton's interpreter
 (TRITON_INTERPRET=1, how the tests check it without a GPU).
 
 Axes: m rows (token copies), n outputs, k inputs, e experts, g groups along k, s splits of k.
