@@ -115,12 +115,16 @@ if triton is not None:
         tl.store(m_ptr + t * S + s, allowed.to(tl.int8), mask=s_ok)
 
 
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """x [..., d] as rows [r, d] with unit stride along d (a view where possible), as the kernels read it."""
+    rows = x.reshape(-1, x.shape[-1])
+    return rows if rows.stride(-1) == 1 else rows.contiguous()
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
     """x [..., d] -> the same shape; dtype x's, or torch's promotion of x and weight (as x * weight)."""
     d = x.shape[-1]
-    rows = x.reshape(-1, d)
-    if rows.stride(-1) != 1:
-        rows = rows.contiguous()
+    rows = _rows(x)
     dtype = x.dtype if weight is None else torch.result_type(x, weight)
     out = torch.empty(rows.shape, dtype=dtype, device=x.device)
     block = triton.next_power_of_2(d)
@@ -133,9 +137,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
 def rope(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
     """x [b, t, h, dh] rotated by freqs_cis [t, dh/2] (complex64), as layers.apply_rope."""
     b, t, h, dh = x.shape
-    rows = x.reshape(-1, dh)
-    if rows.stride(-1) != 1:
-        rows = rows.contiguous()
+    rows = _rows(x)
     cs = torch.view_as_real(freqs_cis.contiguous())  # [t, j, 2] fp32: cos, sin
     out = torch.empty(rows.shape, dtype=x.dtype, device=x.device)
     _rope_rows[(rows.shape[0],)](rows, cs, out, h, t, dh // 2, rows.stride(0), out.stride(0),
@@ -157,9 +159,7 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up for [..., f] tensors (views with unit stride along f, e.g. the two halves of a
     fused gate/up output), as `F.silu(gate) * up` computes it."""
     f = gate.shape[-1]
-    g, u = gate.reshape(-1, f), up.reshape(-1, f)
-    if g.stride(-1) != 1 or u.stride(-1) != 1:
-        g, u = g.contiguous(), u.contiguous()
+    g, u = _rows(gate), _rows(up)
     out = torch.empty(g.shape, dtype=gate.dtype, device=gate.device)
     block = 1024
     _silu_mul[(g.shape[0], triton.cdiv(f, block))](g, u, out, f, g.stride(0), u.stride(0), out.stride(0), BLOCK=block)
