@@ -1,5 +1,5 @@
 """Fused kernels for CUDA inference: the RMS norm, RoPE, the attention mask, SwiGLU's
-silu(gate) * up and the static KV-cache write, one kernel each.
+silu(gate) * up, the static KV-cache write and the router's top-k with its gates, one kernel each.
 
 Each computes what the readable version in layers.py / attention.py computes (which the CPU and
 training run), in the same order and precision; the last bit of an fp32 sum or exp may differ
@@ -9,6 +9,7 @@ training run), in the same order and precision; the last bit of an fp32 sum or e
     attention_mask  (k <= q) & (k >= 0) & (k // chunk == q // chunk)
     silu_mul        to_dtype(silu(gate)) * up                             (fp32 math, as F.silu then *)
     cache_write     keys[slot], values[slot], slot_pos[slot] = k, v, p    slot = p % slots
+    top_k_gates     the router's top-k experts by logit and their gates sigmoid(logit)
 Why: eagerly each is a chain of small kernels (a norm: cast, square, mean, add and rsqrt,
 multiply, cast back, weight multiply). A batch-1 decode step of full Scout ran about 3,400
 kernels, 1-2 us each even replayed from a CUDA graph: more time than reading the attention and
@@ -103,6 +104,20 @@ if triton is not None:
         tl.store(slot_pos_ptr + slot, p, mask=(d == 0) & (bh + 0 * d == 0))  # once: program 0, lane 0
 
     @triton.jit
+    def _top_k_gates(l_ptr, ids_ptr, g_ptr, E, stride_l, K: tl.constexpr, BLOCK: tl.constexpr):
+        r = tl.program_id(0)  # one token per program
+        e = tl.arange(0, BLOCK)
+        scores = tl.load(l_ptr + r * stride_l + e, mask=e < E, other=float("-inf")).to(tl.float32)
+        for i in tl.static_range(K):  # the largest logit, then the largest of the rest, ...
+            best = tl.max(scores, axis=0)
+            pick = tl.min(tl.where(scores == best, e, BLOCK), axis=0)  # a tie goes to the lower expert
+            tl.store(ids_ptr + r * K + i + 0 * e, pick + 0 * e, mask=e == 0)  # (vector stores: the interpreter)
+            # gate = sigmoid(logit) in fp32, cast to the output dtype
+            gate = 1.0 / (1.0 + tl.exp(-(best + tl.zeros([BLOCK], tl.float32))))
+            tl.store(g_ptr + r * K + i + 0 * e, gate.to(g_ptr.dtype.element_ty), mask=e == 0)
+            scores = tl.where(e == pick, float("-inf"), scores)
+
+    @triton.jit
     def _mask_rows(q_ptr, k_ptr, m_ptr, S, CHUNK, BLOCK: tl.constexpr, CHUNKED: tl.constexpr):
         t = tl.program_id(0)
         s = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -178,3 +193,17 @@ def cache_write(k: torch.Tensor, v: torch.Tensor, position: torch.Tensor, keys: 
     _cache_write[(b * h,)](k, v, position, keys, values, slot_pos, h, keys.shape[2], dh,
                            k.stride(0), k.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
                            BLOCK=triton.next_power_of_2(dh))
+
+
+def top_k_gates(logits: torch.Tensor, k: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The router's choice as moe.MoE.route makes it: logits [n, e] -> the k largest per row
+    (top_ids [n, k], long, largest first) and their gates sigmoid(logit) [n, k] in `dtype`. Ties go
+    to the lower expert index (torch.topk leaves the order of ties unspecified)."""
+    rows = _rows(logits)
+    n, e = rows.shape
+    if not 1 <= k <= e:
+        raise ValueError(f"top_k_gates: k={k} with {e} experts")
+    ids = torch.empty(n, k, dtype=torch.long, device=logits.device)
+    gates = torch.empty(n, k, dtype=dtype, device=logits.device)
+    _top_k_gates[(n,)](rows, ids, gates, e, rows.stride(0), K=k, BLOCK=triton.next_power_of_2(e), num_warps=1)
+    return ids, gates

@@ -32,7 +32,7 @@ from einops import rearrange, reduce
 from torch import nn
 
 from .config import TextConfig
-from .layers import SwiGLU, silu_mul
+from .layers import SwiGLU, _fused, fused_ok, silu_mul
 
 DISPATCH_MODES = ("fast", "reference", "gather")
 
@@ -88,6 +88,8 @@ class MoE(nn.Module):
     def route(self, x: torch.Tensor):
         """x [n, d] -> logits [n, e], chosen experts [n, k], gates [n, k]."""
         logits = self.router(x)
+        if self.selection_bias is None and fused_ok(logits):  # the same in one kernel (fused.py)
+            return (logits, *_fused().top_k_gates(logits, self.top_k, x.dtype))
         if self.selection_bias is None:
             top_logits, top_ids = torch.topk(logits, self.top_k, dim=-1)  # top-k on raw logits
         else:

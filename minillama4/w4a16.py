@@ -53,10 +53,13 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # each tried with SPLIT = 1 and with enough splits of k for about two programs per multiprocessor
 INT4_TILES = ((8, 2, 1), (8, 4, 1), (8, 8, 1), (16, 2, 2), (16, 4, 2), (16, 8, 2), (32, 2, 4), (32, 4, 4),
               (8, 4, 4), (8, 8, 4), (64, 1, 4), (64, 2, 8))
+# how the int4 kernel turns a nibble into a float, both timed: False = convert the integer,
+# True = OR it into the mantissa of 2^23 and subtract (the same value, no conversion instruction)
+UNPACK = (False, True)
 DENSE_TILES = ((32, 64), (64, 32), (64, 64), (128, 16), (128, 32), (256, 8), (256, 16))
-# configurations (BLOCK_N, GROUPS, SPLIT, warps) and (BLOCK_N, BLOCK_K, SPLIT) used on the
+# configurations (BLOCK_N, GROUPS, SPLIT, warps, magic) and (BLOCK_N, BLOCK_K, SPLIT) used on the
 # interpreter and while a CUDA graph is being recorded before any was timed
-DEFAULT_INT4, DEFAULT_DENSE = (32, 2, 1, 4), (64, 32, 1)
+DEFAULT_INT4, DEFAULT_DENSE = (32, 2, 1, 4, True), (64, 32, 1)
 CHOSEN: dict = {}  # (kernel, rows, n, k, dtype, device) -> the fastest configuration, measured
 _ZERO_IDS: dict = {}
 
@@ -78,7 +81,7 @@ if triton is not None:
     @triton.jit
     def _w4a16_rows(x_ptr, ids_ptr, w_ptr, s_ptr, y_ptr, N, G, GROUPS_PER_SPLIT,
                     stride_xm, stride_we, stride_wn, stride_se, stride_sg, stride_ys, stride_ym,
-                    GROUP: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr):
+                    GROUP: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, MAGIC: tl.constexpr):
         HALF: tl.constexpr = GROUP // 2  # bytes per group and output
         m = tl.program_id(0)
         offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -100,8 +103,14 @@ if triton is not None:
                             other=136)  # 136 = 0x88: q - 8 = 0 in both nibbles
                 scale = tl.load(s_ptr + e * stride_se + g * stride_sg + offs_n, mask=n_ok & (g + 0 * offs_n < last),
                                 other=0.0).to(tl.float32)
-                hi = (w >> 4).to(tl.float32) - 8.0
-                lo = (w & 15).to(tl.float32) - 8.0
+                if MAGIC:  # q - 8 without int-to-float conversions (a quarter-rate instruction on
+                    # the GPU): the float whose bits are 0x4B000000 | q is exactly 2^23 + q
+                    wi = w.to(tl.int32)
+                    hi = ((wi >> 4) | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
+                    lo = ((wi & 15) | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
+                else:
+                    hi = (w >> 4).to(tl.float32) - 8.0
+                    lo = (w & 15).to(tl.float32) - 8.0
                 acc += (hi * x_even[None, :] + lo * x_odd[None, :]) * scale[:, None]
         y = tl.sum(acc, axis=1)
         tl.store(y_ptr + split * stride_ys + m * stride_ym + offs_n, y.to(y_ptr.dtype.element_ty), mask=n_ok)
@@ -192,7 +201,7 @@ def _finish(y: torch.Tensor, dtype) -> torch.Tensor:
 
 
 def _launch_int4(x, expert_ids, packed, scales, block_n: int, groups_per_iter: int, split: int,
-                 warps: int = 4) -> torch.Tensor:
+                 warps: int = 4, magic: bool = False) -> torch.Tensor:
     m, k = x.shape
     n, groups = packed.shape[1], scales.shape[1]
     per_split = triton.cdiv(triton.cdiv(groups, split), groups_per_iter) * groups_per_iter
@@ -201,7 +210,7 @@ def _launch_int4(x, expert_ids, packed, scales, block_n: int, groups_per_iter: i
     _w4a16_rows[(m, triton.cdiv(n, block_n), split)](
         x, expert_ids, packed, scales, y, n, groups, per_split,
         x.stride(0), packed.stride(0), packed.stride(1), scales.stride(0), scales.stride(1), y.stride(0), y.stride(1),
-        GROUP=k // groups, BLOCK_N=block_n, GROUPS=groups_per_iter, num_warps=warps)
+        GROUP=k // groups, BLOCK_N=block_n, GROUPS=groups_per_iter, MAGIC=magic, num_warps=warps)
     return _finish(y, x.dtype)
 
 
@@ -260,7 +269,7 @@ def _candidates(tiles, n: int, steps_of, x) -> list[tuple]:
 def expert_matmul(x: torch.Tensor, expert_ids: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
                   config: tuple[int, int, int] | None = None) -> torch.Tensor:
     """x [m, k], expert_ids [m] (device), packed uint8 [e, n, k/2], scales [e, k/group, n] -> [m, n].
-    config: (BLOCK_N, GROUPS per trip, SPLIT[, warps]) to force one; by default `choose` picks it."""
+    config: (BLOCK_N, GROUPS per trip, SPLIT[, warps[, magic]]) to force one; by default `choose` picks it."""
     if triton is None:
         raise RuntimeError("minillama4.w4a16 needs Triton (pip install triton)")
     m, k = x.shape
@@ -272,8 +281,8 @@ def expert_matmul(x: torch.Tensor, expert_ids: torch.Tensor, packed: torch.Tenso
     x, packed, scales = x.contiguous(), packed.contiguous(), scales.contiguous()
     launch = lambda *c: _launch_int4(x, expert_ids, packed, scales, *c)  # noqa: E731
     if config is None:
-        config = choose("int4", x, n, lambda: _candidates(INT4_TILES, n, lambda gpi: triton.cdiv(groups, gpi), x),
-                        DEFAULT_INT4, launch)
+        config = choose("int4", x, n, lambda: [(*c, magic) for c in _candidates(INT4_TILES, n, lambda gpi: triton.cdiv(
+            groups, gpi), x) for magic in UNPACK], DEFAULT_INT4, launch)
     return launch(*config)
 
 

@@ -132,8 +132,10 @@ def test_w4a16_every_tile_and_split_on_cuda():
     ref = torch.stack([x[i].float() @ dequantize_int4(packed[ids[i]], scales[ids[i]]).T for i in range(2)])
     for block_n, groups, warps in w4a16.INT4_TILES:
         for split in (1, 4):
-            got = w4a16.expert_matmul(x, ids, packed, scales, config=(block_n, groups, split, warps)).float()
-            assert rel_err(got, ref) < 1e-2, (block_n, groups, split, warps)
+            cvt, magic = (w4a16.expert_matmul(x, ids, packed, scales, config=(block_n, groups, split, warps, m))
+                          for m in (False, True))
+            assert torch.equal(cvt, magic), (block_n, groups, split, warps)  # the same floats, unpacked two ways
+            assert rel_err(magic.float(), ref) < 1e-2, (block_n, groups, split, warps)
     w4a16.expert_matmul(x, ids, packed, scales)  # times them and keeps the fastest
     assert ("int4", 2, 320, 1152, torch.bfloat16, x.device) in w4a16.CHOSEN
     w = torch.randn(4, 1152, 320, device="cuda", generator=g).bfloat16()
@@ -178,6 +180,21 @@ def test_fused_rope_and_mask_on_cuda_match_the_cpu():
                            attention.attention_mask(q_pos, k_pos, chunk))
 
 
+def test_fused_top_k_gates_on_cuda_match_torch():
+    from minillama4 import fused
+
+    g = torch.Generator(device="cuda").manual_seed(15)
+    for experts, k in ((16, 1), (128, 1), (16, 2)):
+        # distinct values, exact in bf16: no ties, whose order torch.topk leaves open
+        logits = (torch.stack([torch.randperm(experts, device="cuda", generator=g) for _ in range(64)]) / 8 - 3)
+        for dtype in (torch.bfloat16, torch.float32):
+            top_logits, top_ids = torch.topk(logits.to(dtype), k, dim=-1)
+            ids, gates = fused.top_k_gates(logits.to(dtype), k, dtype)
+            assert torch.equal(ids, top_ids)
+            ref = torch.sigmoid(top_logits.float()).to(dtype)
+            assert rel_err(gates, ref) < (2**-8 if dtype == torch.bfloat16 else 1e-6)  # (tl.exp: last fp32 bits)
+
+
 def test_dequantize_kernel_on_cuda_gives_the_readable_values():
     from minillama4 import w4a16
     from minillama4.quant import dequantize_int4, quantize_int4
@@ -192,7 +209,7 @@ def test_dequantize_kernel_on_cuda_gives_the_readable_values():
 
 @pytest.mark.parametrize("int4", [False, True])
 def test_fused_kernels_on_cuda_match_the_readable_model(int4):
-    """fused.py's kernels (norms, RoPE, mask, SwiGLU activation, cache write) against the readable
+    """fused.py's kernels (norms, RoPE, mask, SwiGLU activation, cache write, top-k) against the readable
     code on the same CUDA model: prefill and static decode logits, fp32."""
     from minillama4 import fused
     from minillama4.decode import DecodeStep

@@ -53,15 +53,30 @@ else:
         assert rel_err(got, ref) < 1e-6
 
     @pytest.mark.parametrize("tile", w4a16.INT4_TILES)
-    @pytest.mark.parametrize("split", [1, 2, 3])
-    def test_every_int4_tile_and_split_gives_the_same_product(tile, split):
+    @pytest.mark.parametrize("split", [1, 3])
+    @pytest.mark.parametrize("magic", w4a16.UNPACK)
+    def test_every_int4_tile_and_split_gives_the_same_product(tile, split, magic):
         g = torch.Generator().manual_seed(7)
         packed, scales = quantize_int4(torch.randn(3, 80, 640, generator=g))  # 5 groups: uneven tiles and splits
         x = torch.randn(2, 640, generator=g)
         ids = torch.tensor([2, 0])
         ref = torch.stack([x[i] @ dequantize_int4(packed[ids[i]], scales[ids[i]]).T for i in range(2)])
         block_n, groups, warps = tile
-        assert rel_err(w4a16.expert_matmul(x, ids, packed, scales, config=(block_n, groups, split, warps)), ref) < 1e-6
+        got = w4a16.expert_matmul(x, ids, packed, scales, config=(block_n, groups, split, warps, magic))
+        assert rel_err(got, ref) < 1e-6
+
+    def test_both_nibble_unpackings_give_the_same_bits():
+        """Every byte value 0..255 (both nibbles 0..15) in the weights: OR-ing a nibble into 2^23's
+        mantissa and subtracting gives exactly the converted integer, so the products are equal."""
+        g = torch.Generator().manual_seed(9)
+        packed = torch.arange(256, dtype=torch.uint8).repeat(2, 64, 2)[:, :, :256]  # [2, 64, 256]: k = 512
+        scales = torch.rand(2, 4, 64, generator=g) + 0.5
+        x = torch.randn(3, 512, generator=g)
+        ids = torch.tensor([1, 0, 1])
+        cvt, magic = (w4a16.expert_matmul(x, ids, packed, scales, config=(16, 2, 1, 2, m)) for m in (False, True))
+        assert torch.equal(cvt, magic)
+        ref = torch.stack([x[i] @ dequantize_int4(packed[ids[i]], scales[ids[i]]).T for i in range(3)])
+        assert rel_err(magic, ref) < 1e-6
 
     @pytest.mark.parametrize("tile", w4a16.DENSE_TILES)
     @pytest.mark.parametrize("split", [1, 3])
@@ -198,9 +213,27 @@ else:
         fused.cache_write(k, v, position, keys, values, slot_pos)
         assert all(torch.equal(a, b) for a, b in zip((keys, values, slot_pos), ref))
 
+    @pytest.mark.parametrize("k, experts", [(1, 16), (2, 16), (3, 5), (1, 128)])
+    def test_fused_top_k_gates_is_the_routers_choice(k, experts):
+        g = torch.Generator().manual_seed(14)
+        logits = torch.randn(7, experts, generator=g).bfloat16()
+        top_logits, top_ids = torch.topk(logits, k, dim=-1)
+        ids, gates = fused.top_k_gates(logits, k, torch.bfloat16)
+        assert torch.equal(ids, top_ids) and ids.dtype == torch.long
+        # within a bf16 step: Triton's interpreter truncates to bf16 where the GPU rounds to nearest
+        # (tests/test_gpu.py asserts the same bits on CUDA)
+        assert gates.dtype == torch.bfloat16 and rel_err(gates, torch.sigmoid(top_logits.float())) < 2**-7
+        ids, gates = fused.top_k_gates(logits.float(), k, torch.float32)
+        assert rel_err(gates, torch.sigmoid(top_logits.float())) < 1e-6
+        # ties (torch.topk orders them as it likes): the lower expert first
+        tied = torch.tensor([[0.5, 2.0, -1.0, 2.0, 2.0]])
+        assert fused.top_k_gates(tied, 2, torch.float32)[0].tolist() == [[1, 3]]
+        with pytest.raises(ValueError, match="k=6 with 5 experts"):
+            fused.top_k_gates(tied, 6, torch.float32)
+
     @pytest.mark.parametrize("int4", [False, True])
     def test_the_fused_model_matches_the_readable_model(int4):
-        """The fused kernels of fused.py in place (norms, RoPE, mask, SwiGLU activation, cache write)
+        """The fused kernels of fused.py in place (norms, RoPE, mask, SwiGLU activation, cache write, top-k)
         against the readable code, the row kernels in both: logits of a prefill and of decode steps."""
         cfg = small_text(hidden_size=128, head_dim=32, intermediate_size=128, intermediate_size_mlp=256,
                          num_experts_per_tok=2, interleave_moe_layer_step=2)
