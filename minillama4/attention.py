@@ -21,7 +21,7 @@ from einops import rearrange
 from torch import nn
 
 from .config import TextConfig
-from .layers import apply_rope, fused_ok, rms_norm
+from .layers import _fused, apply_rope, fused_ok, rms_norm
 
 
 def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, chunk: int | None) -> torch.Tensor:
@@ -166,6 +166,10 @@ class Attention(nn.Module):
         k_pos = positions
         if cache is not None:
             k, v, k_pos = cache.update(self.layer, k, v, positions)
+            if cache.static and fused_ok(q) and _fused().decode_attention_ok(q, k):
+                # static decode on CUDA: the mask and the two lines below in one kernel (fused.py)
+                o = _fused().decode_attention(q, k, v, k_pos, positions, self.chunk, self.dh**-0.5)
+                return self.o_proj(rearrange(o, "b h t dh -> b t (h dh)"))
         mask = attention_mask(positions, k_pos, self.chunk)
         # GQA: kv head i serves the g = h // k consecutive query heads i*g .. i*g + g - 1, as if
         # k and v were repeated "b k s dh -> b (k g) s dh"; enable_gqa does that without a copy.

@@ -10,6 +10,8 @@ training run), in the same order and precision; the last bit of an fp32 sum or e
     silu_mul        to_dtype(silu(gate)) * up                             (fp32 math, as F.silu then *)
     cache_write     keys[slot], values[slot], slot_pos[slot] = k, v, p    slot = p % slots
     top_k_gates     the router's top-k experts by logit and their gates sigmoid(logit)
+    decode_attention  softmax(q k^T / sqrt(dh) + mask) v for one query over the static cache,
+                    the mask computed from the slots' positions (flash-decoding: split over slots)
 Why: eagerly each is a chain of small kernels (a norm: cast, square, mean, add and rsqrt,
 multiply, cast back, weight multiply). A batch-1 decode step of full Scout ran about 3,400
 kernels, 1-2 us each even replayed from a CUDA graph: more time than reading the attention and
@@ -118,6 +120,67 @@ if triton is not None:
             scores = tl.where(e == pick, float("-inf"), scores)
 
     @triton.jit
+    def _decode_attention(q_ptr, k_ptr, v_ptr, sp_ptr, pos_ptr, m_ptr, l_ptr, acc_ptr, KV, SLOTS, PER_SPLIT,
+                          SPLITS, CHUNK, scale, stride_qb, stride_qh, stride_kb, stride_kh, stride_ks,
+                          G: tl.constexpr, G_PAD: tl.constexpr, DH: tl.constexpr, BLOCK_S: tl.constexpr,
+                          CHUNKED: tl.constexpr, FP32_DOT: tl.constexpr):
+        bk = tl.program_id(0)  # one (sequence, kv head) ...
+        split = tl.program_id(1)  # ... and one SPLITS-th of the cache slots per program
+        b, kvh = bk // KV, bk % KV
+        g = tl.arange(0, G_PAD)  # the G query heads kvh*G .. kvh*G + G-1 that share kv head kvh
+        d = tl.arange(0, DH)
+        q = tl.load(q_ptr + b * stride_qb + (kvh * G + g)[:, None] * stride_qh + d[None, :],
+                    mask=(g < G)[:, None], other=0.0)
+        m_i = tl.full((G_PAD,), -1e30, tl.float32)  # running max of the scores,
+        l_i = tl.zeros((G_PAD,), tl.float32)  # running sum of exp(score - max),
+        acc = tl.zeros((G_PAD, DH), tl.float32)  # running sum of exp(score - max) * v
+        first = split * PER_SPLIT
+        last = tl.minimum(first + PER_SPLIT, SLOTS)
+        kv_base = b * stride_kb + kvh * stride_kh
+        for s0 in range(first, last, BLOCK_S):
+            s = s0 + tl.arange(0, BLOCK_S)
+            key_pos = tl.load(sp_ptr + s, mask=s < last, other=-1)
+            p = tl.load(pos_ptr + 0 * s)  # the query's position, read on the device
+            ok = (key_pos >= 0) & (key_pos <= p)  # attention.attention_mask, one query
+            if CHUNKED:
+                ok = ok & (key_pos // CHUNK == p // CHUNK)
+            if tl.max(ok.to(tl.int32), axis=0) > 0:  # blocks with no visible key cost one small load
+                k = tl.load(k_ptr + kv_base + s[:, None] * stride_ks + d[None, :], mask=ok[:, None], other=0.0)
+                if FP32_DOT:
+                    scores = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
+                else:
+                    scores = tl.dot(q, tl.trans(k))
+                # softmax(q k^T / sqrt(dh) + mask) v, one block at a time (online softmax, Milakov &
+                # Gimelshein 2018; flash-decoding splits the keys across programs)
+                scores = tl.where(ok[None, :], scores * scale, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+                alpha = tl.exp(m_i - m_new)
+                probs = tl.exp(scores - m_new[:, None])
+                l_i = l_i * alpha + tl.sum(probs, axis=1)
+                v = tl.load(v_ptr + kv_base + s[:, None] * stride_ks + d[None, :], mask=ok[:, None], other=0.0)
+                if FP32_DOT:
+                    acc = acc * alpha[:, None] + tl.dot(probs, v.to(tl.float32), input_precision="ieee")
+                else:
+                    acc = acc * alpha[:, None] + tl.dot(probs.to(v.dtype), v)
+                m_i = m_new
+        row = (b * KV * G + kvh * G + g) * SPLITS + split  # partials [b * h, SPLITS(, DH)]
+        tl.store(m_ptr + row, m_i, mask=g < G)
+        tl.store(l_ptr + row, l_i, mask=g < G)
+        tl.store(acc_ptr + row[:, None] * DH + d[None, :], acc, mask=(g < G)[:, None])
+
+    @triton.jit
+    def _decode_attention_combine(m_ptr, l_ptr, acc_ptr, o_ptr, SPLITS, DH: tl.constexpr, SPLITS_PAD: tl.constexpr):
+        r = tl.program_id(0)  # one (sequence, query head) per program
+        i = tl.arange(0, SPLITS_PAD)
+        d = tl.arange(0, DH)
+        m = tl.load(m_ptr + r * SPLITS + i, mask=i < SPLITS, other=-1e30)
+        l = tl.load(l_ptr + r * SPLITS + i, mask=i < SPLITS, other=0.0)
+        acc = tl.load(acc_ptr + (r * SPLITS + i)[:, None] * DH + d[None, :], mask=(i < SPLITS)[:, None], other=0.0)
+        w = tl.exp(m - tl.max(m, axis=0))  # each split's sums rescaled to the overall max
+        out = tl.sum(acc * w[:, None], axis=0) / tl.sum(l * w, axis=0)
+        tl.store(o_ptr + r * DH + d, out.to(o_ptr.dtype.element_ty))
+
+    @triton.jit
     def _mask_rows(q_ptr, k_ptr, m_ptr, S, CHUNK, BLOCK: tl.constexpr, CHUNKED: tl.constexpr):
         t = tl.program_id(0)
         s = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -207,3 +270,49 @@ def top_k_gates(logits: torch.Tensor, k: int, dtype) -> tuple[torch.Tensor, torc
     gates = torch.empty(n, k, dtype=dtype, device=logits.device)
     _top_k_gates[(n,)](rows, ids, gates, e, rows.stride(0), K=k, BLOCK=triton.next_power_of_2(e), num_warps=1)
     return ids, gates
+
+
+def decode_attention_ok(q: torch.Tensor, keys: torch.Tensor) -> bool:
+    """Whether decode_attention takes this step: one query token, a power-of-two head dim."""
+    dh = q.shape[-1]
+    return q.shape[2] == 1 and dh >= 16 and dh & (dh - 1) == 0 and keys.is_contiguous() and q.stride(-1) == 1
+
+
+def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, slot_pos: torch.Tensor,
+                     position: torch.Tensor, chunk: int | None, scale: float) -> torch.Tensor:
+    """One decode token's attention over a static KV cache, as attention.Attention computes it
+    with attention_mask and SDPA: q [b, h, 1, dh], keys/values [b, kv, slots, dh] (the whole
+    buffers), slot_pos [slots] (-1 = empty), position [1] on the device -> [b, h, 1, dh].
+    Blocks of slots with no visible key are skipped (the cache is mostly empty at short context),
+    and the slots are split across programs whose partial softmax sums are combined after."""
+    b, h, _, dh = q.shape
+    kv, slots = keys.shape[1], keys.shape[2]
+    if not decode_attention_ok(q, keys) or not values.is_contiguous() or h % kv:
+        raise ValueError(f"decode_attention: q {tuple(q.shape)}, keys {tuple(keys.shape)} not supported")
+    block_s = 64 if dh <= 128 else 32
+    target = 2 * _sms(q.device)  # about two programs per multiprocessor
+    splits = max(1, min(triton.cdiv(slots, block_s), triton.cdiv(target, b * kv)))
+    per_split = triton.cdiv(triton.cdiv(slots, splits), block_s) * block_s
+    splits = triton.cdiv(slots, per_split)
+    m = torch.empty(b * h, splits, dtype=torch.float32, device=q.device)
+    l = torch.empty_like(m)
+    acc = torch.empty(b * h, splits, dh, dtype=torch.float32, device=q.device)
+    g = h // kv
+    _decode_attention[(b * kv, splits)](
+        q, keys, values, slot_pos, position, m, l, acc, kv, slots, per_split, splits, chunk or 1, scale,
+        q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
+        G=g, G_PAD=max(16, triton.next_power_of_2(g)), DH=dh, BLOCK_S=block_s, CHUNKED=chunk is not None,
+        FP32_DOT=q.dtype == torch.float32 or not q.is_cuda)  # (the interpreter's bf16 dot is wrong)
+    out = torch.empty(b, h, 1, dh, dtype=q.dtype, device=q.device)
+    _decode_attention_combine[(b * h,)](m, l, acc, out, splits, DH=dh, SPLITS_PAD=triton.next_power_of_2(splits))
+    return out
+
+
+_SMS: dict = {}
+
+
+def _sms(device) -> int:
+    """Multiprocessors of a CUDA device (4 under the interpreter: a few splits, quick to run)."""
+    if device not in _SMS:
+        _SMS[device] = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    return _SMS[device]

@@ -195,6 +195,28 @@ def test_fused_top_k_gates_on_cuda_match_torch():
             assert rel_err(gates, ref) < (2**-8 if dtype == torch.bfloat16 else 1e-6)  # (tl.exp: last fp32 bits)
 
 
+def test_fused_decode_attention_on_cuda_is_mask_and_sdpa():
+    """Scout's attention shapes (40 query heads, 8 kv heads, dh 128) over an 8,192-slot cache
+    at short and long context, ring (chunked) and full, against attention_mask + SDPA."""
+    from minillama4 import fused
+    from minillama4.attention import attention_mask
+
+    g = torch.Generator(device="cuda").manual_seed(16)
+    slots, dh = 8192, 128
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+        keys, values = (torch.randn(1, 8, slots, dh, device="cuda", generator=g).to(dtype) for _ in range(2))
+        q = torch.randn(1, 1, 40, dh, device="cuda", generator=g).to(dtype).transpose(1, 2)
+        for position, chunk in ((127, 8192), (127, None), (8000, None), (8192 + 300, 8192)):
+            held = torch.arange(max(0, position + 1 - slots), position + 1, device="cuda")
+            slot_pos = torch.full((slots,), -1, dtype=torch.long, device="cuda")
+            slot_pos[held % slots] = held
+            pos = torch.tensor([position], device="cuda")
+            ref = torch.nn.functional.scaled_dot_product_attention(
+                q, keys, values, attn_mask=attention_mask(pos, slot_pos, chunk), scale=dh**-0.5, enable_gqa=True)
+            got = fused.decode_attention(q, keys, values, slot_pos, pos, chunk, dh**-0.5)
+            assert rel_err(got, ref) < tol, (dtype, position, chunk)
+
+
 def test_dequantize_kernel_on_cuda_gives_the_readable_values():
     from minillama4 import w4a16
     from minillama4.quant import dequantize_int4, quantize_int4
@@ -209,7 +231,8 @@ def test_dequantize_kernel_on_cuda_gives_the_readable_values():
 
 @pytest.mark.parametrize("int4", [False, True])
 def test_fused_kernels_on_cuda_match_the_readable_model(int4):
-    """fused.py's kernels (norms, RoPE, mask, SwiGLU activation, cache write, top-k) against the readable
+    """fused.py's kernels (norms, RoPE, mask, SwiGLU activation, cache write, top-k, decode
+    attention) against the readable
     code on the same CUDA model: prefill and static decode logits, fp32."""
     from minillama4 import fused
     from minillama4.decode import DecodeStep

@@ -231,9 +231,31 @@ else:
         with pytest.raises(ValueError, match="k=6 with 5 experts"):
             fused.top_k_gates(tied, 6, torch.float32)
 
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+    @pytest.mark.parametrize("slots, chunk, position", [(64, 16, 37), (16, 16, 37), (16, 16, 3), (300, None, 250)])
+    def test_fused_decode_attention_is_mask_and_sdpa(dtype, slots, chunk, position):
+        """One query over a static cache (full, or a ring of one chunk that has wrapped), against
+        attention_mask + SDPA as Attention.forward runs them: 10 query heads share 2 kv heads."""
+        from minillama4.attention import attention_mask
+
+        g = torch.Generator().manual_seed(16)
+        b, h, kv, dh = 2, 10, 2, 32
+        q = torch.randn(b, 1, h, dh, generator=g).to(dtype).transpose(1, 2)  # a view, as in Attention
+        keys, values = (torch.randn(b, kv, slots, dh, generator=g).to(dtype) for _ in range(2))
+        held = torch.arange(max(0, position + 1 - slots), position + 1)  # what a cache of `slots` still holds
+        slot_pos = torch.full((slots,), -1, dtype=torch.long)
+        slot_pos[held % slots] = held
+        pos = torch.tensor([position])
+        ref = torch.nn.functional.scaled_dot_product_attention(
+            q, keys, values, attn_mask=attention_mask(pos, slot_pos, chunk), scale=dh**-0.5, enable_gqa=True)
+        got = fused.decode_attention(q, keys, values, slot_pos, pos, chunk, dh**-0.5)
+        assert got.shape == ref.shape and got.dtype == dtype
+        assert rel_err(got, ref) < (1e-5 if dtype == torch.float32 else 2e-2)
+
     @pytest.mark.parametrize("int4", [False, True])
     def test_the_fused_model_matches_the_readable_model(int4):
-        """The fused kernels of fused.py in place (norms, RoPE, mask, SwiGLU activation, cache write, top-k)
+        """The fused kernels of fused.py in place (norms, RoPE, mask, SwiGLU activation, cache write, top-k,
+        decode attention)
         against the readable code, the row kernels in both: logits of a prefill and of decode steps."""
         cfg = small_text(hidden_size=128, head_dim=32, intermediate_size=128, intermediate_size_mlp=256,
                          num_experts_per_tok=2, interleave_moe_layer_step=2)
