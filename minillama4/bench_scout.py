@@ -147,7 +147,7 @@ def _time_ms(fn, cuda: bool) -> float:
 
 def kernel_bandwidth(model, device) -> list[dict]:
     """The W4A16 expert kernel alone on the first MoE layer's experts, one row (batch-1 top-1
-    decode): the (BLOCK_N, GROUPS, SPLIT, warps, magic) it chose and the int4 bytes (weights, scales) read per second."""
+    decode): the (BLOCK_N, GROUPS, SPLIT, warps, magic, pairs) it chose and the int4 bytes (weights, scales) read per second."""
     from . import w4a16
 
     cuda = torch.device(device).type == "cuda"
@@ -161,12 +161,17 @@ def kernel_bandwidth(model, device) -> list[dict]:
         ms = _time_ms(lambda: w4a16.expert_matmul(x, ids, packed, scales), cuda)
         nbytes = packed[0].numel() + scales[0].numel() * scales.element_size()
         config = w4a16.CHOSEN.get(("int4", 1, packed.shape[1], x.shape[1], x.dtype, x.device), w4a16.DEFAULT_INT4)
-        # the chosen tile with each way of unpacking a nibble (w4a16.UNPACK), to see what each costs
-        unpack = {("magic" if magic else "convert"): 1e3 * _time_ms(lambda magic=magic: w4a16.expert_matmul(
-            x, ids, packed, scales, config=(*config[:4], magic)), cuda) for magic in w4a16.UNPACK}
+        # the chosen tile in each code variant (w4a16.INT4_VARIANTS), to see what each costs
+        variants = {_variant_name(v): 1e3 * _time_ms(lambda v=v: w4a16.expert_matmul(
+            x, ids, packed, scales, config=(*config[:4], *v)), cuda) for v in w4a16.INT4_VARIANTS}
         out.append({"matrix": name, "n": packed.shape[1], "k": x.shape[1], "config": list(config),
-                    "us": ms * 1e3, "GBps": nbytes / ms / 1e6, "unpack_us": unpack})
+                    "us": ms * 1e3, "GBps": nbytes / ms / 1e6, "variants_us": variants})
     return out
+
+
+def _variant_name(variant) -> str:
+    magic, pairs = variant
+    return ("magic" if magic else "convert") + ("+pairs" if pairs else "")
 
 
 def kernel_profile(model, context: int, top: int = 12) -> list[dict]:
@@ -232,9 +237,9 @@ def run(preset="scout", device="cuda", int4=True, which="all", contexts=(128, 40
     def kernel_part():
         r["w4a16"] = kernel_bandwidth(model, device)
         for k in r["w4a16"]:
-            emit(f"W4A16 kernel, {k['matrix']} [{k['n']} x {k['k']}], block_n/groups/split/warps/magic {k['config']}: "
+            emit(f"W4A16 kernel, {k['matrix']} [{k['n']} x {k['k']}], block_n/groups/split/warps/magic/pairs {k['config']}: "
                  f"{k['us']:.1f} us = {k['GBps']:.0f} GB/s ({100 * k['GBps'] * 1e9 / bandwidth:.0f}% of copy); "
-                 f"that tile by unpacking: " + ", ".join(f"{u} {t:.1f} us" for u, t in k["unpack_us"].items()))
+                 f"that tile as " + ", ".join(f"{u} {t:.1f} us" for u, t in k["variants_us"].items()))
     if cuda and int4:
         _section(r, "w4a16", kernel_part, emit)
     save(r)

@@ -26,6 +26,10 @@ either layout, so prefill's grouped matmul gets bf16 weights without fp32 tempor
 
 Measured (docs/benchmarks.md, H100 and H200): the int4 GEMV reads Scout's experts at about
 1 TB/s, a third of the copy bandwidth; torch's tinygemm (1.3 TB/s) won every linear shape.
+Why so slow, as far as counting instructions tells (not yet measured): per weight byte the kernel
+ran two int-to-float conversions (a quarter-rate instruction on these GPUs) and two 2-byte input
+loads. Two variants of the loop, timed against it by `choose` (INT4_VARIANTS), remove them: `magic`
+builds the float from the nibble's bits, `pairs` loads the inputs as contiguous pairs.
 
 Simplifications: a GEMV per row (good for the few rows of decode, not for prefill, which
 dequantizes and uses a grouped matmul); no pipelining-stage search; gate/up and SwiGLU are not
@@ -50,16 +54,21 @@ except ImportError:  # optional: without Triton the gather dispatch dequantizes 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # int4 tiles (BLOCK_N outputs, GROUPS groups of k per trip, warps: a [BLOCK_N, 64]-byte tile per
 # group gives 16-byte loads per thread when BLOCK_N = 8 * warps) and dense tiles (BLOCK_N, BLOCK_K),
-# each tried with SPLIT = 1 and with enough splits of k for about two programs per multiprocessor
-INT4_TILES = ((8, 2, 1), (8, 4, 1), (8, 8, 1), (16, 2, 2), (16, 4, 2), (16, 8, 2), (32, 2, 4), (32, 4, 4),
-              (8, 4, 4), (8, 8, 4), (64, 1, 4), (64, 2, 8))
-# how the int4 kernel turns a nibble into a float, both timed: False = convert the integer,
-# True = OR it into the mantissa of 2^23 and subtract (the same value, no conversion instruction)
-UNPACK = (False, True)
+# each tried with SPLIT = 1 and with enough splits of k for about two programs per multiprocessor.
+# The int4 list keeps the tiles some shape chose on the H100 and H200 (docs/gpu/) and their
+# neighbours; (8, 4, 1), (16, 2, 2), (16, 4, 2), (32, 4, 4) and (64, 2, 8) never won and were dropped
+# when the variants below made each tile four kernels to compile and time.
+INT4_TILES = ((8, 2, 1), (8, 8, 1), (16, 8, 2), (8, 4, 4), (8, 8, 4), (16, 4, 4), (32, 2, 4), (64, 1, 4))
+# two code variants of the int4 kernel, each timed with every tile: (magic, pairs)
+#   magic: a nibble becomes a float by OR-ing it into the mantissa of 2^23 and subtracting (the same
+#          value as converting the integer, without the conversion instruction)
+#   pairs: the inputs are loaded as [64, 2] pairs (x[2j], x[2j+1]), contiguous, instead of as even
+#          and odd inputs with stride 2 (fewer, wider loads; the product sums the pair first)
+INT4_VARIANTS = ((False, False), (True, False), (False, True), (True, True))
 DENSE_TILES = ((32, 64), (64, 32), (64, 64), (128, 16), (128, 32), (256, 8), (256, 16))
-# configurations (BLOCK_N, GROUPS, SPLIT, warps, magic) and (BLOCK_N, BLOCK_K, SPLIT) used on the
+# configurations (BLOCK_N, GROUPS, SPLIT, warps, magic, pairs) and (BLOCK_N, BLOCK_K, SPLIT) used on the
 # interpreter and while a CUDA graph is being recorded before any was timed
-DEFAULT_INT4, DEFAULT_DENSE = (32, 2, 1, 4, True), (64, 32, 1)
+DEFAULT_INT4, DEFAULT_DENSE = (32, 2, 1, 4, True, True), (64, 32, 1)
 CHOSEN: dict = {}  # (kernel, rows, n, k, dtype, device) -> the fastest configuration, measured
 _ZERO_IDS: dict = {}
 
@@ -81,7 +90,8 @@ if triton is not None:
     @triton.jit
     def _w4a16_rows(x_ptr, ids_ptr, w_ptr, s_ptr, y_ptr, N, G, GROUPS_PER_SPLIT,
                     stride_xm, stride_we, stride_wn, stride_se, stride_sg, stride_ys, stride_ym,
-                    GROUP: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, MAGIC: tl.constexpr):
+                    GROUP: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, MAGIC: tl.constexpr,
+                    PAIRS: tl.constexpr):
         HALF: tl.constexpr = GROUP // 2  # bytes per group and output
         m = tl.program_id(0)
         offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -97,8 +107,6 @@ if triton is not None:
             for i in tl.static_range(GROUPS):  # GROUPS groups per trip: more bytes in flight
                 g = g0 + i
                 j_ok = g + 0 * j < last  # (as vectors: the interpreter takes no scalar masks)
-                x_even = tl.load(x_ptr + m * stride_xm + g * GROUP + 2 * j, mask=j_ok, other=0.0).to(tl.float32)
-                x_odd = tl.load(x_ptr + m * stride_xm + g * GROUP + 2 * j + 1, mask=j_ok, other=0.0).to(tl.float32)
                 w = tl.load(w_rows + (g * HALF + j)[None, :], mask=n_ok[:, None] & j_ok[None, :],
                             other=136)  # 136 = 0x88: q - 8 = 0 in both nibbles
                 scale = tl.load(s_ptr + e * stride_se + g * stride_sg + offs_n, mask=n_ok & (g + 0 * offs_n < last),
@@ -111,7 +119,14 @@ if triton is not None:
                 else:
                     hi = (w >> 4).to(tl.float32) - 8.0
                     lo = (w & 15).to(tl.float32) - 8.0
-                acc += (hi * x_even[None, :] + lo * x_odd[None, :]) * scale[:, None]
+                x_at = x_ptr + m * stride_xm + g * GROUP + 2 * j  # inputs k = 2j (and 2j + 1)
+                if PAIRS:  # x as [HALF, 2] pairs (x[2j], x[2j+1]): contiguous, so vector loads
+                    x2 = tl.load(x_at[:, None] + tl.arange(0, 2)[None, :], mask=j_ok[:, None], other=0.0).to(tl.float32)
+                    acc += tl.sum(tl.join(hi, lo) * x2[None, :, :], axis=2) * scale[:, None]
+                else:  # even and odd inputs loaded separately (stride 2)
+                    x_even = tl.load(x_at, mask=j_ok, other=0.0).to(tl.float32)
+                    x_odd = tl.load(x_at + 1, mask=j_ok, other=0.0).to(tl.float32)
+                    acc += (hi * x_even[None, :] + lo * x_odd[None, :]) * scale[:, None]
         y = tl.sum(acc, axis=1)
         tl.store(y_ptr + split * stride_ys + m * stride_ym + offs_n, y.to(y_ptr.dtype.element_ty), mask=n_ok)
 
@@ -201,7 +216,7 @@ def _finish(y: torch.Tensor, dtype) -> torch.Tensor:
 
 
 def _launch_int4(x, expert_ids, packed, scales, block_n: int, groups_per_iter: int, split: int,
-                 warps: int = 4, magic: bool = False) -> torch.Tensor:
+                 warps: int = 4, magic: bool = False, pairs: bool = False) -> torch.Tensor:
     m, k = x.shape
     n, groups = packed.shape[1], scales.shape[1]
     per_split = triton.cdiv(triton.cdiv(groups, split), groups_per_iter) * groups_per_iter
@@ -210,7 +225,7 @@ def _launch_int4(x, expert_ids, packed, scales, block_n: int, groups_per_iter: i
     _w4a16_rows[(m, triton.cdiv(n, block_n), split)](
         x, expert_ids, packed, scales, y, n, groups, per_split,
         x.stride(0), packed.stride(0), packed.stride(1), scales.stride(0), scales.stride(1), y.stride(0), y.stride(1),
-        GROUP=k // groups, BLOCK_N=block_n, GROUPS=groups_per_iter, MAGIC=magic, num_warps=warps)
+        GROUP=k // groups, BLOCK_N=block_n, GROUPS=groups_per_iter, MAGIC=magic, PAIRS=pairs, num_warps=warps)
     return _finish(y, x.dtype)
 
 
@@ -269,7 +284,8 @@ def _candidates(tiles, n: int, steps_of, x) -> list[tuple]:
 def expert_matmul(x: torch.Tensor, expert_ids: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
                   config: tuple[int, int, int] | None = None) -> torch.Tensor:
     """x [m, k], expert_ids [m] (device), packed uint8 [e, n, k/2], scales [e, k/group, n] -> [m, n].
-    config: (BLOCK_N, GROUPS per trip, SPLIT[, warps[, magic]]) to force one; by default `choose` picks it."""
+    config: (BLOCK_N, GROUPS per trip, SPLIT[, warps[, magic[, pairs]]]) to force one; by default `choose`
+    picks it."""
     if triton is None:
         raise RuntimeError("minillama4.w4a16 needs Triton (pip install triton)")
     m, k = x.shape
@@ -281,8 +297,8 @@ def expert_matmul(x: torch.Tensor, expert_ids: torch.Tensor, packed: torch.Tenso
     x, packed, scales = x.contiguous(), packed.contiguous(), scales.contiguous()
     launch = lambda *c: _launch_int4(x, expert_ids, packed, scales, *c)  # noqa: E731
     if config is None:
-        config = choose("int4", x, n, lambda: [(*c, magic) for c in _candidates(INT4_TILES, n, lambda gpi: triton.cdiv(
-            groups, gpi), x) for magic in UNPACK], DEFAULT_INT4, launch)
+        config = choose("int4", x, n, lambda: [(*c, *v) for c in _candidates(INT4_TILES, n, lambda gpi: triton.cdiv(
+            groups, gpi), x) for v in INT4_VARIANTS], DEFAULT_INT4, launch)
     return launch(*config)
 
 

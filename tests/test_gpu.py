@@ -132,10 +132,11 @@ def test_w4a16_every_tile_and_split_on_cuda():
     ref = torch.stack([x[i].float() @ dequantize_int4(packed[ids[i]], scales[ids[i]]).T for i in range(2)])
     for block_n, groups, warps in w4a16.INT4_TILES:
         for split in (1, 4):
-            cvt, magic = (w4a16.expert_matmul(x, ids, packed, scales, config=(block_n, groups, split, warps, m))
-                          for m in (False, True))
-            assert torch.equal(cvt, magic), (block_n, groups, split, warps)  # the same floats, unpacked two ways
-            assert rel_err(magic.float(), ref) < 1e-2, (block_n, groups, split, warps)
+            for pairs in (False, True):
+                cvt, magic = (w4a16.expert_matmul(x, ids, packed, scales, config=(block_n, groups, split, warps, m, pairs))
+                              for m in (False, True))
+                assert torch.equal(cvt, magic), (block_n, groups, split, warps, pairs)  # the same floats either way
+                assert rel_err(magic.float(), ref) < 1e-2, (block_n, groups, split, warps, pairs)
     w4a16.expert_matmul(x, ids, packed, scales)  # times them and keeps the fastest
     assert ("int4", 2, 320, 1152, torch.bfloat16, x.device) in w4a16.CHOSEN
     w = torch.randn(4, 1152, 320, device="cuda", generator=g).bfloat16()

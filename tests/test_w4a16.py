@@ -54,15 +54,15 @@ else:
 
     @pytest.mark.parametrize("tile", w4a16.INT4_TILES)
     @pytest.mark.parametrize("split", [1, 3])
-    @pytest.mark.parametrize("magic", w4a16.UNPACK)
-    def test_every_int4_tile_and_split_gives_the_same_product(tile, split, magic):
+    @pytest.mark.parametrize("variant", w4a16.INT4_VARIANTS)
+    def test_every_int4_tile_and_split_gives_the_same_product(tile, split, variant):
         g = torch.Generator().manual_seed(7)
         packed, scales = quantize_int4(torch.randn(3, 80, 640, generator=g))  # 5 groups: uneven tiles and splits
         x = torch.randn(2, 640, generator=g)
         ids = torch.tensor([2, 0])
         ref = torch.stack([x[i] @ dequantize_int4(packed[ids[i]], scales[ids[i]]).T for i in range(2)])
         block_n, groups, warps = tile
-        got = w4a16.expert_matmul(x, ids, packed, scales, config=(block_n, groups, split, warps, magic))
+        got = w4a16.expert_matmul(x, ids, packed, scales, config=(block_n, groups, split, warps, *variant))
         assert rel_err(got, ref) < 1e-6
 
     def test_both_nibble_unpackings_give_the_same_bits():
@@ -73,8 +73,9 @@ else:
         scales = torch.rand(2, 4, 64, generator=g) + 0.5
         x = torch.randn(3, 512, generator=g)
         ids = torch.tensor([1, 0, 1])
-        cvt, magic = (w4a16.expert_matmul(x, ids, packed, scales, config=(16, 2, 1, 2, m)) for m in (False, True))
-        assert torch.equal(cvt, magic)
+        for pairs in (False, True):
+            cvt, magic = (w4a16.expert_matmul(x, ids, packed, scales, config=(16, 2, 1, 2, m, pairs)) for m in (False, True))
+            assert torch.equal(cvt, magic)
         ref = torch.stack([x[i] @ dequantize_int4(packed[ids[i]], scales[ids[i]]).T for i in range(3)])
         assert rel_err(magic, ref) < 1e-6
 
