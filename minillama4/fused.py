@@ -5,6 +5,7 @@ Each computes what the readable version in layers.py / attention.py computes (wh
 training run), in the same order and precision; the last bit of an fp32 sum or exp may differ
 (tests: fp32 within 1e-6 relative, and the whole fused model against the readable one):
     rms_norm        y = to_x_dtype(x / sqrt(mean(x^2) + eps)) * weight     (fp32 math; weight optional)
+    add_rms_norm    h = x + delta (x's dtype), then rms_norm(h): the residual add and the next norm
     rope            (x[2j] + i x[2j+1]) * e^{i p theta_j}, fp32, cast to x's dtype
     attention_mask  (k <= q) & (k >= 0) & (k // chunk == q // chunk)
     silu_mul        to_dtype(silu(gate)) * up                             (fp32 math, as F.silu then *)
@@ -50,12 +51,17 @@ def available(x: torch.Tensor) -> bool:
 
 if triton is not None:
     @triton.jit
-    def _rms_norm_rows(x_ptr, w_ptr, y_ptr, D, eps, stride_xr, stride_yr,
-                       HAS_WEIGHT: tl.constexpr, BLOCK: tl.constexpr):
+    def _rms_norm_rows(x_ptr, w_ptr, y_ptr, delta_ptr, sum_ptr, D, eps, stride_xr, stride_yr, stride_dr, stride_sr,
+                       HAS_WEIGHT: tl.constexpr, HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr):
         r = tl.program_id(0)
         d = tl.arange(0, BLOCK)
         d_ok = d < D
-        x = tl.load(x_ptr + r * stride_xr + d, mask=d_ok, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + r * stride_xr + d, mask=d_ok, other=0.0)
+        if HAS_DELTA:  # the residual add first: x + delta in x's dtype (as torch adds), stored, then normed
+            x = (x.to(tl.float32) + tl.load(delta_ptr + r * stride_dr + d, mask=d_ok, other=0.0).to(tl.float32)
+                 ).to(x_ptr.dtype.element_ty)
+            tl.store(sum_ptr + r * stride_sr + d, x, mask=d_ok)
+        x = x.to(tl.float32)
         # x / sqrt(mean(x^2) + eps), then cast to x's dtype before the weight (as Llama 4 does)
         normed = (x * tl.rsqrt(tl.sum(x * x, axis=0) / D + eps)).to(x_ptr.dtype.element_ty)
         if HAS_WEIGHT:
@@ -206,10 +212,26 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
     dtype = x.dtype if weight is None else torch.result_type(x, weight)
     out = torch.empty(rows.shape, dtype=dtype, device=x.device)
     block = triton.next_power_of_2(d)
-    _rms_norm_rows[(rows.shape[0],)](rows, weight if weight is not None else rows, out, d, eps,
-                                     rows.stride(0), out.stride(0), HAS_WEIGHT=weight is not None, BLOCK=block,
-                                     num_warps=4 if block <= 2048 else 8)
+    _rms_norm_rows[(rows.shape[0],)](rows, weight if weight is not None else rows, out, rows, rows, d, eps,
+                                     rows.stride(0), out.stride(0), 0, 0, HAS_WEIGHT=weight is not None,
+                                     HAS_DELTA=False, BLOCK=block, num_warps=4 if block <= 2048 else 8)
     return out.reshape(x.shape)
+
+
+def add_rms_norm(h: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float):
+    """The residual add and the norm after it: (h + delta, rms_norm(h + delta) * weight), as
+    layers.add_rms_norm; h and delta [..., d] of one dtype and shape."""
+    if h.shape != delta.shape or h.dtype != delta.dtype:
+        raise ValueError(f"add_rms_norm: h {tuple(h.shape)} {h.dtype} and delta {tuple(delta.shape)} {delta.dtype}")
+    d = h.shape[-1]
+    rows, drows = _rows(h), _rows(delta)
+    total = torch.empty(rows.shape, dtype=h.dtype, device=h.device)
+    out = torch.empty(rows.shape, dtype=torch.result_type(h, weight), device=h.device)
+    block = triton.next_power_of_2(d)
+    _rms_norm_rows[(rows.shape[0],)](rows, weight, out, drows, total, d, eps, rows.stride(0), out.stride(0),
+                                     drows.stride(0), total.stride(0), HAS_WEIGHT=True, HAS_DELTA=True, BLOCK=block,
+                                     num_warps=4 if block <= 2048 else 8)
+    return total.reshape(h.shape), out.reshape(h.shape)
 
 
 def rope(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:

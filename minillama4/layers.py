@@ -71,6 +71,15 @@ class RMSNorm(nn.Module):
         return rms_norm(x, self.eps) * self.weight
 
 
+def add_rms_norm(h: torch.Tensor, delta: torch.Tensor, norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """The residual add and the norm that follows it: (h + delta, norm(h + delta)), one fused
+    kernel on CUDA without gradients."""
+    if fused_ok(h, delta, norm.weight) and h.shape == delta.shape and h.dtype == delta.dtype:
+        return _fused().add_rms_norm(h, delta, norm.weight, norm.eps)
+    h = h + delta
+    return h, norm(h)
+
+
 def rope_inv_freq(cfg: TextConfig, device=None) -> torch.Tensor:
     """The head_dim/2 rotary frequencies, fp32, with llama3 scaling when cfg.rope_type == "llama3".
 

@@ -19,7 +19,7 @@ from torch import nn
 
 from .attention import Attention, KVCache
 from .config import Llama4Config, TextConfig
-from .layers import RMSNorm, SwiGLU, rope_angles, rope_inv_freq
+from .layers import RMSNorm, SwiGLU, add_rms_norm, rope_angles, rope_inv_freq
 from .moe import DISPATCH_MODES, MoE
 
 
@@ -32,8 +32,9 @@ class DecoderLayer(nn.Module):
         self.feed_forward = MoE(cfg, layer) if cfg.is_moe(layer) else SwiGLU(cfg.hidden_size, cfg.intermediate_size_mlp)
 
     def forward(self, h, positions, freqs_cis, cache=None, router_outputs=None):
-        h = h + self.self_attn(self.input_layernorm(h), positions, freqs_cis, cache)
-        x = self.post_attention_layernorm(h)
+        # h = h + attention(norm(h)); x = norm(h)   (the add and the second norm: one kernel on CUDA)
+        h, x = add_rms_norm(h, self.self_attn(self.input_layernorm(h), positions, freqs_cis, cache),
+                            self.post_attention_layernorm)
         if isinstance(self.feed_forward, MoE):
             return h + self.feed_forward(x, router_outputs)
         return h + self.feed_forward(x)

@@ -181,6 +181,23 @@ def test_fused_rope_and_mask_on_cuda_match_the_cpu():
                            attention.attention_mask(q_pos, k_pos, chunk))
 
 
+def test_fused_add_rms_norm_on_cuda_gives_torchs_sum():
+    from minillama4 import fused
+    from minillama4.layers import RMSNorm, add_rms_norm
+
+    norm = RMSNorm(5120, 1e-5).cuda().bfloat16()
+    h, delta = (torch.randn(3, 5120, device="cuda").bfloat16() * 4 for _ in range(2))
+    with torch.no_grad():
+        got_h, got_x = add_rms_norm(h, delta, norm)
+        fused.ENABLED = False
+        try:
+            ref_h, ref_x = add_rms_norm(h, delta, norm)
+        finally:
+            fused.ENABLED = True
+    assert torch.equal(got_h, ref_h)  # the residual stream itself: the same bits as torch's add
+    assert rel_err(got_x, ref_x) < 1e-2
+
+
 def test_fused_top_k_gates_on_cuda_match_torch():
     from minillama4 import fused
 
@@ -232,8 +249,8 @@ def test_dequantize_kernel_on_cuda_gives_the_readable_values():
 
 @pytest.mark.parametrize("int4", [False, True])
 def test_fused_kernels_on_cuda_match_the_readable_model(int4):
-    """fused.py's kernels (norms, RoPE, mask, SwiGLU activation, cache write, top-k, decode
-    attention) against the readable
+    """fused.py's kernels (norms, residual add + norm, RoPE, mask, SwiGLU activation, cache
+    write, top-k, decode attention) against the readable
     code on the same CUDA model: prefill and static decode logits, fp32."""
     from minillama4 import fused
     from minillama4.decode import DecodeStep

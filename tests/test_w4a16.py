@@ -193,6 +193,24 @@ else:
         assert torch.equal(dequantize_on_device(packed[1], scales[1], transpose=True), dequantize_int4(packed[1], scales[1]).T)
 
     @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+    def test_fused_add_rms_norm_is_the_residual_add_then_the_norm(dtype):
+        from minillama4.layers import RMSNorm, add_rms_norm
+
+        g = torch.Generator().manual_seed(6)
+        h, delta = ((torch.randn(2, 3, 320, generator=g) * 3).to(dtype) for _ in range(2))
+        norm = RMSNorm(320, 1e-5).to(dtype)
+        with torch.no_grad():
+            norm.weight.copy_(torch.randn(320, generator=g))
+            with readable():
+                ref_h, ref_x = add_rms_norm(h, delta, norm)
+            got_h, got_x = add_rms_norm(h, delta, norm)
+        assert got_h.dtype == got_x.dtype == dtype and got_x.shape == ref_x.shape
+        assert torch.equal(got_h, ref_h) if dtype == torch.float32 else rel_err(got_h, ref_h) < 1e-2  # (interpreter: bf16 truncated)
+        assert rel_err(got_x, ref_x) < (1e-6 if dtype == torch.float32 else 2e-2)
+        with pytest.raises(ValueError, match="add_rms_norm"):
+            fused.add_rms_norm(h, delta[:, :2], norm.weight, 1e-5)
+
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
     def test_fused_silu_mul_is_swiglus_activation(dtype):
         g = torch.Generator().manual_seed(11)
         both = (torch.randn(3, 2, 2 * 1500, generator=g) * 4).to(dtype)
@@ -255,8 +273,8 @@ else:
 
     @pytest.mark.parametrize("int4", [False, True])
     def test_the_fused_model_matches_the_readable_model(int4):
-        """The fused kernels of fused.py in place (norms, RoPE, mask, SwiGLU activation, cache write, top-k,
-        decode attention)
+        """The fused kernels of fused.py in place (norms, the residual add with its norm, RoPE, mask, SwiGLU
+        activation, cache write, top-k, decode attention)
         against the readable code, the row kernels in both: logits of a prefill and of decode steps."""
         cfg = small_text(hidden_size=128, head_dim=32, intermediate_size=128, intermediate_size_mlp=256,
                          num_experts_per_tok=2, interleave_moe_layer_step=2)
