@@ -147,7 +147,7 @@ def _time_ms(fn, cuda: bool) -> float:
 
 def kernel_bandwidth(model, device) -> list[dict]:
     """The W4A16 expert kernel alone on the first MoE layer's experts, one row (batch-1 top-1
-    decode): the (BLOCK_N, GROUPS, SPLIT, warps, magic, pairs) it chose and the int4 bytes (weights, scales) read per second."""
+    decode): the (BLOCK_N, GROUPS, SPLIT, warps, variant) it chose and the int4 bytes (weights, scales) read per second."""
     from . import w4a16
 
     cuda = torch.device(device).type == "cuda"
@@ -161,17 +161,14 @@ def kernel_bandwidth(model, device) -> list[dict]:
         ms = _time_ms(lambda: w4a16.expert_matmul(x, ids, packed, scales), cuda)
         nbytes = packed[0].numel() + scales[0].numel() * scales.element_size()
         config = w4a16.CHOSEN.get(("int4", 1, packed.shape[1], x.shape[1], x.dtype, x.device), w4a16.DEFAULT_INT4)
-        # the chosen tile in each code variant (w4a16.INT4_VARIANTS), to see what each costs
-        variants = {_variant_name(v): 1e3 * _time_ms(lambda v=v: w4a16.expert_matmul(
-            x, ids, packed, scales, config=(*config[:4], *v)), cuda) for v in w4a16.INT4_VARIANTS}
+        # the fastest configuration of each kernel variant, from the tuner's timings (CUDA only)
+        times = w4a16.TIMES.get(("int4", 1, packed.shape[1], x.shape[1], x.dtype, x.device), {})
+        variants = {}
+        for c, t in sorted(times.items(), key=lambda item: item[1]):
+            variants.setdefault(c[-1], {"config": list(c), "us": t * 1e3})
         out.append({"matrix": name, "n": packed.shape[1], "k": x.shape[1], "config": list(config),
                     "us": ms * 1e3, "GBps": nbytes / ms / 1e6, "variants_us": variants})
     return out
-
-
-def _variant_name(variant) -> str:
-    magic, pairs = variant
-    return ("magic" if magic else "convert") + ("+pairs" if pairs else "")
 
 
 def kernel_profile(model, context: int, top: int = 12) -> list[dict]:
@@ -237,9 +234,10 @@ def run(preset="scout", device="cuda", int4=True, which="all", contexts=(128, 40
     def kernel_part():
         r["w4a16"] = kernel_bandwidth(model, device)
         for k in r["w4a16"]:
-            emit(f"W4A16 kernel, {k['matrix']} [{k['n']} x {k['k']}], block_n/groups/split/warps/magic/pairs {k['config']}: "
+            emit(f"W4A16 kernel, {k['matrix']} [{k['n']} x {k['k']}], block_n/groups/split/warps/variant {k['config']}: "
                  f"{k['us']:.1f} us = {k['GBps']:.0f} GB/s ({100 * k['GBps'] * 1e9 / bandwidth:.0f}% of copy); "
-                 f"that tile as " + ", ".join(f"{u} {t:.1f} us" for u, t in k["variants_us"].items()))
+                 f"best of each variant: " + ", ".join(f"{v} {b['us']:.1f} us {b['config'][:4]}"
+                                                       for v, b in k["variants_us"].items()))
     if cuda and int4:
         _section(r, "w4a16", kernel_part, emit)
     save(r)

@@ -143,13 +143,15 @@ if triton is not None:
         first = split * PER_SPLIT
         last = tl.minimum(first + PER_SPLIT, SLOTS)
         kv_base = b * stride_kb + kvh * stride_kh
+        # the query's position p, read on the device (a vector: the interpreter has no scalar loads),
+        # and the first position key k may have: attention.attention_mask says k // chunk == p // chunk
+        # (with k <= p: k >= p - p % chunk), else k >= 0 (-1 marks an empty slot)
+        p = tl.load(pos_ptr + 0 * tl.arange(0, BLOCK_S)).to(tl.int32)
+        lowest = p - p % CHUNK if CHUNKED else 0 * p
         for s0 in range(first, last, BLOCK_S):
             s = s0 + tl.arange(0, BLOCK_S)
-            key_pos = tl.load(sp_ptr + s, mask=s < last, other=-1)
-            p = tl.load(pos_ptr + 0 * s)  # the query's position, read on the device
-            ok = (key_pos >= 0) & (key_pos <= p)  # attention.attention_mask, one query
-            if CHUNKED:
-                ok = ok & (key_pos // CHUNK == p // CHUNK)
+            key_pos = tl.load(sp_ptr + s, mask=s < last, other=-1).to(tl.int32)
+            ok = (key_pos >= lowest) & (key_pos >= 0) & (key_pos <= p)
             if tl.max(ok.to(tl.int32), axis=0) > 0:  # blocks with no visible key cost one small load
                 k = tl.load(k_ptr + kv_base + s[:, None] * stride_ks + d[None, :], mask=ok[:, None], other=0.0)
                 if FP32_DOT:

@@ -11,25 +11,34 @@ kernels take the expert index as a device tensor and read the weights once. The 
 what an int4 linear uses at decode when it beats torch's tinygemm kernel (quant.py: measured).
 
 int4: one program computes BLOCK_N outputs of row m over one SPLIT-th of k, GROUPS quantization
-groups per trip of its loop (unrolled: more loads in flight). Per group it loads a [BLOCK_N, 64]
-tile of bytes (128 int4 weights per output: even k in the high nibble, odd k in the low one), the
-matching even and odd inputs and the group's scales, and adds into a [BLOCK_N, 64] fp32
-accumulator, summed once after the loop:
+groups per trip of its loop (unrolled: more loads in flight), into an fp32 accumulator summed once
+after the loop:
     y[m, n] = sum_g sum_{j in g} scale[e, g, n] * (q[e, n, j] - 8) * x[m, j]      (quant.py)
+Two kernels read the same bytes (quant.py's layout, byte j: k = 2j in the high nibble, 2j + 1 low):
+  _w4a16_rows (bytes): a [BLOCK_N, 64] tile of bytes per group, the even and odd inputs, each
+      nibble converted to a float ("convert") or built from its bits ("magic", below).
+  _w4a16_words (words): the bytes read as int32 words, [BLOCK_N, 16] per group; word u holds
+      inputs 8u .. 8u + 7. Per group it masks out the high and the low nibbles of all 4 bytes at
+      once, then, for each input position p, moves byte p // 2 into the low byte of 0x4B000000
+      (one byte-permute instruction, prmt): the float with bits 0x4B000000 | q is exactly
+      2^23 + q, so minus (2^23 + 8) is q - 8, with no int-to-float conversion. It sums
+      (q - 8) * x over a group before multiplying by the scale.
+  Why two: compiled for sm_90 (Triton's compiler, no GPU needed; tools in docs/benchmarks.md),
+  the byte kernel's loop runs 13-22 instructions per weight byte (address arithmetic, byte
+  extracts, a quarter-rate conversion per nibble), the word kernel's 8.4 (no spills). A GPU issues
+  about 4 x 32 instructions per cycle per multiprocessor, so 20 per byte caps an H100 near 1.1 TB/s
+  (what was measured) and 8.4 near 2.7 TB/s. Both stay, timed against each other per shape.
 dense: one program computes BLOCK_N outputs over one SPLIT-th of k, BLOCK_K inputs at a time,
 into a [BLOCK_K, BLOCK_N] accumulator summed after the loop.
 With SPLIT > 1 the fp32 partial sums of the splits are added afterwards (no atomics: a replayed
-CUDA graph gives the same bits as the step it recorded). The tile shape, the split and (int4) the
-warps are timed once per shape on the GPU (`choose`), the one tuning done here.
+CUDA graph gives the same bits as the step it recorded). The tile shape, the split, the warps and
+(int4) the kernel variant are timed once per shape on the GPU (`choose`), the one tuning done here.
 dequantize: one program per (expert, BLOCK_N outputs, group) writes W' = (q - 8) * scale, in
 either layout, so prefill's grouped matmul gets bf16 weights without fp32 temporaries.
 
-Measured (docs/benchmarks.md, H100 and H200): the int4 GEMV reads Scout's experts at about
-1 TB/s, a third of the copy bandwidth; torch's tinygemm (1.3 TB/s) won every linear shape.
-Why so slow, as far as counting instructions tells (not yet measured): per weight byte the kernel
-ran two int-to-float conversions (a quarter-rate instruction on these GPUs) and two 2-byte input
-loads. Two variants of the loop, timed against it by `choose` (INT4_VARIANTS), remove them: `magic`
-builds the float from the nibble's bits, `pairs` loads the inputs as contiguous pairs.
+Measured (docs/benchmarks.md, H100 and H200, before the word kernel): the int4 GEMV read Scout's
+experts at about 1 TB/s, a third of the copy bandwidth; torch's tinygemm (1.3 TB/s) won every
+linear shape. The word kernel has not run on a GPU yet (its interpreter twin is tested on CPU).
 
 Simplifications: a GEMV per row (good for the few rows of decode, not for prefill, which
 dequantizes and uses a grouped matmul); no pipelining-stage search; gate/up and SwiGLU are not
@@ -54,22 +63,24 @@ except ImportError:  # optional: without Triton the gather dispatch dequantizes 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # int4 tiles (BLOCK_N outputs, GROUPS groups of k per trip, warps: a [BLOCK_N, 64]-byte tile per
 # group gives 16-byte loads per thread when BLOCK_N = 8 * warps) and dense tiles (BLOCK_N, BLOCK_K),
-# each tried with SPLIT = 1 and with enough splits of k for about two programs per multiprocessor.
-# The int4 list keeps the tiles some shape chose on the H100 and H200 (docs/gpu/) and their
-# neighbours; (8, 4, 1), (16, 2, 2), (16, 4, 2), (32, 4, 4) and (64, 2, 8) never won and were dropped
-# when the variants below made each tile four kernels to compile and time.
+# each tried with SPLIT = 1 and with enough splits of k to fill the GPU (_split_options).
+# The byte kernel's list keeps the tiles some shape chose on the H100 and H200 (docs/gpu/) and
+# their neighbours: (8, 4, 1), (16, 2, 2), (16, 4, 2), (32, 4, 4) and (64, 2, 8) never won.
 INT4_TILES = ((8, 2, 1), (8, 8, 1), (16, 8, 2), (8, 4, 4), (8, 8, 4), (16, 4, 4), (32, 2, 4), (64, 1, 4))
-# two code variants of the int4 kernel, each timed with every tile: (magic, pairs)
-#   magic: a nibble becomes a float by OR-ing it into the mantissa of 2^23 and subtracting (the same
-#          value as converting the integer, without the conversion instruction)
-#   pairs: the inputs are loaded as [64, 2] pairs (x[2j], x[2j+1]), contiguous, instead of as even
-#          and odd inputs with stride 2 (fewer, wider loads; the product sums the pair first)
-INT4_VARIANTS = ((False, False), (True, False), (False, True), (True, True))
+# the word kernel's tiles: with BLOCK_N = 32 * warps a thread holds 16 bytes of a group in each of
+# 4 rows, which share its inputs (compiled for sm_90, none of these spills registers)
+WORD_TILES = ((16, 1, 1), (32, 1, 1), (32, 2, 1), (64, 1, 2), (64, 2, 2), (128, 1, 4))
+# how a kernel turns nibbles into floats, each timed with its tiles:
+#   "convert": the byte kernel converts the integer (a quarter-rate instruction on the GPU)
+#   "magic":   the byte kernel ORs the nibble into the mantissa of 2^23 and subtracts (same value)
+#   "words":   the word kernel (_w4a16_words), magic too, 32-bit words unpacked with byte permutes
+INT4_VARIANTS = ("convert", "magic")
 DENSE_TILES = ((32, 64), (64, 32), (64, 64), (128, 16), (128, 32), (256, 8), (256, 16))
-# configurations (BLOCK_N, GROUPS, SPLIT, warps, magic, pairs) and (BLOCK_N, BLOCK_K, SPLIT) used on the
+# configurations (BLOCK_N, GROUPS, SPLIT, warps, variant) and (BLOCK_N, BLOCK_K, SPLIT) used on the
 # interpreter and while a CUDA graph is being recorded before any was timed
-DEFAULT_INT4, DEFAULT_DENSE = (32, 2, 1, 4, True, True), (64, 32, 1)
+DEFAULT_INT4, DEFAULT_DENSE = (32, 1, 1, 1, "words"), (64, 32, 1)
 CHOSEN: dict = {}  # (kernel, rows, n, k, dtype, device) -> the fastest configuration, measured
+TIMES: dict = {}  # the same keys -> {configuration: milliseconds} of every candidate timed
 _ZERO_IDS: dict = {}
 
 
@@ -90,8 +101,7 @@ if triton is not None:
     @triton.jit
     def _w4a16_rows(x_ptr, ids_ptr, w_ptr, s_ptr, y_ptr, N, G, GROUPS_PER_SPLIT,
                     stride_xm, stride_we, stride_wn, stride_se, stride_sg, stride_ys, stride_ym,
-                    GROUP: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, MAGIC: tl.constexpr,
-                    PAIRS: tl.constexpr):
+                    GROUP: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, MAGIC: tl.constexpr):
         HALF: tl.constexpr = GROUP // 2  # bytes per group and output
         m = tl.program_id(0)
         offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -119,14 +129,77 @@ if triton is not None:
                 else:
                     hi = (w >> 4).to(tl.float32) - 8.0
                     lo = (w & 15).to(tl.float32) - 8.0
-                x_at = x_ptr + m * stride_xm + g * GROUP + 2 * j  # inputs k = 2j (and 2j + 1)
-                if PAIRS:  # x as [HALF, 2] pairs (x[2j], x[2j+1]): contiguous, so vector loads
-                    x2 = tl.load(x_at[:, None] + tl.arange(0, 2)[None, :], mask=j_ok[:, None], other=0.0).to(tl.float32)
-                    acc += tl.sum(tl.join(hi, lo) * x2[None, :, :], axis=2) * scale[:, None]
-                else:  # even and odd inputs loaded separately (stride 2)
-                    x_even = tl.load(x_at, mask=j_ok, other=0.0).to(tl.float32)
-                    x_odd = tl.load(x_at + 1, mask=j_ok, other=0.0).to(tl.float32)
-                    acc += (hi * x_even[None, :] + lo * x_odd[None, :]) * scale[:, None]
+                x_even = tl.load(x_ptr + m * stride_xm + g * GROUP + 2 * j, mask=j_ok, other=0.0).to(tl.float32)
+                x_odd = tl.load(x_ptr + m * stride_xm + g * GROUP + 2 * j + 1, mask=j_ok, other=0.0).to(tl.float32)
+                acc += (hi * x_even[None, :] + lo * x_odd[None, :]) * scale[:, None]
+        y = tl.sum(acc, axis=1)
+        tl.store(y_ptr + split * stride_ys + m * stride_ym + offs_n, y.to(y_ptr.dtype.element_ty), mask=n_ok)
+
+    @triton.jit
+    def _byte_into_magic(src, magic, B: tl.constexpr, ASM: tl.constexpr):
+        """Byte B of each int32 in src (a nibble, 0..15) as the low byte of magic = 2^23's bits."""
+        if not ASM:  # the interpreter: the same bits with shifts
+            out = ((src >> (8 * B)) & 255) | magic
+        elif B == 0:  # prmt: byte 0 from src, bytes 1-3 from magic (its bytes 5-7 in prmt's numbering)
+            out = tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, 0x7650;", "=r,r,r", [src, magic],
+                                            dtype=tl.int32, is_pure=True, pack=1)
+        elif B == 1:
+            out = tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, 0x7651;", "=r,r,r", [src, magic],
+                                            dtype=tl.int32, is_pure=True, pack=1)
+        elif B == 2:
+            out = tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, 0x7652;", "=r,r,r", [src, magic],
+                                            dtype=tl.int32, is_pure=True, pack=1)
+        else:
+            out = tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, 0x7653;", "=r,r,r", [src, magic],
+                                            dtype=tl.int32, is_pure=True, pack=1)
+        return out
+
+    @triton.jit
+    def _w4a16_words(x_ptr, ids_ptr, w_ptr, s_ptr, y_ptr, N, G, GROUPS_PER_SPLIT,
+                     stride_xm, stride_we, stride_wn, stride_se, stride_sg, stride_ys, stride_ym, MAGIC_BITS,
+                     GROUP: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, EVEN: tl.constexpr,
+                     ASM: tl.constexpr):
+        WORDS: tl.constexpr = GROUP // 8  # int32 words per group and output, 8 nibbles each
+        m = tl.program_id(0)
+        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        split = tl.program_id(2)
+        n_ok = offs_n < N
+        e = tl.load(ids_ptr + m).to(tl.int64)
+        u = tl.arange(0, WORDS)  # word u of a group holds inputs k = 8u .. 8u + 7
+        w_rows = w_ptr + e * stride_we + offs_n[:, None] * stride_wn + u[None, :]
+        # 2^23's bits, passed in at run time so that the compiler keeps them in a register
+        magic = tl.zeros((BLOCK_N, WORDS), tl.int32) + MAGIC_BITS
+        acc = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)  # summed over words once, after the loop
+        first = split * GROUPS_PER_SPLIT
+        last = tl.minimum(first + GROUPS_PER_SPLIT, G)
+        for g0 in range(first, last, GROUPS):
+            for i in tl.static_range(GROUPS):
+                g = g0 + i
+                if EVEN:  # whole tiles and splits (Scout's shapes): no masks
+                    w = tl.load(w_rows + g * WORDS)
+                    scale = tl.load(s_ptr + e * stride_se + g * stride_sg + offs_n).to(tl.float32)
+                else:
+                    g_ok = g + 0 * offs_n < last  # (vectors: the interpreter takes no scalar masks)
+                    w = tl.load(w_rows + g * WORDS, mask=(n_ok & g_ok)[:, None], other=0)  # (scale 0 there)
+                    scale = tl.load(s_ptr + e * stride_se + g * stride_sg + offs_n, mask=n_ok & g_ok,
+                                    other=0.0).to(tl.float32)
+                # byte b of a word holds input 8u + 2b in its high nibble, 8u + 2b + 1 in its low one
+                highs = (w >> 4) & 0x0F0F0F0F  # each byte's high nibble, moved to the low half
+                lows = w & 0x0F0F0F0F
+                part = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
+                for p in tl.static_range(8):  # input k = 8u + p
+                    if EVEN:
+                        x_p = tl.load(x_ptr + m * stride_xm + g * GROUP + 8 * u + p).to(tl.float32)
+                    else:
+                        x_p = tl.load(x_ptr + m * stride_xm + g * GROUP + 8 * u + p, mask=g + 0 * u < last,
+                                      other=0.0).to(tl.float32)
+                    if p % 2 == 0:
+                        bits = _byte_into_magic(highs, magic, p // 2, ASM)
+                    else:
+                        bits = _byte_into_magic(lows, magic, p // 2, ASM)
+                    # the float with bits 0x4B000000 | q is 2^23 + q: minus 2^23 + 8 gives q - 8, exactly
+                    part += (bits.to(tl.float32, bitcast=True) - 8388616.0) * x_p[None, :]
+                acc += part * scale[:, None]
         y = tl.sum(acc, axis=1)
         tl.store(y_ptr + split * stride_ys + m * stride_ym + offs_n, y.to(y_ptr.dtype.element_ty), mask=n_ok)
 
@@ -204,11 +277,11 @@ def dequantize(packed: torch.Tensor, scales: torch.Tensor, dtype, out: torch.Ten
     return out
 
 
-def _splits(programs: int, steps: int, device) -> int:
-    """Splits of k that give about two programs per multiprocessor (at most one per step of k)."""
+def _splits(programs: int, steps: int, device, per_sm: int = 2) -> int:
+    """Splits of k that give about `per_sm` programs per multiprocessor (at most one per step of k)."""
     if device not in _SMS:
         _SMS[device] = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
-    return max(1, min(steps, triton.cdiv(2 * _SMS[device], programs)))
+    return max(1, min(steps, triton.cdiv(per_sm * _SMS[device], programs)))
 
 
 def _finish(y: torch.Tensor, dtype) -> torch.Tensor:
@@ -216,16 +289,27 @@ def _finish(y: torch.Tensor, dtype) -> torch.Tensor:
 
 
 def _launch_int4(x, expert_ids, packed, scales, block_n: int, groups_per_iter: int, split: int,
-                 warps: int = 4, magic: bool = False, pairs: bool = False) -> torch.Tensor:
+                 warps: int = 4, variant: str = "magic") -> torch.Tensor:
     m, k = x.shape
     n, groups = packed.shape[1], scales.shape[1]
     per_split = triton.cdiv(triton.cdiv(groups, split), groups_per_iter) * groups_per_iter
     split = triton.cdiv(groups, per_split)  # no empty splits
     y = torch.empty(split, m, n, dtype=x.dtype if split == 1 else torch.float32, device=x.device)
-    _w4a16_rows[(m, triton.cdiv(n, block_n), split)](
-        x, expert_ids, packed, scales, y, n, groups, per_split,
-        x.stride(0), packed.stride(0), packed.stride(1), scales.stride(0), scales.stride(1), y.stride(0), y.stride(1),
-        GROUP=k // groups, BLOCK_N=block_n, GROUPS=groups_per_iter, MAGIC=magic, PAIRS=pairs, num_warps=warps)
+    grid = (m, triton.cdiv(n, block_n), split)
+    common = (n, groups, per_split, x.stride(0), packed.stride(0), packed.stride(1), scales.stride(0),
+              scales.stride(1), y.stride(0), y.stride(1))
+    if variant == "words":
+        words = packed.view(torch.int32)  # [e, n, k/8]: little-endian, byte b of word u is byte 4u + b
+        even = n % block_n == 0 and groups % per_split == 0 and per_split % groups_per_iter == 0
+        _w4a16_words[grid](x, expert_ids, words, scales, y, n, groups, per_split, x.stride(0), words.stride(0),
+                           words.stride(1), scales.stride(0), scales.stride(1), y.stride(0), y.stride(1), 0x4B000000,
+                           GROUP=k // groups, BLOCK_N=block_n, GROUPS=groups_per_iter, EVEN=even,
+                           ASM=x.is_cuda and not INTERPRET, num_warps=warps)
+    elif variant in INT4_VARIANTS:
+        _w4a16_rows[grid](x, expert_ids, packed, scales, y, *common, GROUP=k // groups, BLOCK_N=block_n,
+                          GROUPS=groups_per_iter, MAGIC=variant == "magic", num_warps=warps)
+    else:
+        raise ValueError(f"w4a16: variant {variant!r} is not one of {INT4_VARIANTS + ('words',)}")
     return _finish(y, x.dtype)
 
 
@@ -268,24 +352,28 @@ def choose(kind: str, x, n: int, candidates, default, launch):
         if torch.cuda.is_current_stream_capturing():
             return default
         times = {c: time_ms(lambda c=c: launch(*c)) for c in candidates()}
-        CHOSEN[key] = min(times, key=times.get)
+        CHOSEN[key], TIMES[key] = min(times, key=times.get), times
     return CHOSEN[key]
 
 
-def _candidates(tiles, n: int, steps_of, x) -> list[tuple]:
-    """Each tile (BLOCK_N, b, *options) with SPLIT = 1 and with the split that fills the GPU."""
+def _candidates(tiles, n: int, steps_of, x, warps_of=lambda tile: 4) -> list[tuple]:
+    """Each tile (BLOCK_N, b, *options) with SPLIT = 1 and with the splits of k that fill the GPU:
+    about two programs per multiprocessor, and (for small programs) about 16 warps per multiprocessor."""
     out = []
-    for a, b, *options in tiles:
-        split = _splits(x.shape[0] * triton.cdiv(n, a), steps_of(b), x.device)
-        out += [(a, b, s, *options) for s in sorted({1, split})]
+    for tile in tiles:
+        a, b = tile[:2]
+        programs = x.shape[0] * triton.cdiv(n, a)
+        splits = {1, _splits(programs, steps_of(b), x.device),
+                  _splits(programs, steps_of(b), x.device, per_sm=max(2, 16 // warps_of(tile)))}
+        out += [(a, b, s, *tile[2:]) for s in sorted(splits)]
     return out
 
 
 def expert_matmul(x: torch.Tensor, expert_ids: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
                   config: tuple[int, int, int] | None = None) -> torch.Tensor:
     """x [m, k], expert_ids [m] (device), packed uint8 [e, n, k/2], scales [e, k/group, n] -> [m, n].
-    config: (BLOCK_N, GROUPS per trip, SPLIT[, warps[, magic[, pairs]]]) to force one; by default `choose`
-    picks it."""
+    config: (BLOCK_N, GROUPS per trip, SPLIT[, warps[, variant]]) to force one (variant: "convert",
+    "magic" or "words"); by default `choose` picks it."""
     if triton is None:
         raise RuntimeError("minillama4.w4a16 needs Triton (pip install triton)")
     m, k = x.shape
@@ -297,8 +385,10 @@ def expert_matmul(x: torch.Tensor, expert_ids: torch.Tensor, packed: torch.Tenso
     x, packed, scales = x.contiguous(), packed.contiguous(), scales.contiguous()
     launch = lambda *c: _launch_int4(x, expert_ids, packed, scales, *c)  # noqa: E731
     if config is None:
-        config = choose("int4", x, n, lambda: [(*c, *v) for c in _candidates(INT4_TILES, n, lambda gpi: triton.cdiv(
-            groups, gpi), x) for v in INT4_VARIANTS], DEFAULT_INT4, launch)
+        steps = lambda gpi: triton.cdiv(groups, gpi)  # noqa: E731
+        config = choose("int4", x, n, lambda: [
+            *(c + (v,) for c in _candidates(INT4_TILES, n, steps, x, lambda t: t[2]) for v in INT4_VARIANTS),
+            *(c + ("words",) for c in _candidates(WORD_TILES, n, steps, x, lambda t: t[2]))], DEFAULT_INT4, launch)
     return launch(*config)
 
 

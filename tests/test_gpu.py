@@ -132,11 +132,21 @@ def test_w4a16_every_tile_and_split_on_cuda():
     ref = torch.stack([x[i].float() @ dequantize_int4(packed[ids[i]], scales[ids[i]]).T for i in range(2)])
     for block_n, groups, warps in w4a16.INT4_TILES:
         for split in (1, 4):
-            for pairs in (False, True):
-                cvt, magic = (w4a16.expert_matmul(x, ids, packed, scales, config=(block_n, groups, split, warps, m, pairs))
-                              for m in (False, True))
-                assert torch.equal(cvt, magic), (block_n, groups, split, warps, pairs)  # the same floats either way
-                assert rel_err(magic.float(), ref) < 1e-2, (block_n, groups, split, warps, pairs)
+            cvt, magic = (w4a16.expert_matmul(x, ids, packed, scales, config=(block_n, groups, split, warps, v))
+                          for v in ("convert", "magic"))
+            assert torch.equal(cvt, magic), (block_n, groups, split, warps)  # the same floats either way
+            assert rel_err(magic.float(), ref) < 1e-2, (block_n, groups, split, warps)
+    for block_n, groups, warps in w4a16.WORD_TILES:  # the inline-asm byte permutes run only here
+        for split in (1, 3):
+            got = w4a16.expert_matmul(x, ids, packed, scales, config=(block_n, groups, split, warps, "words")).float()
+            assert rel_err(got, ref) < 1e-2, (block_n, groups, split, warps, "words")
+    # whole tiles (Scout's case: no masks), fp32 to see the word kernel's own error
+    big, big_scales = quantize_int4(torch.randn(2, 1024, 5120, device="cuda", generator=g))
+    x32 = torch.randn(1, 5120, device="cuda", generator=g)
+    ref32 = x32[0] @ dequantize_int4(big[1], big_scales[1]).T
+    for block_n, groups, warps in w4a16.WORD_TILES:
+        got = w4a16.expert_matmul(x32, ids[1:], big, big_scales, config=(block_n, groups, 1, warps, "words"))
+        assert rel_err(got[0], ref32) < 1e-5, (block_n, groups, warps)
     w4a16.expert_matmul(x, ids, packed, scales)  # times them and keeps the fastest
     assert ("int4", 2, 320, 1152, torch.bfloat16, x.device) in w4a16.CHOSEN
     w = torch.randn(4, 1152, 320, device="cuda", generator=g).bfloat16()

@@ -52,32 +52,48 @@ else:
         ref = torch.stack([x[i] @ dequantize_int4(packed[ids[i]], scales[ids[i]]).T for i in range(rows)])
         assert rel_err(got, ref) < 1e-6
 
-    @pytest.mark.parametrize("tile", w4a16.INT4_TILES)
+    @pytest.mark.parametrize("config", [(*tile, v) for tile in w4a16.INT4_TILES for v in w4a16.INT4_VARIANTS]
+                             + [(*tile, "words") for tile in w4a16.WORD_TILES])
     @pytest.mark.parametrize("split", [1, 3])
-    @pytest.mark.parametrize("variant", w4a16.INT4_VARIANTS)
-    def test_every_int4_tile_and_split_gives_the_same_product(tile, split, variant):
+    def test_every_int4_tile_and_split_gives_the_same_product(config, split):
         g = torch.Generator().manual_seed(7)
         packed, scales = quantize_int4(torch.randn(3, 80, 640, generator=g))  # 5 groups: uneven tiles and splits
         x = torch.randn(2, 640, generator=g)
         ids = torch.tensor([2, 0])
         ref = torch.stack([x[i] @ dequantize_int4(packed[ids[i]], scales[ids[i]]).T for i in range(2)])
-        block_n, groups, warps = tile
-        got = w4a16.expert_matmul(x, ids, packed, scales, config=(block_n, groups, split, warps, *variant))
+        block_n, groups, warps, variant = config
+        got = w4a16.expert_matmul(x, ids, packed, scales, config=(block_n, groups, split, warps, variant))
         assert rel_err(got, ref) < 1e-6
 
-    def test_both_nibble_unpackings_give_the_same_bits():
+    @pytest.mark.parametrize("split", [1, 2])
+    def test_the_word_kernel_on_whole_tiles(split):
+        """Scout-like shapes: every tile and split whole, the word kernel's unmasked path (EVEN)."""
+        g = torch.Generator().manual_seed(8)
+        packed, scales = quantize_int4(torch.randn(2, 64, 512, generator=g))
+        x = torch.randn(1, 512, generator=g)
+        ids = torch.tensor([1])
+        ref = x[0] @ dequantize_int4(packed[1], scales[1]).T
+        for block_n, groups, warps in w4a16.WORD_TILES:
+            if 64 % block_n == 0:
+                got = w4a16.expert_matmul(x, ids, packed, scales, config=(block_n, groups, split, warps, "words"))
+                assert rel_err(got[0], ref) < 1e-6, (block_n, groups, warps)
+
+    def test_nibble_unpackings_give_the_same_bits():
         """Every byte value 0..255 (both nibbles 0..15) in the weights: OR-ing a nibble into 2^23's
-        mantissa and subtracting gives exactly the converted integer, so the products are equal."""
+        mantissa and subtracting gives exactly the converted integer, so the byte kernel's products
+        are equal either way; the word kernel (another summation order) agrees to rounding."""
         g = torch.Generator().manual_seed(9)
         packed = torch.arange(256, dtype=torch.uint8).repeat(2, 64, 2)[:, :, :256]  # [2, 64, 256]: k = 512
         scales = torch.rand(2, 4, 64, generator=g) + 0.5
         x = torch.randn(3, 512, generator=g)
         ids = torch.tensor([1, 0, 1])
-        for pairs in (False, True):
-            cvt, magic = (w4a16.expert_matmul(x, ids, packed, scales, config=(16, 2, 1, 2, m, pairs)) for m in (False, True))
-            assert torch.equal(cvt, magic)
+        cvt, magic = (w4a16.expert_matmul(x, ids, packed, scales, config=(16, 2, 1, 2, v)) for v in ("convert", "magic"))
+        assert torch.equal(cvt, magic)
         ref = torch.stack([x[i] @ dequantize_int4(packed[ids[i]], scales[ids[i]]).T for i in range(3)])
         assert rel_err(magic, ref) < 1e-6
+        assert rel_err(w4a16.expert_matmul(x, ids, packed, scales, config=(32, 1, 1, 1, "words")), ref) < 1e-6
+        with pytest.raises(ValueError, match="variant 'fast'"):
+            w4a16.expert_matmul(x, ids, packed, scales, config=(32, 1, 1, 1, "fast"))
 
     @pytest.mark.parametrize("tile", w4a16.DENSE_TILES)
     @pytest.mark.parametrize("split", [1, 3])
