@@ -51,6 +51,7 @@ Axes: m rows (token copies), n outputs, k inputs, e experts, g groups along k, s
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 
@@ -344,14 +345,26 @@ def choose(kind: str, x, n: int, candidates, default, launch):
     """The fastest configuration for this shape: on CUDA each of `candidates()` is timed once per
     (kind, rows, n, k, dtype, device) (time_ms) and the winner kept in CHOSEN; `default` on the
     interpreter, and while a CUDA graph is being recorded (timing would break the capture;
-    decode.DecodeStep runs the step once before recording, so the choice is made by then)."""
+    decode.DecodeStep runs the step once before recording, so the choice is made by then).
+    A configuration that raises (say, a kernel variant this GPU's Triton cannot compile) is skipped
+    with a warning."""
     if not x.is_cuda:
         return default
     key = (kind, x.shape[0], n, x.shape[1], x.dtype, x.device)
     if key not in CHOSEN:
         if torch.cuda.is_current_stream_capturing():
             return default
-        times = {c: time_ms(lambda c=c: launch(*c)) for c in candidates()}
+        times, failed = {}, {}
+        for c in candidates():
+            try:
+                times[c] = time_ms(lambda c=c: launch(*c))
+            except Exception as err:  # e.g. a variant this GPU's Triton cannot compile: skip it, loudly
+                failed[c] = f"{type(err).__name__}: {err}"
+        if failed:
+            warnings.warn(f"w4a16: {len(failed)} of {len(failed) + len(times)} configurations failed for {key[:4]}, "
+                          f"e.g. {next(iter(failed.items()))}", RuntimeWarning, stacklevel=2)
+        if not times:
+            raise RuntimeError(f"w4a16: no configuration ran for {key[:4]}: {failed}")
         CHOSEN[key], TIMES[key] = min(times, key=times.get), times
     return CHOSEN[key]
 

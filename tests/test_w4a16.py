@@ -26,6 +26,13 @@ if not INTERPRETED:
         assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
         assert " passed" in run.stdout and "skipped" not in run.stdout, run.stdout[-2000:]
 
+    def test_the_environment_can_switch_the_fused_kernels_off():
+        code = "from minillama4 import fused; print(fused.ENABLED)"
+        for value, expected in (("0", "False"), ("1", "True")):
+            run = subprocess.run([sys.executable, "-c", code], env={**os.environ, "MINILLAMA4_FUSED": value},
+                                 capture_output=True, text=True)
+            assert run.stdout.strip() == expected, run.stderr[-2000:]
+
 else:
     from contextlib import contextmanager
 
@@ -94,6 +101,28 @@ else:
         assert rel_err(w4a16.expert_matmul(x, ids, packed, scales, config=(32, 1, 1, 1, "words")), ref) < 1e-6
         with pytest.raises(ValueError, match="variant 'fast'"):
             w4a16.expert_matmul(x, ids, packed, scales, config=(32, 1, 1, 1, "fast"))
+
+    def test_the_tuner_skips_configurations_that_fail(monkeypatch):
+        """On CUDA `choose` times every candidate; one that raises (a variant some Triton cannot
+        compile) is skipped with a warning, and an all-failing shape is an error naming them."""
+        from types import SimpleNamespace
+
+        x = SimpleNamespace(is_cuda=True, shape=(1, 256), dtype=torch.bfloat16, device=torch.device("cpu"))
+        monkeypatch.setattr(w4a16, "time_ms", lambda fn: fn())
+        monkeypatch.setattr(w4a16, "CHOSEN", {})
+        monkeypatch.setattr(w4a16, "TIMES", {})
+        monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)  # (CPU torch: no CUDA)
+
+        def launch(name):
+            if name == "bad":
+                raise RuntimeError("cannot compile")
+            return {"slow": 2.0, "fast": 1.0}[name]
+
+        with pytest.warns(RuntimeWarning, match="1 of 3 configurations failed"):
+            assert w4a16.choose("test", x, 7, lambda: [("slow",), ("bad",), ("fast",)], ("slow",), launch) == ("fast",)
+        assert w4a16.TIMES[("test", 1, 7, 256, torch.bfloat16, x.device)] == {("slow",): 2.0, ("fast",): 1.0}
+        with pytest.raises(RuntimeError, match="no configuration ran"), pytest.warns(RuntimeWarning):
+            w4a16.choose("test", x, 8, lambda: [("bad",)], ("slow",), launch)
 
     @pytest.mark.parametrize("tile", w4a16.DENSE_TILES)
     @pytest.mark.parametrize("split", [1, 3])
