@@ -21,7 +21,7 @@ from einops import rearrange
 from torch import nn
 
 from .config import TextConfig
-from .layers import _fused, apply_rope, fused_ok, rms_norm
+from .layers import _fused, apply_rope, fused_ok, project, rms_norm
 
 
 def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, chunk: int | None) -> torch.Tensor:
@@ -126,9 +126,11 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.dh, bias=bias)
         self.o_proj = nn.Linear(self.n_heads * self.dh, cfg.hidden_size, bias=bias)
 
-    def queries(self, x: torch.Tensor, positions: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
-        """x [b, t, d] at absolute positions [t] -> q [b, t, h, dh]: RoPE, QK norm, temperature."""
-        q = rearrange(self.q_proj(x), "b t (h dh) -> b t h dh", dh=self.dh)
+    def queries(self, x: torch.Tensor, positions: torch.Tensor, freqs_cis: torch.Tensor,
+                projected: torch.Tensor | None = None) -> torch.Tensor:
+        """x [b, t, d] at absolute positions [t] -> q [b, t, h, dh]: RoPE, QK norm, temperature.
+        projected: q_proj(x) if already computed."""
+        q = rearrange(self.q_proj(x) if projected is None else projected, "b t (h dh) -> b t h dh", dh=self.dh)
         if self.use_rope:
             q = apply_rope(q, freqs_cis)
         if self.use_qk_norm:  # after RoPE, per head over dh, no weight
@@ -138,9 +140,10 @@ class Attention(nn.Module):
             q = (q * rearrange(s, "t -> 1 t 1 1")).to(q.dtype)
         return q
 
-    def keys(self, x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
-        """x [b, t, d] -> k [b, t, k, dh]: RoPE and QK norm (no temperature on keys)."""
-        k = rearrange(self.k_proj(x), "b t (k dh) -> b t k dh", dh=self.dh)
+    def keys(self, x: torch.Tensor, freqs_cis: torch.Tensor, projected: torch.Tensor | None = None) -> torch.Tensor:
+        """x [b, t, d] -> k [b, t, k, dh]: RoPE and QK norm (no temperature on keys).
+        projected: k_proj(x) if already computed."""
+        k = rearrange(self.k_proj(x) if projected is None else projected, "b t (k dh) -> b t k dh", dh=self.dh)
         if self.use_rope:
             k = apply_rope(k, freqs_cis)
         if self.use_qk_norm:
@@ -159,8 +162,9 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, positions: torch.Tensor, freqs_cis: torch.Tensor,
                 cache: KVCache | None = None) -> torch.Tensor:
         """x [b, t, d] at absolute positions [t] -> [b, t, d]."""
-        q, k = self.queries(x, positions, freqs_cis), self.keys(x, freqs_cis)
-        v = rearrange(self.v_proj(x), "b t (k dh) -> b k t dh", dh=self.dh)
+        q_x, k_x, v_x = project(x, self.q_proj, self.k_proj, self.v_proj)  # (int4 on CUDA: maybe one launch)
+        q, k = self.queries(x, positions, freqs_cis, q_x), self.keys(x, freqs_cis, k_x)
+        v = rearrange(v_x, "b t (k dh) -> b k t dh", dh=self.dh)
         q = rearrange(q, "b t h dh -> b h t dh")
         k = rearrange(k, "b t k dh -> b k t dh")
         k_pos = positions

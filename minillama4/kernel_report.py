@@ -127,13 +127,18 @@ def gemv_reports(arch: int = 90, even: bool = True) -> list[Report]:
                                                         "MAGIC": variant == "magic"}, warps, arch)
             out.append(report(f"w4a16 bytes {variant} {block_n}x{groups} w{warps}", k,
                               block_n * 64 * groups / (32 * warps)))
-    for block_n, groups, warps in w4a16.WORD_TILES:
-        sig = {**_GEMV_ARGS, "w_ptr": "*i32", "MAGIC_BITS": "i32", "GROUP": "constexpr", "BLOCK_N": "constexpr",
-               "GROUPS": "constexpr", "EVEN": "constexpr", "ASM": "constexpr"}
-        k = compile_kernel(w4a16._w4a16_words, sig, {"GROUP": 128, "BLOCK_N": block_n, "GROUPS": groups,
-                                                     "EVEN": even, "ASM": True}, warps, arch)
-        out.append(report(f"w4a16 words {block_n}x{groups} w{warps}{'' if even else ' masked'}", k,
-                          block_n * 64 * groups / (32 * warps)))
+    words = {"x_ptr": "*bf16", "ids_ptr": "*i64", "w_ptr": "*i32", "s_ptr": "*bf16", "w2_ptr": "*i32", "s2_ptr": "*bf16",
+             "w3_ptr": "*i32", "s3_ptr": "*bf16", "y_ptr": "*bf16", "N": "i32", "N1": "i32", "N2": "i32", "G": "i32",
+             "GROUPS_PER_SPLIT": "i32", "stride_xm": "i32", "stride_we": "i32", "stride_wn": "i32", "stride_se": "i32",
+             "stride_sg": "i32", "stride_sg2": "i32", "stride_sg3": "i32", "stride_ys": "i32", "stride_ym": "i32",
+             "MAGIC_BITS": "i32", "GROUP": "constexpr", "BLOCK_N": "constexpr", "GROUPS": "constexpr",
+             "EVEN": "constexpr", "ASM": "constexpr", "PARTS": "constexpr"}
+    for parts in (1, 3):  # one matrix (experts, a linear), three side by side (q, k, v)
+        for block_n, groups, warps in w4a16.WORD_TILES if parts == 1 else w4a16.WORD_TILES[1:2]:
+            k = compile_kernel(w4a16._w4a16_words, words, {"GROUP": 128, "BLOCK_N": block_n, "GROUPS": groups,
+                                                           "EVEN": even, "ASM": True, "PARTS": parts}, warps, arch)
+            out.append(report(f"w4a16 words {block_n}x{groups} w{warps}{'' if even else ' masked'}"
+                              f"{f' {parts} parts' if parts > 1 else ''}", k, block_n * 64 * groups / (32 * warps)))
     return out
 
 

@@ -159,6 +159,40 @@ class Int4Linear(nn.Module):
         kernels["dequantize"] = lambda: F.linear(rows, self.dequantized(rows.dtype))
         return kernels
 
+    @staticmethod
+    def run_together(x: torch.Tensor, linears) -> tuple | None:
+        """x through several Int4Linears that share it (q, k, v; gate, up) as one kernel launch
+        (w4a16.linears_matmul), or None: call them one by one. On CUDA, for decode-sized bf16
+        inputs, the launch is timed once per set of shapes against the separate calls (each with its
+        own chosen kernel) and kept only if faster; under Triton's interpreter it always runs."""
+        from . import w4a16
+
+        rows = x.reshape(-1, x.shape[-1])
+        ins = {(lin.in_features, lin.group) for lin in linears}
+        if (not all(isinstance(lin, Int4Linear) for lin in linears) or len(ins) != 1 or not 2 <= len(linears) <= 3
+                or rows.shape[0] > 16 or not w4a16.available(rows) or (rows.is_cuda and x.dtype != torch.bfloat16)
+                or not any(all(lin.out_features % t[0] == 0 for lin in linears) for t in w4a16.WORD_TILES)):
+            return None
+        parts = [(lin.packed, lin.scales) for lin in linears]
+        together = lambda: w4a16.linears_matmul(rows, parts)  # noqa: E731
+        if rows.is_cuda:
+            key = (rows.shape[0], tuple(lin.out_features for lin in linears), rows.shape[1], rows.device)
+            if key not in _TOGETHER:
+                if torch.cuda.is_current_stream_capturing():
+                    return None
+                from .w4a16 import time_ms
+
+                apart = time_ms(lambda: [lin(rows) for lin in linears])  # (each times its own kernels first)
+                _TOGETHER[key] = time_ms(together) < apart
+                if _TOGETHER[key]:
+                    for lin in linears:
+                        lin._kernel_weight = None  # tinygemm's copies are not needed
+            if not _TOGETHER[key]:
+                return None
+        y = together()
+        outs = y.split([lin.out_features for lin in linears], dim=-1)
+        return tuple(o.reshape(*x.shape[:-1], o.shape[-1]) for o in outs)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         kernel = self._kernel(x)
         if kernel is not None:
@@ -170,6 +204,7 @@ class Int4Linear(nn.Module):
 
 
 _LINEAR_KERNEL: dict = {}  # (rows, out, in, device) -> the fastest decode kernel's name, measured
+_TOGETHER: dict = {}  # (rows, outs, in, device) -> whether one launch beat separate calls, measured
 
 
 def _choose_linear_kernel(rows: torch.Tensor, linear: Int4Linear, kernels: dict) -> str:

@@ -156,18 +156,35 @@ if triton is not None:
         return out
 
     @triton.jit
-    def _w4a16_words(x_ptr, ids_ptr, w_ptr, s_ptr, y_ptr, N, G, GROUPS_PER_SPLIT,
-                     stride_xm, stride_we, stride_wn, stride_se, stride_sg, stride_ys, stride_ym, MAGIC_BITS,
-                     GROUP: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, EVEN: tl.constexpr,
-                     ASM: tl.constexpr):
+    def _w4a16_words(x_ptr, ids_ptr, w_ptr, s_ptr, w2_ptr, s2_ptr, w3_ptr, s3_ptr, y_ptr, N, N1, N2, G,
+                     GROUPS_PER_SPLIT, stride_xm, stride_we, stride_wn, stride_se, stride_sg, stride_sg2, stride_sg3,
+                     stride_ys, stride_ym, MAGIC_BITS, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
+                     GROUPS: tl.constexpr, EVEN: tl.constexpr, ASM: tl.constexpr, PARTS: tl.constexpr):
         WORDS: tl.constexpr = GROUP // 8  # int32 words per group and output, 8 nibbles each
         m = tl.program_id(0)
-        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n0 = tl.program_id(1) * BLOCK_N  # the first output, of all PARTS matrices' outputs side by side
+        offs_n = n0 + tl.arange(0, BLOCK_N)
         split = tl.program_id(2)
         n_ok = offs_n < N
         e = tl.load(ids_ptr + m).to(tl.int64)
+        # PARTS > 1: up to three matrices sharing x (q, k, v or gate, up), outputs 0..N1-1 from the
+        # first, N1..N1+N2-1 from the second, the rest from the third; no tile straddles two
+        first_n = n0
+        if PARTS >= 2:
+            if n0 >= N1:
+                w_ptr = w2_ptr
+                s_ptr = s2_ptr
+                stride_sg = stride_sg2
+                first_n = n0 - N1
+        if PARTS >= 3:
+            if n0 >= N1 + N2:
+                w_ptr = w3_ptr
+                s_ptr = s3_ptr
+                stride_sg = stride_sg3
+                first_n = n0 - N1 - N2
+        rows = first_n + tl.arange(0, BLOCK_N)  # output rows of the matrix this tile reads
         u = tl.arange(0, WORDS)  # word u of a group holds inputs k = 8u .. 8u + 7
-        w_rows = w_ptr + e * stride_we + offs_n[:, None] * stride_wn + u[None, :]
+        w_rows = w_ptr + e * stride_we + rows[:, None] * stride_wn + u[None, :]
         # 2^23's bits, passed in at run time so that the compiler keeps them in a register
         magic = tl.zeros((BLOCK_N, WORDS), tl.int32) + MAGIC_BITS
         acc = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)  # summed over words once, after the loop
@@ -178,11 +195,11 @@ if triton is not None:
                 g = g0 + i
                 if EVEN:  # whole tiles and splits (Scout's shapes): no masks
                     w = tl.load(w_rows + g * WORDS)
-                    scale = tl.load(s_ptr + e * stride_se + g * stride_sg + offs_n).to(tl.float32)
+                    scale = tl.load(s_ptr + e * stride_se + g * stride_sg + rows).to(tl.float32)
                 else:
                     g_ok = g + 0 * offs_n < last  # (vectors: the interpreter takes no scalar masks)
                     w = tl.load(w_rows + g * WORDS, mask=(n_ok & g_ok)[:, None], other=0)  # (scale 0 there)
-                    scale = tl.load(s_ptr + e * stride_se + g * stride_sg + offs_n, mask=n_ok & g_ok,
+                    scale = tl.load(s_ptr + e * stride_se + g * stride_sg + rows, mask=n_ok & g_ok,
                                     other=0.0).to(tl.float32)
                 # byte b of a word holds input 8u + 2b in its high nibble, 8u + 2b + 1 in its low one
                 highs = (w >> 4) & 0x0F0F0F0F  # each byte's high nibble, moved to the low half
@@ -302,10 +319,10 @@ def _launch_int4(x, expert_ids, packed, scales, block_n: int, groups_per_iter: i
     if variant == "words":
         words = packed.view(torch.int32)  # [e, n, k/8]: little-endian, byte b of word u is byte 4u + b
         even = n % block_n == 0 and groups % per_split == 0 and per_split % groups_per_iter == 0
-        _w4a16_words[grid](x, expert_ids, words, scales, y, n, groups, per_split, x.stride(0), words.stride(0),
-                           words.stride(1), scales.stride(0), scales.stride(1), y.stride(0), y.stride(1), 0x4B000000,
-                           GROUP=k // groups, BLOCK_N=block_n, GROUPS=groups_per_iter, EVEN=even,
-                           ASM=x.is_cuda and not INTERPRET, num_warps=warps)
+        _w4a16_words[grid](x, expert_ids, words, scales, words, scales, words, scales, y, n, n, 0, groups, per_split,
+                           x.stride(0), words.stride(0), words.stride(1), scales.stride(0), scales.stride(1), 0, 0,
+                           y.stride(0), y.stride(1), 0x4B000000, GROUP=k // groups, BLOCK_N=block_n,
+                           GROUPS=groups_per_iter, EVEN=even, ASM=x.is_cuda and not INTERPRET, PARTS=1, num_warps=warps)
     elif variant in INT4_VARIANTS:
         _w4a16_rows[grid](x, expert_ids, packed, scales, y, *common, GROUP=k // groups, BLOCK_N=block_n,
                           GROUPS=groups_per_iter, MAGIC=variant == "magic", num_warps=warps)
@@ -403,6 +420,48 @@ def expert_matmul(x: torch.Tensor, expert_ids: torch.Tensor, packed: torch.Tenso
             *(c + (v,) for c in _candidates(INT4_TILES, n, steps, x, lambda t: t[2]) for v in INT4_VARIANTS),
             *(c + ("words",) for c in _candidates(WORD_TILES, n, steps, x, lambda t: t[2]))], DEFAULT_INT4, launch)
     return launch(*config)
+
+
+def linears_matmul(x: torch.Tensor, parts: list, config: tuple | None = None) -> torch.Tensor:
+    """x [m, k] through up to three int4 matrices that share it, in one launch of the word kernel:
+    parts = [(packed [n_i, k/2], scales [k/group, n_i]), ...] (quant.Int4Linear's buffers) ->
+    [m, n_1 + n_2 + ...], the outputs side by side (q, k, v or gate, up). Every n_i must be a
+    multiple of some word tile's BLOCK_N. config: (BLOCK_N, GROUPS, SPLIT, warps) to force one."""
+    if triton is None:
+        raise RuntimeError("minillama4.w4a16 needs Triton (pip install triton)")
+    m, k = x.shape
+    ns = [packed.shape[0] for packed, _ in parts]
+    groups = parts[0][1].shape[0] if parts else 0
+    if not 1 <= len(parts) <= 3 or any(packed.shape != (n, k // 2) or scales.shape != (groups, n) or k % groups
+                                       for n, (packed, scales) in zip(ns, parts)):
+        raise ValueError(f"linears_matmul: x {tuple(x.shape)} and parts "
+                         f"{[(tuple(p.shape), tuple(s.shape)) for p, s in parts]} do not fit together")
+    tiles = [t for t in WORD_TILES if all(n % t[0] == 0 for n in ns)]
+    if not tiles:
+        raise ValueError(f"linears_matmul: outputs {ns} are not multiples of any word tile {WORD_TILES}")
+    x = x.contiguous()
+    words = [(packed.contiguous().view(torch.int32), scales.contiguous()) for packed, scales in parts]
+    launch = lambda *c: _launch_parts(x, words, ns, *c)  # noqa: E731
+    if config is None:
+        config = choose(f"int4 x{len(parts)}", x, sum(ns), lambda: _candidates(
+            tiles, sum(ns), lambda gpi: triton.cdiv(groups, gpi), x, lambda t: t[2]), (*tiles[0][:2], 1, tiles[0][2]), launch)
+    return launch(*config)
+
+
+def _launch_parts(x, words, ns, block_n: int, groups_per_iter: int, split: int, warps: int) -> torch.Tensor:
+    m, k = x.shape
+    n, groups = sum(ns), words[0][1].shape[0]
+    per_split = triton.cdiv(triton.cdiv(groups, split), groups_per_iter) * groups_per_iter
+    split = triton.cdiv(groups, per_split)
+    y = torch.empty(split, m, n, dtype=x.dtype if split == 1 else torch.float32, device=x.device)
+    (w1, s1), (w2, s2), (w3, s3) = (words + [words[0]] * 2)[:3]
+    even = groups % per_split == 0 and per_split % groups_per_iter == 0  # (whole tiles: every n_i divides)
+    _w4a16_words[(m, n // block_n, split)](
+        x, zero_ids(m, x.device), w1, s1, w2, s2, w3, s3, y, n, ns[0], ns[1] if len(ns) > 1 else 0, groups,
+        per_split, x.stride(0), 0, w1.stride(0), 0, s1.stride(0), s2.stride(0), s3.stride(0), y.stride(0),
+        y.stride(1), 0x4B000000, GROUP=k // groups, BLOCK_N=block_n, GROUPS=groups_per_iter, EVEN=even,
+        ASM=x.is_cuda and not INTERPRET, PARTS=len(words), num_warps=warps)
+    return _finish(y, x.dtype)
 
 
 def expert_matmul_dense(x: torch.Tensor, expert_ids: torch.Tensor, w: torch.Tensor,

@@ -157,6 +157,25 @@ def test_w4a16_every_tile_and_split_on_cuda():
             assert rel_err(got, ref) < 1e-2, (tile, split)
 
 
+def test_int4_linears_side_by_side_on_cuda():
+    """q, k, v of a Scout-width layer in one launch of the word kernel, and Int4Linear.run_together,
+    which keeps that launch only if it times faster than the three calls."""
+    from minillama4 import w4a16
+    from minillama4.quant import _TOGETHER
+
+    torch.manual_seed(5)
+    q, k, v = (Int4Linear.from_linear(torch.nn.Linear(5120, n, bias=False, device="cuda")) for n in (5120, 1024, 1024))
+    x = torch.randn(1, 1, 5120, device="cuda", dtype=torch.bfloat16)
+    ref = [x.float() @ lin.dequantized().T for lin in (q, k, v)]
+    got = w4a16.linears_matmul(x[0, 0][None], [(lin.packed, lin.scales) for lin in (q, k, v)])
+    assert rel_err(got.float(), torch.cat(ref, -1)[0]) < 1e-2
+    with torch.no_grad():
+        outs = Int4Linear.run_together(x, [q, k, v])
+    print("q/k/v in one launch:", _TOGETHER)
+    if outs is not None:
+        assert all(rel_err(o.float(), r) < 1e-2 for o, r in zip(outs, ref))
+
+
 def test_fused_rms_norm_on_cuda():
     """The fused norm (fused.py) against the readable math, which the CPU and training run."""
     from minillama4 import fused

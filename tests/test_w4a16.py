@@ -102,6 +102,36 @@ else:
         with pytest.raises(ValueError, match="variant 'fast'"):
             w4a16.expert_matmul(x, ids, packed, scales, config=(32, 1, 1, 1, "fast"))
 
+    @pytest.mark.parametrize("config", [None, (16, 1, 1, 1), (32, 2, 3, 1)])
+    def test_linears_side_by_side_in_one_launch(config):
+        """q, k, v (or gate, up) through the word kernel at once: the outputs side by side, each as
+        its own matrix gives (5 groups: uneven splits)."""
+        g = torch.Generator().manual_seed(10)
+        mats = [quantize_int4(torch.randn(n, 640, generator=g)) for n in (96, 32, 64)]
+        x = torch.randn(2, 640, generator=g)
+        ref = torch.cat([x @ dequantize_int4(packed, scales).T for packed, scales in mats], dim=-1)
+        for parts in (mats, mats[:2], mats[:1]):
+            got = w4a16.linears_matmul(x, parts, config)
+            assert rel_err(got, ref[:, :got.shape[1]]) < 1e-6 and got.shape[1] == sum(p.shape[0] for p, _ in parts)
+        with pytest.raises(ValueError, match="not multiples of any word tile"):
+            w4a16.linears_matmul(x, [quantize_int4(torch.randn(24, 640, generator=g))])
+        with pytest.raises(ValueError, match="do not fit together"):
+            w4a16.linears_matmul(x, [mats[0], quantize_int4(torch.randn(32, 512, generator=g))])
+
+    def test_int4_linears_run_together_when_they_can():
+        from minillama4.quant import Int4Linear
+
+        g = torch.Generator().manual_seed(11)
+        q, k, v = (Int4Linear.from_linear(torch.nn.Linear(256, n, bias=False)) for n in (64, 32, 32))
+        x = torch.randn(1, 3, 256, generator=g)
+        with torch.no_grad():
+            together = Int4Linear.run_together(x, [q, k, v])
+            assert [tuple(t.shape) for t in together] == [(1, 3, 64), (1, 3, 32), (1, 3, 32)]
+            assert all(rel_err(t, lin(x)) < 1e-5 for t, lin in zip(together, (q, k, v)))
+            assert Int4Linear.run_together(torch.randn(1, 17, 256), [q, k]) is None  # prefill-sized: one by one
+            other = Int4Linear.from_linear(torch.nn.Linear(128, 32, bias=False))
+            assert Int4Linear.run_together(torch.randn(1, 1, 256), [q, other]) is None  # inputs differ
+
     def test_the_tuner_skips_configurations_that_fail(monkeypatch):
         """On CUDA `choose` times every candidate; one that raises (a variant some Triton cannot
         compile) is skipped with a warning, and an all-failing shape is an error naming them."""
@@ -319,7 +349,7 @@ else:
     @pytest.mark.parametrize("int4", [False, True])
     def test_the_fused_model_matches_the_readable_model(int4):
         """The fused kernels of fused.py in place (norms, the residual add with its norm, RoPE, mask, SwiGLU
-        activation, cache write, top-k, decode attention)
+        activation, cache write, top-k, decode attention, q/k/v and gate/up side by side)
         against the readable code, the row kernels in both: logits of a prefill and of decode steps."""
         cfg = small_text(hidden_size=128, head_dim=32, intermediate_size=128, intermediate_size_mlp=256,
                          num_experts_per_tok=2, interleave_moe_layer_step=2)
