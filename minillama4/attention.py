@@ -163,7 +163,13 @@ class Attention(nn.Module):
                 cache: KVCache | None = None) -> torch.Tensor:
         """x [b, t, d] at absolute positions [t] -> [b, t, d]."""
         q_x, k_x, v_x = project(x, self.q_proj, self.k_proj, self.v_proj)  # (int4 on CUDA: maybe one launch)
-        q, k = self.queries(x, positions, freqs_cis, q_x), self.keys(x, freqs_cis, k_x)
+        if fused_ok(q_x) and (self.use_rope or self.use_qk_norm or self.temperature):
+            # on CUDA: queries() and keys() below, for q and k together, in one kernel (fused.py)
+            q, k = _fused().qk_prepare(
+                q_x, k_x, positions, freqs_cis, self.n_heads, self.n_kv, self.cfg.rms_norm_eps, self.use_rope,
+                self.use_qk_norm, (self.cfg.floor_scale, self.cfg.attn_scale) if self.temperature else None)
+        else:
+            q, k = self.queries(x, positions, freqs_cis, q_x), self.keys(x, freqs_cis, k_x)
         v = rearrange(v_x, "b t (k dh) -> b k t dh", dh=self.dh)
         q = rearrange(q, "b t h dh -> b h t dh")
         k = rearrange(k, "b t k dh -> b k t dh")

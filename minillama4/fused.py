@@ -7,6 +7,7 @@ training run), in the same order and precision; the last bit of an fp32 sum or e
     rms_norm        y = to_x_dtype(x / sqrt(mean(x^2) + eps)) * weight     (fp32 math; weight optional)
     add_rms_norm    h = x + delta (x's dtype), then rms_norm(h): the residual add and the next norm
     rope            (x[2j] + i x[2j+1]) * e^{i p theta_j}, fp32, cast to x's dtype
+    qk_prepare      attention's q and k from their projections: RoPE, QK norm, NoPE temperature
     attention_mask  (k <= q) & (k >= 0) & (k // chunk == q // chunk)
     silu_mul        to_dtype(silu(gate)) * up                             (fp32 math, as F.silu then *)
     cache_write     keys[slot], values[slot], slot_pos[slot] = k, v, p    slot = p % slots
@@ -86,6 +87,41 @@ if triton is not None:
         # (even + i odd) * (cos + i sin)
         tl.store(y_ptr + r * stride_yr + 2 * j, (even * cos - odd * sin).to(y_ptr.dtype.element_ty), mask=j_ok)
         tl.store(y_ptr + r * stride_yr + 2 * j + 1, (even * sin + odd * cos).to(y_ptr.dtype.element_ty), mask=j_ok)
+
+    @triton.jit
+    def _qk_rows(q_ptr, k_ptr, cs_ptr, pos_ptr, qo_ptr, ko_ptr, RQ, H, KVH, T, J, eps, attn_scale, FLOOR,
+                 stride_qb, stride_qt, stride_kb, stride_kt,
+                 ROPE: tl.constexpr, NORM: tl.constexpr, TEMP: tl.constexpr, BLOCK: tl.constexpr):
+        r = tl.program_id(0)  # rows 0..RQ-1: q's (b, t, head); then k's
+        src, dst, heads, row = q_ptr, qo_ptr, H, r
+        stride_b, stride_t = stride_qb, stride_qt
+        if r >= RQ:
+            src, dst, heads, row = k_ptr, ko_ptr, KVH, r - RQ
+            stride_b, stride_t = stride_kb, stride_kt
+        b, t, head = row // (T * heads), (row // heads) % T, row % heads
+        src = src + b * stride_b + t * stride_t + head * 2 * J
+        dst = dst + row * 2 * J
+        j = tl.arange(0, BLOCK)
+        j_ok = j < J
+        even = tl.load(src + 2 * j, mask=j_ok, other=0.0).to(tl.float32)
+        odd = tl.load(src + 2 * j + 1, mask=j_ok, other=0.0).to(tl.float32)
+        if ROPE:  # (even + i odd) * (cos + i sin) in fp32, cast to the input dtype (layers.apply_rope)
+            cos = tl.load(cs_ptr + t * 2 * J + 2 * j, mask=j_ok, other=1.0)
+            sin = tl.load(cs_ptr + t * 2 * J + 2 * j + 1, mask=j_ok, other=0.0)
+            rotated = even * cos - odd * sin
+            odd = (even * sin + odd * cos).to(qo_ptr.dtype.element_ty).to(tl.float32)
+            even = rotated.to(qo_ptr.dtype.element_ty).to(tl.float32)
+        if NORM:  # the weightless QK RMS norm over the head dim, cast to the input dtype
+            inv = tl.rsqrt((tl.sum(even * even, axis=0) + tl.sum(odd * odd, axis=0)) / (2 * J) + eps)
+            even = (even * inv).to(qo_ptr.dtype.element_ty).to(tl.float32)
+            odd = (odd * inv).to(qo_ptr.dtype.element_ty).to(tl.float32)
+        if TEMP:  # queries only: s(p) = 1 + attn_scale * log(floor((p + 1) / floor_scale) + 1)
+            p = tl.load(pos_ptr + t + 0 * j)  # (a vector: the interpreter has no scalar loads)
+            s = 1.0 + attn_scale * tl.log(((p + 1) // FLOOR).to(tl.float32) + 1.0)
+            s = tl.where(r + 0 * j < RQ, s, 1.0)
+            even, odd = even * s, odd * s
+        tl.store(dst + 2 * j, even.to(qo_ptr.dtype.element_ty), mask=j_ok)
+        tl.store(dst + 2 * j + 1, odd.to(qo_ptr.dtype.element_ty), mask=j_ok)
 
     @triton.jit
     def _silu_mul(g_ptr, u_ptr, y_ptr, F, stride_g, stride_u, stride_y, BLOCK: tl.constexpr):
@@ -247,6 +283,30 @@ def rope(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
     _rope_rows[(rows.shape[0],)](rows, cs, out, h, t, dh // 2, rows.stride(0), out.stride(0),
                                  BLOCK=triton.next_power_of_2(dh // 2))
     return out.reshape(x.shape)
+
+
+def qk_prepare(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, freqs_cis: torch.Tensor, heads: int,
+               kv_heads: int, eps: float, rope: bool, norm: bool, temperature: tuple[int, float] | None):
+    """The queries and keys of attention.Attention from their projections, one kernel for both:
+    q [b, t, heads * dh] and k [b, t, kv_heads * dh] (views with unit stride allowed) -> q [b, t,
+    heads, dh] and k [b, t, kv_heads, dh], after RoPE (if rope), the weightless QK norm (if norm)
+    and, on q only, the NoPE temperature s(p) (temperature = (floor_scale, attn_scale)).
+    floor((p + 1) / floor_scale) is taken in integers: the same as the readable fp32 division and
+    floor for positions below 2^24 (16.7M; Scout's context is 10M)."""
+    b, t, width = q.shape
+    dh = width // heads
+    if k.shape != (b, t, kv_heads * dh) or q.stride(-1) != 1 or k.stride(-1) != 1 or q.dtype != k.dtype:
+        raise ValueError(f"qk_prepare: q {tuple(q.shape)} and k {tuple(k.shape)} with {heads}/{kv_heads} heads")
+    q_out = torch.empty(b, t, heads, dh, dtype=q.dtype, device=q.device)
+    k_out = torch.empty(b, t, kv_heads, dh, dtype=k.dtype, device=k.device)
+    cs = torch.view_as_real(freqs_cis.contiguous())  # [t, j, 2] fp32: cos, sin
+    floor_scale, attn_scale = temperature if temperature is not None else (1, 0.0)
+    rows_q = b * t * heads
+    _qk_rows[(rows_q + b * t * kv_heads,)](
+        q, k, cs, positions, q_out, k_out, rows_q, heads, kv_heads, t, dh // 2, eps, attn_scale, floor_scale,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), ROPE=rope, NORM=norm, TEMP=temperature is not None,
+        BLOCK=triton.next_power_of_2(dh // 2))
+    return q_out, k_out
 
 
 def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, chunk: int | None) -> torch.Tensor:

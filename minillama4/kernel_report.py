@@ -155,6 +155,10 @@ def fused_reports(arch: int = 90) -> list[Report]:
     norm = {"x_ptr": "*bf16", "w_ptr": "*bf16", "y_ptr": "*bf16", "delta_ptr": "*bf16", "sum_ptr": "*bf16", "D": "i32",
             "eps": "fp32", "stride_xr": "i32", "stride_yr": "i32", "stride_dr": "i32", "stride_sr": "i32",
             "HAS_WEIGHT": c, "HAS_DELTA": c, "BLOCK": c}
+    qk = {"q_ptr": "*bf16", "k_ptr": "*bf16", "cs_ptr": "*fp32", "pos_ptr": "*i64", "qo_ptr": "*bf16", "ko_ptr": "*bf16",
+          "RQ": "i32", "H": "i32", "KVH": "i32", "T": "i32", "J": "i32", "eps": "fp32", "attn_scale": "fp32",
+          "FLOOR": "i32", "stride_qb": "i32", "stride_qt": "i32", "stride_kb": "i32", "stride_kt": "i32",
+          "ROPE": c, "NORM": c, "TEMP": c, "BLOCK": c}
     cases = [
         ("decode_attention chunked", fused._decode_attention, attention,
          {"G": 5, "G_PAD": 16, "DH": 128, "BLOCK_S": 64, "CHUNKED": True, "FP32_DOT": False}, 4),
@@ -167,6 +171,8 @@ def fused_reports(arch: int = 90) -> list[Report]:
         ("add_rms_norm", fused._rms_norm_rows, norm, {"HAS_WEIGHT": True, "HAS_DELTA": True, "BLOCK": 8192}, 8),
         ("rope", fused._rope_rows, {"x_ptr": "*bf16", "cs_ptr": "*fp32", "y_ptr": "*bf16", "H": "i32", "T": "i32",
                                     "J": "i32", "stride_xr": "i32", "stride_yr": "i32", "BLOCK": c}, {"BLOCK": 64}, 4),
+        ("qk_prepare rope+norm", fused._qk_rows, qk, {"ROPE": True, "NORM": True, "TEMP": False, "BLOCK": 64}, 4),
+        ("qk_prepare temperature", fused._qk_rows, qk, {"ROPE": False, "NORM": False, "TEMP": True, "BLOCK": 64}, 4),
         ("silu_mul", fused._silu_mul, {"g_ptr": "*bf16", "u_ptr": "*bf16", "y_ptr": "*bf16", "F": "i32",
                                        "stride_g": "i32", "stride_u": "i32", "stride_y": "i32", "BLOCK": c},
          {"BLOCK": 1024}, 4),

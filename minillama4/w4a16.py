@@ -79,7 +79,7 @@ INT4_VARIANTS = ("convert", "magic")
 DENSE_TILES = ((32, 64), (64, 32), (64, 64), (128, 16), (128, 32), (256, 8), (256, 16))
 # configurations (BLOCK_N, GROUPS, SPLIT, warps, variant) and (BLOCK_N, BLOCK_K, SPLIT) used on the
 # interpreter and while a CUDA graph is being recorded before any was timed
-DEFAULT_INT4, DEFAULT_DENSE = (32, 1, 1, 1, "words"), (64, 32, 1)
+DEFAULT_INT4, DEFAULT_DENSE = (128, 1, 1, 4, "words"), (64, 32, 1)
 CHOSEN: dict = {}  # (kernel, rows, n, k, dtype, device) -> the fastest configuration, measured
 TIMES: dict = {}  # the same keys -> {configuration: milliseconds} of every candidate timed
 _ZERO_IDS: dict = {}
@@ -444,8 +444,14 @@ def linears_matmul(x: torch.Tensor, parts: list, config: tuple | None = None) ->
     launch = lambda *c: _launch_parts(x, words, ns, *c)  # noqa: E731
     if config is None:
         config = choose(f"int4 x{len(parts)}", x, sum(ns), lambda: _candidates(
-            tiles, sum(ns), lambda gpi: triton.cdiv(groups, gpi), x, lambda t: t[2]), (*tiles[0][:2], 1, tiles[0][2]), launch)
+            tiles, sum(ns), lambda gpi: triton.cdiv(groups, gpi), x, lambda t: t[2]), _widest(tiles), launch)
     return launch(*config)
+
+
+def _widest(tiles) -> tuple:
+    """The default (no timing: the interpreter, a graph being recorded): the widest tile, fewest programs."""
+    block_n, groups, warps = max(tiles, key=lambda t: t[0])
+    return block_n, groups, 1, warps
 
 
 def _launch_parts(x, words, ns, block_n: int, groups_per_iter: int, split: int, warps: int) -> torch.Tensor:

@@ -286,6 +286,32 @@ else:
             fused.add_rms_norm(h, delta[:, :2], norm.weight, 1e-5)
 
     @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+    @pytest.mark.parametrize("layer", ["rope+norm", "rope", "nope+temperature"])
+    def test_fused_qk_prepare_is_queries_and_keys(dtype, layer):
+        """q and k from their projections as Attention.queries / keys make them, at positions
+        around floor_scale multiples (the temperature's floor) and across a chunk."""
+        from minillama4.attention import Attention
+        from minillama4.layers import rope_angles, rope_inv_freq
+
+        cfg = small_text(hidden_size=64, head_dim=16, num_attention_heads=4, num_key_value_heads=2,
+                         use_qk_norm=layer == "rope+norm", floor_scale=4, attn_scale=0.5,
+                         no_rope_layers=[0, 1, 1, 1] if layer == "nope+temperature" else [1, 1, 1, 1])
+        attn = Attention(cfg, 0)
+        assert attn.use_rope == (layer != "nope+temperature") and attn.temperature == (layer == "nope+temperature")
+        g = torch.Generator().manual_seed(17)
+        positions = torch.arange(5, 13)  # (p + 1) / 4 crosses 2 and 3
+        both = (torch.randn(2, 8, 4 * 16 + 2 * 16, generator=g) * 3).to(dtype)
+        q_x, k_x = both.split([64, 32], dim=-1)  # views side by side, as after one launch
+        freqs_cis = rope_angles(positions, rope_inv_freq(cfg))
+        with readable():
+            ref_q, ref_k = attn.queries(None, positions, freqs_cis, q_x), attn.keys(None, freqs_cis, k_x)
+        q, k = fused.qk_prepare(q_x, k_x, positions, freqs_cis, 4, 2, cfg.rms_norm_eps, attn.use_rope,
+                                attn.use_qk_norm, (4, 0.5) if attn.temperature else None)
+        assert q.shape == ref_q.shape and k.shape == ref_k.shape and q.dtype == dtype
+        tol = 1e-6 if dtype == torch.float32 else 2e-2  # (bf16: the interpreter truncates its casts)
+        assert rel_err(q, ref_q) < tol and rel_err(k, ref_k) < tol
+
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
     def test_fused_silu_mul_is_swiglus_activation(dtype):
         g = torch.Generator().manual_seed(11)
         both = (torch.randn(3, 2, 2 * 1500, generator=g) * 4).to(dtype)
@@ -349,7 +375,8 @@ else:
     @pytest.mark.parametrize("int4", [False, True])
     def test_the_fused_model_matches_the_readable_model(int4):
         """The fused kernels of fused.py in place (norms, the residual add with its norm, RoPE, mask, SwiGLU
-        activation, cache write, top-k, decode attention, q/k/v and gate/up side by side)
+        activation, cache write, top-k, decode attention, q/k/v and gate/up side by side, q/k
+        preparation)
         against the readable code, the row kernels in both: logits of a prefill and of decode steps."""
         cfg = small_text(hidden_size=128, head_dim=32, intermediate_size=128, intermediate_size_mlp=256,
                          num_experts_per_tok=2, interleave_moe_layer_step=2)
