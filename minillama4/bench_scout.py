@@ -259,7 +259,9 @@ def run(preset="scout", device="cuda", int4=True, which="all", contexts=(128, 40
 
         r["kernels_chosen"] = {"int4 linears (rows, out, in)": {f"{k[0]}x{k[1]}x{k[2]}": v for k, v in quant._LINEAR_KERNEL.items()},
                                "row kernels (kind, rows, n, k)": {f"{k[0]} {k[1]}x{k[2]}x{k[3]}": list(v)
-                                                                  for k, v in w4a16.CHOSEN.items()}}
+                                                                  for k, v in w4a16.CHOSEN.items()},
+                               "linears in one launch (rows, outs, in)": {f"{k[0]}x{'+'.join(map(str, k[1]))}x{k[2]}": v
+                                                                          for k, v in quant._TOGETHER.items()}}
         emit(f"kernels chosen by timing: {json.dumps(r['kernels_chosen'])}")
     if cuda:
         _section(r, "kernels chosen", choices_part, emit)
