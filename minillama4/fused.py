@@ -1,5 +1,6 @@
-"""Fused kernels for CUDA inference: the RMS norm, RoPE, the attention mask, SwiGLU's
-silu(gate) * up, the static KV-cache write and the router's top-k with its gates, one kernel each.
+"""Fused kernels for CUDA inference, one kernel each: the RMS norm (alone or after the residual
+add), RoPE, attention's q/k preparation, the attention mask, decode attention over the static
+cache, SwiGLU's silu(gate) * up, the static KV-cache write and the router's top-k with its gates.
 
 Each computes what the readable version in layers.py / attention.py computes (which the CPU and
 training run), in the same order and precision; the last bit of an fp32 sum or exp may differ
@@ -18,11 +19,13 @@ Why: eagerly each is a chain of small kernels (a norm: cast, square, mean, add a
 multiply, cast back, weight multiply). A batch-1 decode step of full Scout ran about 3,400
 kernels, 1-2 us each even replayed from a CUDA graph: more time than reading the attention and
 shared-expert weights (docs/benchmarks.md, the profile of the static decode step). The norm,
-RoPE and mask kernels took it to 1,896 (measured); silu_mul and cache_write came after the
-session's GPU time was spent (tested under the interpreter, not yet timed).
+RoPE and mask kernels took it to 1,896 (measured); the others came after the GPU time was
+spent (tested under the interpreter and compiled for sm_90, kernel_report.py; not yet timed).
+decode_attention also stops attending to empty cache slots: SDPA read the whole 8,192-slot ring.
 
 Simplifications: one program per row with the whole row in registers (rows up to 16,384 wide);
-no backward, so layers.py calls these only when no gradient is needed.
+decode attention for one query token and power-of-two head dims; no backward, so layers.py
+calls these only when no gradient is needed.
 
 Axes: r rows, d the normalised (or head) dim, j rotary pair, t query positions, s key positions,
 f hidden features, b sequences, h kv heads.
