@@ -239,7 +239,7 @@ def test_fused_top_k_gates_on_cuda_match_torch():
             ids, gates = fused.top_k_gates(logits.to(dtype), k, dtype)
             assert torch.equal(ids, top_ids)
             ref = torch.sigmoid(top_logits.float()).to(dtype)
-            assert rel_err(gates, ref) < (2**-8 if dtype == torch.bfloat16 else 1e-6)  # (tl.exp: last fp32 bits)
+            assert rel_err(gates, ref) < (1e-2 if dtype == torch.bfloat16 else 1e-6)  # (tl.exp: last bits; an ulp in bf16)
 
 
 def test_fused_decode_attention_on_cuda_is_mask_and_sdpa():
