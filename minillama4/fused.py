@@ -27,8 +27,8 @@ Simplifications: one program per row with the whole row in registers (rows up to
 decode attention for one query token and power-of-two head dims; no backward, so layers.py
 calls these only when no gradient is needed.
 
-Axes: r rows, d the normalised (or head) dim, j rotary pair, t query positions, s key positions,
-f hidden features, b sequences, h kv heads.
+Axes: r rows, d the normalised (or head) dim, j rotary pair, t query positions, s key positions
+(cache slots), f hidden features, b sequences, h kv heads, g query heads sharing a kv head, e experts.
 """
 
 from __future__ import annotations

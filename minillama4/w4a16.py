@@ -45,7 +45,8 @@ dequantizes and uses a grouped matmul); no pipelining-stage search; gate/up and 
 fused. Runs on CUDA, or on the CPU under Triton's interpreter
 (TRITON_INTERPRET=1, how the tests check it without a GPU).
 
-Axes: m rows (token copies), n outputs, k inputs, e experts, g groups along k, s splits of k.
+Axes: m rows (token copies), n outputs, k inputs, e experts, g groups along k, s splits of k,
+j bytes of a group (byte kernel), u int32 words of a group and p inputs within a word (word kernel).
 """
 
 from __future__ import annotations
