@@ -29,7 +29,7 @@ def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, chunk: int | None) 
     causal (k <= q) and, for chunked layers, in the same chunk (q // chunk == k // chunk).
     A key position of -1 marks an empty cache slot (static decode) and is never attended.
     (On CUDA one fused kernel computes the same, fused.py.)"""
-    if fused_ok(q_pos):
+    if fused_ok(q_pos, kernel="attention_mask"):
         from .fused import attention_mask as fused_mask
 
         return fused_mask(q_pos, k_pos, chunk)
@@ -86,7 +86,7 @@ class KVCache:
         if self.static:  # one decode token at a device position: slot = p % slots (= p in a full cache)
             if k.shape[2] != 1:
                 raise ValueError(f"a static KV cache update takes one token per step, got {k.shape[2]}")
-            if fused_ok(k):  # the three writes below in one kernel (fused.py)
+            if fused_ok(k, kernel="cache_write"):  # the three writes below in one kernel (fused.py)
                 from .fused import cache_write
 
                 cache_write(k, v, positions, keys, values, slot_pos)
@@ -163,7 +163,7 @@ class Attention(nn.Module):
                 cache: KVCache | None = None) -> torch.Tensor:
         """x [b, t, d] at absolute positions [t] -> [b, t, d]."""
         q_x, k_x, v_x = project(x, self.q_proj, self.k_proj, self.v_proj)  # (int4 on CUDA: maybe one launch)
-        if fused_ok(q_x) and (self.use_rope or self.use_qk_norm or self.temperature):
+        if fused_ok(q_x, kernel="qk_prepare") and (self.use_rope or self.use_qk_norm or self.temperature):
             # on CUDA: queries() and keys() below, for q and k together, in one kernel (fused.py)
             q, k = _fused().qk_prepare(
                 q_x, k_x, positions, freqs_cis, self.n_heads, self.n_kv, self.cfg.rms_norm_eps, self.use_rope,
@@ -176,7 +176,7 @@ class Attention(nn.Module):
         k_pos = positions
         if cache is not None:
             k, v, k_pos = cache.update(self.layer, k, v, positions)
-            if cache.static and fused_ok(q) and _fused().decode_attention_ok(q, k):
+            if cache.static and fused_ok(q, kernel="decode_attention") and _fused().decode_attention_ok(q, k):
                 # static decode on CUDA: the mask and the two lines below in one kernel (fused.py)
                 o = _fused().decode_attention(q, k, v, k_pos, positions, self.chunk, self.dh**-0.5)
                 return self.o_proj(rearrange(o, "b h t dh -> b t (h dh)"))

@@ -211,6 +211,11 @@ def run(preset="scout", device="cuda", int4=True, which="all", contexts=(128, 40
     bandwidth = copy_bandwidth(device, 1 << (30 if cuda else 26))
     r["copy_bandwidth_GBps"] = bandwidth / 1e9
     emit(f"{r['gpu']}, torch {r['torch']}: copy bandwidth {bandwidth / 1e9:.0f} GB/s")
+    if cuda:
+        from . import fused  # which fused kernels this run uses (MINILLAMA4_FUSED)
+
+        r["fused_kernels"] = sorted(fused.KERNELS) if fused.ENABLED else []
+        emit(f"fused kernels: {', '.join(r['fused_kernels']) or 'none'}")
     start = time.perf_counter()
     model = random_model(text, quantize="int4" if int4 else None, which=which, device=device,
                          context=max(contexts) + steps + 2, verbose=True)

@@ -44,15 +44,36 @@ except ImportError:  # optional: without Triton layers.py runs the readable vers
     triton = None
 
 MAX_DIM = 16384
-# False: the readable versions run everywhere (the tests compare the two; MINILLAMA4_FUSED=0 sets it
-# from the environment, e.g. to rule the fused kernels out on a new GPU or Triton)
-ENABLED = os.environ.get("MINILLAMA4_FUSED", "1") != "0"
+# the kernels below, by the name layers.fused_ok asks for ("linears_together": w4a16.linears_matmul)
+NAMES = ("rms_norm", "add_rms_norm", "rope", "qk_prepare", "attention_mask", "decode_attention", "silu_mul",
+         "cache_write", "top_k_gates", "linears_together")
+# the ones measured on a GPU (docs/benchmarks.md); the others were written without one
+MEASURED = ("rms_norm", "rope", "attention_mask")
 
 
-def available(x: torch.Tensor) -> bool:
-    """True when the kernels run on x's device (CUDA, or Triton's interpreter) for x's width."""
-    return (ENABLED and triton is not None and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
-            and x.shape[-1] <= MAX_DIM)
+def _from_environment(value: str | None) -> set:
+    """MINILLAMA4_FUSED: unset or "1" = every kernel, "0" = none (the readable code everywhere),
+    "measured" = MEASURED, or names separated by commas (to rule one out on a new GPU or Triton)."""
+    if value is None or value.strip() in ("", "1"):
+        return set(NAMES)
+    if value.strip() == "0":
+        return set()
+    names = set(MEASURED) if value.strip() == "measured" else {n.strip() for n in value.split(",") if n.strip()}
+    unknown = names - set(NAMES)
+    if unknown:
+        raise ValueError(f"MINILLAMA4_FUSED: unknown kernels {sorted(unknown)}; known: {', '.join(NAMES)}")
+    return names
+
+
+KERNELS = _from_environment(os.environ.get("MINILLAMA4_FUSED"))
+ENABLED = True  # False: the readable versions run everywhere (the tests compare the two)
+
+
+def available(x: torch.Tensor, kernel: str) -> bool:
+    """True when `kernel` is switched on and runs on x's device (CUDA, or Triton's interpreter)
+    for x's width."""
+    return (ENABLED and kernel in KERNELS and triton is not None
+            and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1") and x.shape[-1] <= MAX_DIM)
 
 
 if triton is not None:

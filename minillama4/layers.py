@@ -24,7 +24,7 @@ from .config import TextConfig
 def rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
     """x / sqrt(mean(x^2) + eps) over the last axis, in fp32, cast back to x's dtype.
     Used weightless as Llama 4's "L2Norm" on q and k: it is an RMS norm, not a unit-length norm."""
-    if fused_ok(x):
+    if fused_ok(x, kernel="rms_norm"):
         return _fused().rms_norm(x, None, eps)
     xf = x.float()
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x)
@@ -33,20 +33,21 @@ def rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def fused_ok(x: torch.Tensor, *others: torch.Tensor) -> bool:
-    """Whether the fused Triton kernels (fused.py: the same math as the readable code here) take
-    this step: on CUDA (or under Triton's interpreter, how the CPU tests run them) and only
-    when no gradient is needed, since they have no backward."""
+def fused_ok(x: torch.Tensor, *others: torch.Tensor, kernel: str) -> bool:
+    """Whether the fused Triton kernel `kernel` (fused.py: the same math as the readable code here)
+    takes this step: on CUDA (or under Triton's interpreter, how the CPU tests run them), only
+    when no gradient is needed, since they have no backward, and if the kernel is switched on
+    (fused.KERNELS, from MINILLAMA4_FUSED)."""
     if not (x.is_cuda or _INTERPRET):
         return False
     if torch.is_grad_enabled() and any(t.requires_grad for t in (x, *others)):
         return False
-    return _fused().available(x)
+    return _fused().available(x, kernel)
 
 
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """SwiGLU's activation silu(gate) * up (one fused kernel on CUDA without gradients)."""
-    if fused_ok(gate, up):
+    if fused_ok(gate, up, kernel="silu_mul"):
         return _fused().silu_mul(gate, up)
     return F.silu(gate) * up
 
@@ -55,7 +56,7 @@ def project(x: torch.Tensor, *linears: nn.Module) -> tuple[torch.Tensor, ...]:
     """The same input through several linears: (linear(x) for each). Int4 linears may run as one
     kernel launch on CUDA without gradients (quant.Int4Linear.run_together: when measured faster)."""
     together = getattr(linears[0], "run_together", None)
-    if together is not None and fused_ok(x):
+    if together is not None and fused_ok(x, kernel="linears_together"):
         out = together(x, linears)
         if out is not None:
             return out
@@ -77,7 +78,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if fused_ok(x, self.weight):
+        if fused_ok(x, self.weight, kernel="rms_norm"):
             return _fused().rms_norm(x, self.weight, self.eps)
         return rms_norm(x, self.eps) * self.weight
 
@@ -85,7 +86,7 @@ class RMSNorm(nn.Module):
 def add_rms_norm(h: torch.Tensor, delta: torch.Tensor, norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
     """The residual add and the norm that follows it: (h + delta, norm(h + delta)), one fused
     kernel on CUDA without gradients."""
-    if fused_ok(h, delta, norm.weight) and h.shape == delta.shape and h.dtype == delta.dtype:
+    if fused_ok(h, delta, norm.weight, kernel="add_rms_norm") and h.shape == delta.shape and h.dtype == delta.dtype:
         return _fused().add_rms_norm(h, delta, norm.weight, norm.eps)
     h = h + delta
     return h, norm(h)
@@ -123,7 +124,7 @@ def rope_angles(positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor
 def apply_rope(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
     """Rotate adjacent pairs (x[2j], x[2j+1]) as complex numbers (interleaved, Meta/GPT-J style;
     the Hugging Face q/k weights are not permuted for rotate_half). x: [b, t, h, dh], fp32 math."""
-    if fused_ok(x):
+    if fused_ok(x, kernel="rope"):
         return _fused().rope(x, freqs_cis)
     pairs = torch.view_as_complex(rearrange(x.float(), "b t h (j two) -> b t h j two", two=2).contiguous())
     rotated = pairs * rearrange(freqs_cis, "t j -> 1 t 1 j")

@@ -88,7 +88,7 @@ class MoE(nn.Module):
     def route(self, x: torch.Tensor):
         """x [n, d] -> logits [n, e], chosen experts [n, k], gates [n, k]."""
         logits = self.router(x)
-        if self.selection_bias is None and fused_ok(logits):  # the same in one kernel (fused.py)
+        if self.selection_bias is None and fused_ok(logits, kernel="top_k_gates"):  # the same in one kernel (fused.py)
             return (logits, *_fused().top_k_gates(logits, self.top_k, x.dtype))
         if self.selection_bias is None:
             top_logits, top_ids = torch.topk(logits, self.top_k, dim=-1)  # top-k on raw logits

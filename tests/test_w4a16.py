@@ -26,12 +26,20 @@ if not INTERPRETED:
         assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
         assert " passed" in run.stdout and "skipped" not in run.stdout, run.stdout[-2000:]
 
-    def test_the_environment_can_switch_the_fused_kernels_off():
-        code = "from minillama4 import fused; print(fused.ENABLED)"
-        for value, expected in (("0", "False"), ("1", "True")):
-            run = subprocess.run([sys.executable, "-c", code], env={**os.environ, "MINILLAMA4_FUSED": value},
-                                 capture_output=True, text=True)
-            assert run.stdout.strip() == expected, run.stderr[-2000:]
+    def test_the_environment_chooses_the_fused_kernels():
+        """MINILLAMA4_FUSED: all (unset, 1), none (0), the GPU-measured ones, or a list of names."""
+        from minillama4 import fused
+
+        assert fused._from_environment(None) == fused._from_environment("1") == set(fused.NAMES)
+        assert fused._from_environment("0") == set()
+        assert fused._from_environment("measured") == set(fused.MEASURED)
+        assert fused._from_environment("rope, top_k_gates") == {"rope", "top_k_gates"}
+        with pytest.raises(ValueError, match="unknown kernels \\['ropes'\\]"):
+            fused._from_environment("ropes")
+        code = "from minillama4 import fused; print(sorted(fused.KERNELS))"
+        run = subprocess.run([sys.executable, "-c", code], env={**os.environ, "MINILLAMA4_FUSED": "0"},
+                             capture_output=True, text=True)
+        assert run.stdout.strip() == "[]", run.stderr[-2000:]
 
 else:
     from contextlib import contextmanager
@@ -371,6 +379,21 @@ else:
         got = fused.decode_attention(q, keys, values, slot_pos, pos, chunk, dh**-0.5)
         assert got.shape == ref.shape and got.dtype == dtype
         assert rel_err(got, ref) < (1e-5 if dtype == torch.float32 else 2e-2)
+
+    def test_a_fused_kernel_switched_off_is_never_called(monkeypatch):
+        """fused.KERNELS (MINILLAMA4_FUSED) rules single kernels out: their readable code runs."""
+        def refuse(*args, **kwargs):
+            raise AssertionError("a kernel that is switched off was called")
+
+        cfg = small_text(hidden_size=64, head_dim=16)
+        model = ml4.Llama4Text.random(cfg, seed=19)
+        ids = torch.randint(3, cfg.vocab_size, (1, 5), generator=torch.Generator().manual_seed(19))
+        with readable():
+            ref = model.generate(ids, 6, decode="static")
+        monkeypatch.setattr(fused, "KERNELS", set(fused.NAMES) - {"decode_attention", "qk_prepare", "top_k_gates"})
+        for name in ("decode_attention", "qk_prepare", "top_k_gates"):
+            monkeypatch.setattr(fused, name, refuse)
+        assert torch.equal(model.generate(ids, 6, decode="static"), ref)
 
     @pytest.mark.parametrize("int4", [False, True])
     def test_the_fused_model_matches_the_readable_model(int4):
