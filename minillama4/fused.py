@@ -99,20 +99,6 @@ if triton is not None:
         tl.store(y_ptr + r * stride_yr + d, out.to(y_ptr.dtype.element_ty), mask=d_ok)
 
     @triton.jit
-    def _rope_rows(x_ptr, cs_ptr, y_ptr, H, T, J, stride_xr, stride_yr, BLOCK: tl.constexpr):
-        r = tl.program_id(0)  # row r = ((b * T) + t) * H + h
-        t = (r // H) % T
-        j = tl.arange(0, BLOCK)
-        j_ok = j < J
-        even = tl.load(x_ptr + r * stride_xr + 2 * j, mask=j_ok, other=0.0).to(tl.float32)
-        odd = tl.load(x_ptr + r * stride_xr + 2 * j + 1, mask=j_ok, other=0.0).to(tl.float32)
-        cos = tl.load(cs_ptr + t * 2 * J + 2 * j, mask=j_ok, other=1.0)  # freqs_cis as (real, imag) pairs
-        sin = tl.load(cs_ptr + t * 2 * J + 2 * j + 1, mask=j_ok, other=0.0)
-        # (even + i odd) * (cos + i sin)
-        tl.store(y_ptr + r * stride_yr + 2 * j, (even * cos - odd * sin).to(y_ptr.dtype.element_ty), mask=j_ok)
-        tl.store(y_ptr + r * stride_yr + 2 * j + 1, (even * sin + odd * cos).to(y_ptr.dtype.element_ty), mask=j_ok)
-
-    @triton.jit
     def _qk_rows(q_ptr, k_ptr, cs_ptr, pos_ptr, qo_ptr, ko_ptr, RQ, H, KVH, T, J, eps, attn_scale, FLOOR,
                  stride_qb, stride_qt, stride_kb, stride_kt,
                  ROPE: tl.constexpr, NORM: tl.constexpr, TEMP: tl.constexpr, BLOCK: tl.constexpr):
@@ -299,14 +285,18 @@ def add_rms_norm(h: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps
 
 
 def rope(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
-    """x [b, t, h, dh] rotated by freqs_cis [t, dh/2] (complex64), as layers.apply_rope."""
+    """x [b, t, h, dh] rotated by freqs_cis [t, dh/2] (complex64), as layers.apply_rope: qk_prepare's
+    kernel with RoPE only, over rows of x alone."""
     b, t, h, dh = x.shape
-    rows = _rows(x)
+    rows = x.reshape(b, t, h * dh)
+    rows = rows if rows.stride(-1) == 1 else rows.contiguous()
     cs = torch.view_as_real(freqs_cis.contiguous())  # [t, j, 2] fp32: cos, sin
-    out = torch.empty(rows.shape, dtype=x.dtype, device=x.device)
-    _rope_rows[(rows.shape[0],)](rows, cs, out, h, t, dh // 2, rows.stride(0), out.stride(0),
-                                 BLOCK=triton.next_power_of_2(dh // 2))
-    return out.reshape(x.shape)
+    out = torch.empty(b, t, h, dh, dtype=x.dtype, device=x.device)
+    # every row is a "q" row (no k rows); without TEMP the positions pointer is never read
+    _qk_rows[(b * t * h,)](rows, rows, cs, cs, out, out, b * t * h, h, 1, t, dh // 2, 0.0, 0.0, 1,
+                           rows.stride(0), rows.stride(1), rows.stride(0), rows.stride(1),
+                           ROPE=True, NORM=False, TEMP=False, BLOCK=triton.next_power_of_2(dh // 2))
+    return out
 
 
 def qk_prepare(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, freqs_cis: torch.Tensor, heads: int,

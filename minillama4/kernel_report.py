@@ -169,8 +169,6 @@ def fused_reports(arch: int = 90) -> list[Report]:
           "SPLITS_PAD": c}, {"DH": 128, "SPLITS_PAD": 32}, 4),
         ("rms_norm", fused._rms_norm_rows, norm, {"HAS_WEIGHT": True, "HAS_DELTA": False, "BLOCK": 8192}, 8),
         ("add_rms_norm", fused._rms_norm_rows, norm, {"HAS_WEIGHT": True, "HAS_DELTA": True, "BLOCK": 8192}, 8),
-        ("rope", fused._rope_rows, {"x_ptr": "*bf16", "cs_ptr": "*fp32", "y_ptr": "*bf16", "H": "i32", "T": "i32",
-                                    "J": "i32", "stride_xr": "i32", "stride_yr": "i32", "BLOCK": c}, {"BLOCK": 64}, 4),
         ("qk_prepare rope+norm", fused._qk_rows, qk, {"ROPE": True, "NORM": True, "TEMP": False, "BLOCK": 64}, 4),
         ("qk_prepare temperature", fused._qk_rows, qk, {"ROPE": False, "NORM": False, "TEMP": True, "BLOCK": 64}, 4),
         ("silu_mul", fused._silu_mul, {"g_ptr": "*bf16", "u_ptr": "*bf16", "y_ptr": "*bf16", "F": "i32",

@@ -309,26 +309,20 @@ def _finish(y: torch.Tensor, dtype) -> torch.Tensor:
 
 def _launch_int4(x, expert_ids, packed, scales, block_n: int, groups_per_iter: int, split: int,
                  warps: int = 4, variant: str = "magic") -> torch.Tensor:
+    if variant == "words":  # int32 words [e, n, k/8]: little-endian, byte b of word u is byte 4u + b
+        return _launch_words(x, expert_ids, [(packed.view(torch.int32), scales)], block_n, groups_per_iter,
+                             split, warps)
+    if variant not in INT4_VARIANTS:
+        raise ValueError(f"w4a16: variant {variant!r} is not one of {INT4_VARIANTS + ('words',)}")
     m, k = x.shape
     n, groups = packed.shape[1], scales.shape[1]
     per_split = triton.cdiv(triton.cdiv(groups, split), groups_per_iter) * groups_per_iter
     split = triton.cdiv(groups, per_split)  # no empty splits
     y = torch.empty(split, m, n, dtype=x.dtype if split == 1 else torch.float32, device=x.device)
-    grid = (m, triton.cdiv(n, block_n), split)
-    common = (n, groups, per_split, x.stride(0), packed.stride(0), packed.stride(1), scales.stride(0),
-              scales.stride(1), y.stride(0), y.stride(1))
-    if variant == "words":
-        words = packed.view(torch.int32)  # [e, n, k/8]: little-endian, byte b of word u is byte 4u + b
-        even = n % block_n == 0 and groups % per_split == 0 and per_split % groups_per_iter == 0
-        _w4a16_words[grid](x, expert_ids, words, scales, words, scales, words, scales, y, n, n, 0, groups, per_split,
-                           x.stride(0), words.stride(0), words.stride(1), scales.stride(0), scales.stride(1), 0, 0,
-                           y.stride(0), y.stride(1), 0x4B000000, GROUP=k // groups, BLOCK_N=block_n,
-                           GROUPS=groups_per_iter, EVEN=even, ASM=x.is_cuda and not INTERPRET, PARTS=1, num_warps=warps)
-    elif variant in INT4_VARIANTS:
-        _w4a16_rows[grid](x, expert_ids, packed, scales, y, *common, GROUP=k // groups, BLOCK_N=block_n,
-                          GROUPS=groups_per_iter, MAGIC=variant == "magic", num_warps=warps)
-    else:
-        raise ValueError(f"w4a16: variant {variant!r} is not one of {INT4_VARIANTS + ('words',)}")
+    _w4a16_rows[(m, triton.cdiv(n, block_n), split)](
+        x, expert_ids, packed, scales, y, n, groups, per_split, x.stride(0), packed.stride(0), packed.stride(1),
+        scales.stride(0), scales.stride(1), y.stride(0), y.stride(1), GROUP=k // groups, BLOCK_N=block_n,
+        GROUPS=groups_per_iter, MAGIC=variant == "magic", num_warps=warps)
     return _finish(y, x.dtype)
 
 
@@ -441,8 +435,8 @@ def linears_matmul(x: torch.Tensor, parts: list, config: tuple | None = None) ->
     if not tiles:
         raise ValueError(f"linears_matmul: outputs {ns} are not multiples of any word tile {WORD_TILES}")
     x = x.contiguous()
-    words = [(packed.contiguous().view(torch.int32), scales.contiguous()) for packed, scales in parts]
-    launch = lambda *c: _launch_parts(x, words, ns, *c)  # noqa: E731
+    words = [(packed.contiguous().view(torch.int32)[None], scales.contiguous()[None]) for packed, scales in parts]
+    launch = lambda *c: _launch_words(x, zero_ids(m, x.device), words, *c)  # noqa: E731
     if config is None:
         config = choose(f"int4 x{len(parts)}", x, sum(ns), lambda: _candidates(
             tiles, sum(ns), lambda gpi: triton.cdiv(groups, gpi), x, lambda t: t[2]), _widest(tiles), launch)
@@ -455,19 +449,22 @@ def _widest(tiles) -> tuple:
     return block_n, groups, 1, warps
 
 
-def _launch_parts(x, words, ns, block_n: int, groups_per_iter: int, split: int, warps: int) -> torch.Tensor:
+def _launch_words(x, ids, words, block_n: int, groups_per_iter: int, split: int, warps: int) -> torch.Tensor:
+    """The word kernel over words = [(int32 words [e, n_i, k/8], scales [e, k/group, n_i]), ...]: one
+    matrix (row m reads expert ids[m]) or up to three side by side (with ids all 0)."""
     m, k = x.shape
-    n, groups = sum(ns), words[0][1].shape[0]
+    ns = [w.shape[1] for w, _ in words]
+    n, groups = sum(ns), words[0][1].shape[1]
     per_split = triton.cdiv(triton.cdiv(groups, split), groups_per_iter) * groups_per_iter
-    split = triton.cdiv(groups, per_split)
+    split = triton.cdiv(groups, per_split)  # no empty splits
     y = torch.empty(split, m, n, dtype=x.dtype if split == 1 else torch.float32, device=x.device)
     (w1, s1), (w2, s2), (w3, s3) = (words + [words[0]] * 2)[:3]
-    even = groups % per_split == 0 and per_split % groups_per_iter == 0  # (whole tiles: every n_i divides)
-    _w4a16_words[(m, n // block_n, split)](
-        x, zero_ids(m, x.device), w1, s1, w2, s2, w3, s3, y, n, ns[0], ns[1] if len(ns) > 1 else 0, groups,
-        per_split, x.stride(0), 0, w1.stride(0), 0, s1.stride(0), s2.stride(0), s3.stride(0), y.stride(0),
-        y.stride(1), 0x4B000000, GROUP=k // groups, BLOCK_N=block_n, GROUPS=groups_per_iter, EVEN=even,
-        ASM=x.is_cuda and not INTERPRET, PARTS=len(words), num_warps=warps)
+    even = n % block_n == 0 and groups % per_split == 0 and per_split % groups_per_iter == 0
+    _w4a16_words[(m, triton.cdiv(n, block_n), split)](
+        x, ids, w1, s1, w2, s2, w3, s3, y, n, ns[0], ns[1] if len(ns) > 1 else 0, groups, per_split,
+        x.stride(0), w1.stride(0), w1.stride(1), s1.stride(0), s1.stride(1), s2.stride(1), s3.stride(1),
+        y.stride(0), y.stride(1), 0x4B000000, GROUP=k // groups, BLOCK_N=block_n, GROUPS=groups_per_iter,
+        EVEN=even, ASM=x.is_cuda and not INTERPRET, PARTS=len(words), num_warps=warps)
     return _finish(y, x.dtype)
 
 
