@@ -122,10 +122,11 @@ def gemv_reports(arch: int = 90, even: bool = True) -> list[Report]:
     out = []
     for block_n, groups, warps in w4a16.INT4_TILES:
         for variant in w4a16.INT4_VARIANTS:
-            sig = {**_GEMV_ARGS, "GROUP": "constexpr", "BLOCK_N": "constexpr", "GROUPS": "constexpr", "MAGIC": "constexpr"}
+            sig = {**_GEMV_ARGS, "GROUP": "constexpr", "BLOCK_N": "constexpr", "GROUPS": "constexpr", "MAGIC": "constexpr",
+                   "EVEN": "constexpr"}
             k = compile_kernel(w4a16._w4a16_rows, sig, {"GROUP": 128, "BLOCK_N": block_n, "GROUPS": groups,
-                                                        "MAGIC": variant == "magic"}, warps, arch)
-            out.append(report(f"w4a16 bytes {variant} {block_n}x{groups} w{warps}", k,
+                                                        "MAGIC": variant == "magic", "EVEN": even}, warps, arch)
+            out.append(report(f"w4a16 bytes {variant} {block_n}x{groups} w{warps}{'' if even else ' masked'}", k,
                               block_n * 64 * groups / (32 * warps)))
     words = {"x_ptr": "*bf16", "ids_ptr": "*i64", "w_ptr": "*i32", "s_ptr": "*bf16", "w2_ptr": "*i32", "s2_ptr": "*bf16",
              "w3_ptr": "*i32", "s3_ptr": "*bf16", "y_ptr": "*bf16", "N": "i32", "N1": "i32", "N2": "i32", "G": "i32",

@@ -24,10 +24,12 @@ Two kernels read the same bytes (quant.py's layout, byte j: k = 2j in the high n
       2^23 + q, so minus (2^23 + 8) is q - 8, with no int-to-float conversion. It sums
       (q - 8) * x over a group before multiplying by the scale.
   Why two: compiled for sm_90 (Triton's compiler, no GPU needed; tools in docs/benchmarks.md),
-  the byte kernel's loop runs 13-22 instructions per weight byte (address arithmetic, byte
-  extracts, a quarter-rate conversion per nibble), the word kernel's 8.4 (no spills). A GPU issues
+  the byte kernel's loop runs 12-22 instructions per weight byte (address arithmetic, byte
+  extracts, a quarter-rate conversion per nibble), the word kernel's 8.5 (no spills). A GPU issues
   about 4 x 32 instructions per cycle per multiprocessor, so 20 per byte caps an H100 near 1.1 TB/s
-  (what was measured) and 8.4 near 2.7 TB/s. Both stay, timed against each other per shape.
+  (what was measured) and 8.5 near 2.7 TB/s. Both stay, timed against each other per shape.
+  Both have an unmasked path (EVEN: whole tiles, every split of k the same whole trips), which
+  the tuner's splits aim for (`_even_split`); it saves up to 3 instructions per byte.
 dense: one program computes BLOCK_N outputs over one SPLIT-th of k, BLOCK_K inputs at a time,
 into a [BLOCK_K, BLOCK_N] accumulator summed after the loop.
 With SPLIT > 1 the fp32 partial sums of the splits are added afterwards (no atomics: a replayed
@@ -51,6 +53,7 @@ j bytes of a group (byte kernel), u int32 words of a group and p inputs within a
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 
@@ -103,7 +106,8 @@ if triton is not None:
     @triton.jit
     def _w4a16_rows(x_ptr, ids_ptr, w_ptr, s_ptr, y_ptr, N, G, GROUPS_PER_SPLIT,
                     stride_xm, stride_we, stride_wn, stride_se, stride_sg, stride_ys, stride_ym,
-                    GROUP: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, MAGIC: tl.constexpr):
+                    GROUP: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, MAGIC: tl.constexpr,
+                    EVEN: tl.constexpr):
         HALF: tl.constexpr = GROUP // 2  # bytes per group and output
         m = tl.program_id(0)
         offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -118,11 +122,20 @@ if triton is not None:
         for g0 in range(first, last, GROUPS):
             for i in tl.static_range(GROUPS):  # GROUPS groups per trip: more bytes in flight
                 g = g0 + i
-                j_ok = g + 0 * j < last  # (as vectors: the interpreter takes no scalar masks)
-                w = tl.load(w_rows + (g * HALF + j)[None, :], mask=n_ok[:, None] & j_ok[None, :],
-                            other=136)  # 136 = 0x88: q - 8 = 0 in both nibbles
-                scale = tl.load(s_ptr + e * stride_se + g * stride_sg + offs_n, mask=n_ok & (g + 0 * offs_n < last),
-                                other=0.0).to(tl.float32)
+                if EVEN:  # whole tiles and splits (Scout's shapes): no masks
+                    w = tl.load(w_rows + (g * HALF + j)[None, :])
+                    scale = tl.load(s_ptr + e * stride_se + g * stride_sg + offs_n).to(tl.float32)
+                    x_even = tl.load(x_ptr + m * stride_xm + g * GROUP + 2 * j).to(tl.float32)
+                    x_odd = tl.load(x_ptr + m * stride_xm + g * GROUP + 2 * j + 1).to(tl.float32)
+                else:
+                    j_ok = g + 0 * j < last  # (as vectors: the interpreter takes no scalar masks)
+                    w = tl.load(w_rows + (g * HALF + j)[None, :], mask=n_ok[:, None] & j_ok[None, :],
+                                other=136)  # 136 = 0x88: q - 8 = 0 in both nibbles
+                    scale = tl.load(s_ptr + e * stride_se + g * stride_sg + offs_n,
+                                    mask=n_ok & (g + 0 * offs_n < last), other=0.0).to(tl.float32)
+                    x_even = tl.load(x_ptr + m * stride_xm + g * GROUP + 2 * j, mask=j_ok, other=0.0).to(tl.float32)
+                    x_odd = tl.load(x_ptr + m * stride_xm + g * GROUP + 2 * j + 1, mask=j_ok,
+                                    other=0.0).to(tl.float32)
                 if MAGIC:  # q - 8 without int-to-float conversions (a quarter-rate instruction on
                     # the GPU): the float whose bits are 0x4B000000 | q is exactly 2^23 + q
                     wi = w.to(tl.int32)
@@ -131,8 +144,6 @@ if triton is not None:
                 else:
                     hi = (w >> 4).to(tl.float32) - 8.0
                     lo = (w & 15).to(tl.float32) - 8.0
-                x_even = tl.load(x_ptr + m * stride_xm + g * GROUP + 2 * j, mask=j_ok, other=0.0).to(tl.float32)
-                x_odd = tl.load(x_ptr + m * stride_xm + g * GROUP + 2 * j + 1, mask=j_ok, other=0.0).to(tl.float32)
                 acc += (hi * x_even[None, :] + lo * x_odd[None, :]) * scale[:, None]
         y = tl.sum(acc, axis=1)
         tl.store(y_ptr + split * stride_ys + m * stride_ym + offs_n, y.to(y_ptr.dtype.element_ty), mask=n_ok)
@@ -296,6 +307,11 @@ def dequantize(packed: torch.Tensor, scales: torch.Tensor, dtype, out: torch.Ten
     return out
 
 
+def _even(n: int, block_n: int, groups: int, per_split: int, groups_per_iter: int) -> bool:
+    """True when every tile is whole and every split runs whole trips of its own groups: no masks."""
+    return n % block_n == 0 and groups % per_split == 0 and per_split % groups_per_iter == 0
+
+
 def _splits(programs: int, steps: int, device, per_sm: int = 2) -> int:
     """Splits of k that give about `per_sm` programs per multiprocessor (at most one per step of k)."""
     if device not in _SMS:
@@ -322,7 +338,8 @@ def _launch_int4(x, expert_ids, packed, scales, block_n: int, groups_per_iter: i
     _w4a16_rows[(m, triton.cdiv(n, block_n), split)](
         x, expert_ids, packed, scales, y, n, groups, per_split, x.stride(0), packed.stride(0), packed.stride(1),
         scales.stride(0), scales.stride(1), y.stride(0), y.stride(1), GROUP=k // groups, BLOCK_N=block_n,
-        GROUPS=groups_per_iter, MAGIC=variant == "magic", num_warps=warps)
+        GROUPS=groups_per_iter, MAGIC=variant == "magic", EVEN=_even(n, block_n, groups, per_split, groups_per_iter),
+        num_warps=warps)
     return _finish(y, x.dtype)
 
 
@@ -381,6 +398,12 @@ def choose(kind: str, x, n: int, candidates, default, launch):
     return CHOSEN[key]
 
 
+def _even_split(split: int, steps: int) -> int:
+    """The number of splits nearest `split` (by ratio, the larger on a tie) that divides `steps`:
+    every split then runs the same trips, and the kernels take their unmasked path (`_even`)."""
+    return min((d for d in range(1, steps + 1) if steps % d == 0), key=lambda d: (abs(math.log(d / split)), -d))
+
+
 def _candidates(tiles, n: int, steps_of, x, warps_of=lambda tile: 4) -> list[tuple]:
     """Each tile (BLOCK_N, b, *options) with SPLIT = 1 and with the splits of k that fill the GPU:
     about two programs per multiprocessor, and (for small programs) about 16 warps per multiprocessor."""
@@ -388,8 +411,11 @@ def _candidates(tiles, n: int, steps_of, x, warps_of=lambda tile: 4) -> list[tup
     for tile in tiles:
         a, b = tile[:2]
         programs = x.shape[0] * triton.cdiv(n, a)
-        splits = {1, _splits(programs, steps_of(b), x.device),
-                  _splits(programs, steps_of(b), x.device, per_sm=max(2, 16 // warps_of(tile)))}
+        steps = steps_of(b)
+        splits = {1, _splits(programs, steps, x.device),
+                  _splits(programs, steps, x.device, per_sm=max(2, 16 // warps_of(tile)))}
+        if steps * b == steps_of(1):  # b divides k's steps: a split into equal parts needs no masks
+            splits = {_even_split(s, steps) for s in splits}
         out += [(a, b, s, *tile[2:]) for s in sorted(splits)]
     return out
 
@@ -459,12 +485,12 @@ def _launch_words(x, ids, words, block_n: int, groups_per_iter: int, split: int,
     split = triton.cdiv(groups, per_split)  # no empty splits
     y = torch.empty(split, m, n, dtype=x.dtype if split == 1 else torch.float32, device=x.device)
     (w1, s1), (w2, s2), (w3, s3) = (words + [words[0]] * 2)[:3]
-    even = n % block_n == 0 and groups % per_split == 0 and per_split % groups_per_iter == 0
     _w4a16_words[(m, triton.cdiv(n, block_n), split)](
         x, ids, w1, s1, w2, s2, w3, s3, y, n, ns[0], ns[1] if len(ns) > 1 else 0, groups, per_split,
         x.stride(0), w1.stride(0), w1.stride(1), s1.stride(0), s1.stride(1), s2.stride(1), s3.stride(1),
         y.stride(0), y.stride(1), 0x4B000000, GROUP=k // groups, BLOCK_N=block_n, GROUPS=groups_per_iter,
-        EVEN=even, ASM=x.is_cuda and not INTERPRET, PARTS=len(words), num_warps=warps)
+        EVEN=_even(n, block_n, groups, per_split, groups_per_iter), ASM=x.is_cuda and not INTERPRET,
+        PARTS=len(words), num_warps=warps)
     return _finish(y, x.dtype)
 
 

@@ -19,12 +19,44 @@ pytest.importorskip("triton", reason="pip install triton (the dev extra installs
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
+
+def _version(module) -> tuple:
+    return tuple(int(part) for part in module.__version__.split("+")[0].split(".")[:2])
+
+
+def _interpreter_takes_run_time_loop_bounds() -> bool:
+    """Triton 3.6's interpreter (the one torch 2.11 pins) turns a run-time loop bound, a one-element
+    array, into a Python int with int(), which NumPy >= 2.4 refuses; Triton 3.7 squeezes it first.
+    Every kernel here loops over a bound given at launch, so that interpreter runs none of them."""
+    import numpy
+    import triton
+
+    return _version(triton) >= (3, 7) or _version(numpy) < (2, 4)
+
+
 if not INTERPRETED:
+    @pytest.mark.skipif(not _interpreter_takes_run_time_loop_bounds(),
+                        reason="Triton < 3.7's interpreter cannot run loops with run-time bounds under "
+                               "NumPy >= 2.4 (the kernels themselves compile: tests/test_kernel_report.py, "
+                               "and run on a GPU: tests/test_gpu.py)")
     def test_under_the_triton_interpreter():
         run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
                              env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True)
         assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
         assert " passed" in run.stdout and "skipped" not in run.stdout, run.stdout[-2000:]
+
+    def test_the_tuner_splits_k_into_equal_parts_when_it_can():
+        """Splits are snapped to a divisor of the trips, so that Scout's GEMVs take the unmasked path."""
+        from minillama4 import w4a16
+
+        assert w4a16._even_split(3, 40) == 4  # 40 groups: 3 splits -> 14, 14, 12 (masked); 4 -> 10 each
+        assert w4a16._even_split(3, 64) == 4 and w4a16._even_split(6, 64) == 8 and w4a16._even_split(1, 7) == 1
+        assert w4a16._even_split(5, 7) == 7  # 7 is nearer 5 than 1 is, by ratio
+        x = torch.zeros(1, 5120)
+        for block_n, groups, split, _ in w4a16._candidates(w4a16.WORD_TILES, 16384, lambda b: -(-40 // b), x,
+                                                           lambda t: t[2]):
+            per_split = -(-(-(-40 // split)) // groups) * groups
+            assert w4a16._even(16384, block_n, 40, per_split, groups), (block_n, groups, split)
 
     def test_the_environment_chooses_the_fused_kernels():
         """MINILLAMA4_FUSED: all (unset, 1), none (0), the GPU-measured ones, or a list of names."""
@@ -81,17 +113,20 @@ else:
         assert rel_err(got, ref) < 1e-6
 
     @pytest.mark.parametrize("split", [1, 2])
-    def test_the_word_kernel_on_whole_tiles(split):
-        """Scout-like shapes: every tile and split whole, the word kernel's unmasked path (EVEN)."""
+    def test_every_kernel_on_whole_tiles(split):
+        """Scout-like shapes: every tile and split whole, the kernels' unmasked path (EVEN)."""
         g = torch.Generator().manual_seed(8)
-        packed, scales = quantize_int4(torch.randn(2, 64, 512, generator=g))
+        packed, scales = quantize_int4(torch.randn(2, 64, 512, generator=g))  # 4 groups
         x = torch.randn(1, 512, generator=g)
         ids = torch.tensor([1])
         ref = x[0] @ dequantize_int4(packed[1], scales[1]).T
-        for block_n, groups, warps in w4a16.WORD_TILES:
-            if 64 % block_n == 0:
-                got = w4a16.expert_matmul(x, ids, packed, scales, config=(block_n, groups, split, warps, "words"))
-                assert rel_err(got[0], ref) < 1e-6, (block_n, groups, warps)
+        configs = [(*t, v) for t in w4a16.INT4_TILES for v in w4a16.INT4_VARIANTS] + [
+            (*t, "words") for t in w4a16.WORD_TILES]
+        for block_n, groups, warps, variant in configs:
+            if w4a16._even(64, block_n, 4, 4 // split, groups):
+                got = w4a16.expert_matmul(x, ids, packed, scales, config=(block_n, groups, split, warps, variant))
+                assert rel_err(got[0], ref) < 1e-6, (block_n, groups, warps, variant)
+        assert sum(w4a16._even(64, b, 4, 4 // split, gpi) for b, gpi, _, _ in configs) >= 8
 
     def test_nibble_unpackings_give_the_same_bits():
         """Every byte value 0..255 (both nibbles 0..15) in the weights: OR-ing a nibble into 2^23's
