@@ -307,6 +307,12 @@ def dequantize(packed: torch.Tensor, scales: torch.Tensor, dtype, out: torch.Ten
     return out
 
 
+def _per_split(steps: int, split: int, step: int) -> int:
+    """Groups (or inputs) per split of k when `steps` of them go into `split` parts, rounded up to
+    whole trips of `step`; the launchers then use cdiv(steps, per_split) splits (none empty)."""
+    return triton.cdiv(triton.cdiv(steps, split), step) * step
+
+
 def _even(n: int, block_n: int, groups: int, per_split: int, groups_per_iter: int) -> bool:
     """True when every tile is whole and every split runs whole trips of its own groups: no masks."""
     return n % block_n == 0 and groups % per_split == 0 and per_split % groups_per_iter == 0
@@ -332,7 +338,7 @@ def _launch_int4(x, expert_ids, packed, scales, block_n: int, groups_per_iter: i
         raise ValueError(f"w4a16: variant {variant!r} is not one of {INT4_VARIANTS + ('words',)}")
     m, k = x.shape
     n, groups = packed.shape[1], scales.shape[1]
-    per_split = triton.cdiv(triton.cdiv(groups, split), groups_per_iter) * groups_per_iter
+    per_split = _per_split(groups, split, groups_per_iter)
     split = triton.cdiv(groups, per_split)  # no empty splits
     y = torch.empty(split, m, n, dtype=x.dtype if split == 1 else torch.float32, device=x.device)
     _w4a16_rows[(m, triton.cdiv(n, block_n), split)](
@@ -346,7 +352,7 @@ def _launch_int4(x, expert_ids, packed, scales, block_n: int, groups_per_iter: i
 def _launch_dense(x, expert_ids, w, block_n: int, block_k: int, split: int) -> torch.Tensor:
     m, k = x.shape
     n = w.shape[2]
-    per_split = triton.cdiv(triton.cdiv(k, split), block_k) * block_k
+    per_split = _per_split(k, split, block_k)
     split = triton.cdiv(k, per_split)
     y = torch.empty(split, m, n, dtype=x.dtype if split == 1 else torch.float32, device=x.device)
     _dense_rows[(m, triton.cdiv(n, block_n), split)](
@@ -481,7 +487,7 @@ def _launch_words(x, ids, words, block_n: int, groups_per_iter: int, split: int,
     m, k = x.shape
     ns = [w.shape[1] for w, _ in words]
     n, groups = sum(ns), words[0][1].shape[1]
-    per_split = triton.cdiv(triton.cdiv(groups, split), groups_per_iter) * groups_per_iter
+    per_split = _per_split(groups, split, groups_per_iter)
     split = triton.cdiv(groups, per_split)  # no empty splits
     y = torch.empty(split, m, n, dtype=x.dtype if split == 1 else torch.float32, device=x.device)
     (w1, s1), (w2, s2), (w3, s3) = (words + [words[0]] * 2)[:3]

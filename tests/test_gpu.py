@@ -151,7 +151,7 @@ def test_w4a16_every_tile_and_split_on_cuda():
     # experts before and the widest (each tile is one more compile: the script's time is limited)
     for block_n, groups, warps in ((8, 4, 4), (8, 8, 4), (64, 1, 4)):
         for split in (1, 5):
-            assert w4a16._even(1024, block_n, 40, 40 // split, groups)
+            assert w4a16._even(1024, block_n, 40, w4a16._per_split(40, split, groups), groups)
             got = w4a16.expert_matmul(x32, ids[1:], big, big_scales, config=(block_n, groups, split, warps, "magic"))
             assert rel_err(got[0], ref32) < 1e-5, (block_n, groups, split, warps)
     w4a16.expert_matmul(x, ids, packed, scales)  # times them and keeps the fastest

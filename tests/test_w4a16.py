@@ -55,7 +55,7 @@ if not INTERPRETED:
         x = torch.zeros(1, 5120)
         for block_n, groups, split, _ in w4a16._candidates(w4a16.WORD_TILES, 16384, lambda b: -(-40 // b), x,
                                                            lambda t: t[2]):
-            per_split = -(-(-(-40 // split)) // groups) * groups
+            per_split = w4a16._per_split(40, split, groups)
             assert w4a16._even(16384, block_n, 40, per_split, groups), (block_n, groups, split)
 
     def test_the_environment_chooses_the_fused_kernels():
@@ -123,10 +123,10 @@ else:
         configs = [(*t, v) for t in w4a16.INT4_TILES for v in w4a16.INT4_VARIANTS] + [
             (*t, "words") for t in w4a16.WORD_TILES]
         for block_n, groups, warps, variant in configs:
-            if w4a16._even(64, block_n, 4, 4 // split, groups):
+            if w4a16._even(64, block_n, 4, w4a16._per_split(4, split, groups), groups):
                 got = w4a16.expert_matmul(x, ids, packed, scales, config=(block_n, groups, split, warps, variant))
                 assert rel_err(got[0], ref) < 1e-6, (block_n, groups, warps, variant)
-        assert sum(w4a16._even(64, b, 4, 4 // split, gpi) for b, gpi, _, _ in configs) >= 8
+        assert sum(w4a16._even(64, b, 4, w4a16._per_split(4, split, gpi), gpi) for b, gpi, _, _ in configs) >= 8
 
     def test_nibble_unpackings_give_the_same_bits():
         """Every byte value 0..255 (both nibbles 0..15) in the weights: OR-ing a nibble into 2^23's
