@@ -51,7 +51,7 @@ def test_gradient_direction_and_weight():
     beta = 0.5
     loss, cw, cl = dpo.dpo_loss(pc, pr, t(-1.2), t(-1.5), beta)
     loss.backward()
-    # dL/dlog pi(y_w) = -beta sigma(r_l - r_w) < 0 and dL/dlog pi(y_l) = +beta sigma(r_l - r_w) > 0 (eq. 8)
+    # dL/dlog pi(y_w) = -beta sigma(r_l - r_w) < 0 and dL/dlog pi(y_l) = +beta sigma(r_l - r_w) > 0 (paper §4)
     weight = torch.sigmoid(cl - cw)
     assert float(pc.grad) < 0 < float(pr.grad)
     assert float(pc.grad) == pytest.approx(float(-beta * weight))

@@ -15,7 +15,7 @@ reward is r(x, y) = beta log(pi_theta(y|x) / pi_ref(y|x)); the reward margin is 
 and the reward accuracy the fraction of pairs with a positive margin, ties counting one half
 (TRL's rewards/margins and rewards/accuracies, except that TRL counts ties as wrong: before any
 step every margin is exactly 0, so ours starts at 0.5, chance, and TRL's at 0). The gradient
-(eq. 8 of the paper) is
+(the paper's §4, "What does the DPO update do?") is
     -beta sigma(r(y_l) - r(y_w)) [grad log pi(y_w|x) - grad log pi(y_l|x)]
 so pairs the implicit reward still ranks wrongly weigh most. beta -> 0: L -> log 2 and the
 gradient vanishes; large beta: L is ~0 for correctly ranked pairs and ~ -beta * h for wrongly
@@ -113,7 +113,7 @@ class DPOConfig:
     beta: float = 0.1  # strength of the implicit KL constraint (paper default 0.1)
     steps: int = 60  # optimizer steps
     batch_size: int = 32  # pairs per step
-    lr: float = 2e-5  # AdamW learning rate (constant after warmup; the paper used 1e-6 at 7B scale)
+    lr: float = 2e-5  # AdamW learning rate (constant after warmup; the paper used 1e-6 with RMSprop on 0.8B-6B models)
     warmup: int = 5  # linear warmup steps
     weight_decay: float = 0.0  # AdamW decoupled weight decay on matrices
     betas: tuple[float, float] = (0.9, 0.99)  # AdamW moment decay rates

@@ -54,7 +54,7 @@ class TrainConfig:
     eval_batches: int = 8  # batches of the validation stream per validation loss
     switch_aux: float = 0.0  # coefficient of the Switch load-balancing loss (0 = off; Switch used 1e-2)
     z_loss: float = 0.0  # coefficient of the router z-loss (0 = off; ST-MoE used 1e-3)
-    bias_update_rate: float = 0.0  # DeepSeek-V3 bias step gamma (0 = off; it used 1e-3 over 14.8T tokens)
+    bias_update_rate: float = 0.0  # DeepSeek-V3 bias step gamma (0 = off; it used 1e-3 for its first 14.3T tokens, then 0)
     progress: bool = True  # show a tqdm progress bar
 
 

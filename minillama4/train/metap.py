@@ -366,10 +366,11 @@ def _l1(x: torch.Tensor) -> float:
 def coord_check(widths=(32, 64, 128, 256), kinds=PARAMETRIZATIONS, train_data=None, lr: float = 1e-2,
                 steps: int = 5, seeds=(0,), base_width: int = 32, layers: int = 2,
                 cfg: RunConfig | None = None) -> dict:
-    """mup's coordinate check (TP5 §6 / mup coord_check.py): train proxy models of each width for
-    a few steps at a deliberately large constant LR and record, before each step (step 0 = at
-    init), the mean |x| of every layer's activations on that step's batch: the token embeddings,
-    each layer's attention output, router logits, MoE output and residual stream, and the logits.
+    """mup's coordinate check (the `mup` package's README, "Coord Check", and its coord_check.py):
+    train proxy models of each width for a few steps at a deliberately large constant LR and
+    record, before each step (step 0 = at init), the mean |x| of every layer's activations on that
+    step's batch: the token embeddings, each layer's attention output, router logits, MoE output
+    and residual stream, and the logits.
     Under SP these grow with width after the first updates; under µP they stay flat.
 
     Returns {"widths", "kinds", "steps", "lr", "seeds", "activations": [names],
