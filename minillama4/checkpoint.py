@@ -8,7 +8,8 @@ Accepted layouts:
   one model.safetensors, or shards listed in model.safetensors.index.json
 
 Loading streams tensor by tensor into a model built on the meta device, so peak host memory is
-about one copy of the model. Names and shapes are checked from the safetensors headers before
+about one copy of the model (with quantize="int4": the int4 model, plus the tensor being
+quantized). Names and shapes are checked from the safetensors headers before
 any weight is read. Only safetensors is read: pickle files (.bin/.pt) can run code when loaded,
 and are refused with a message, never opened.
 """
@@ -166,20 +167,20 @@ def from_pretrained(path, dtype=None, device="cpu", text_only: bool = False, qua
                  ("unexpected tensors", unexpected)) if items]
     if problems:
         raise ValueError(f"{path}: checkpoint does not match its config.json:\n  " + "\n  ".join(problems))
-    by_file: dict[Path, list[tuple[str, str]]] = {}
-    for name, (file, key) in plan.items():
-        by_file.setdefault(file, []).append((name, key))
-    for file, items in by_file.items():
+    for name, (file, key) in plan.items():  # file by file: the headers were read in that order
+        # safetensors hands out tensors that live on the file's memory map (no copy), and any one of
+        # them keeps the whole file mapped: so the file is opened for one tensor at a time, and a
+        # tensor the model keeps is copied out (its own memory; no file stays mapped after loading)
         with safe_open(str(file), framework="pt") as f:
-            for name, key in items:
-                tensor = f.get_tensor(key).to(device=device, dtype=dtype or None)
-                owner, attr = name.rsplit(".", 1)
-                module = model.get_submodule(owner)
-                if hasattr(module, "load_dense"):  # an int4 module: quantize this tensor now
-                    module.load_dense(tensor) if attr == "weight" else module.load_dense(attr, tensor)
-                else:
-                    setattr(module, attr, nn.Parameter(tensor))
-                del tensor
+            stored = f.get_tensor(key)
+        owner, attr = name.rsplit(".", 1)
+        module = model.get_submodule(owner)
+        if hasattr(module, "load_dense"):  # an int4 module: quantize this tensor now
+            tensor = stored.to(device=device, dtype=dtype or None)
+            module.load_dense(tensor) if attr == "weight" else module.load_dense(attr, tensor)
+        else:
+            setattr(module, attr, nn.Parameter(stored.to(device=device, dtype=dtype or None, copy=True)))
+        del stored
     return model.eval()
 
 

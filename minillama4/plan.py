@@ -10,7 +10,9 @@ stays in `dtype`. KV cache: 2 (k, v) x kv_heads x head_dim x bytes per position 
 chunked layers capped at one chunk when the ring buffer is on. Activations are an estimate for a
 prefill of `prefill_tokens` tokens: a few residual-stream copies, one expert's dequantized
 scratch, the attention scores of one layer, and the logits. With cuda=True and int4, tinygemm's
-second copy of the int4 linears (the decode kernel those linears use on a GPU).
+second copy of the int4 linears (the decode kernel those linears use on a GPU). Loading needs
+less than the activations on top of the weights: one stored tensor and a block of quantization
+scratch at a time (checkpoint.from_pretrained, quant.quantize_int4).
 """
 
 from __future__ import annotations

@@ -124,31 +124,59 @@ def test_resave_replaces_shards_without_leftovers(tmp_path):
 
 
 PEAK_SCRIPT = """
-import sys, torch, minillama4 as ml4
+import json, sys, torch, minillama4 as ml4
 def status(key):
     return 1024 * int(next(l for l in open("/proc/self/status") if l.startswith(key)).split()[1])
 with torch.device("meta"):  # torch's meta-device init imports torch._dynamo (and Triton, when installed)
     torch.nn.Embedding(2, 2)  # once: a fixed cost of 100+ MB that is not the loader's, so pay it first
 open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS
 base = status("VmRSS")
-m = ml4.from_pretrained(sys.argv[1])
-float(sum(p.detach().sum() for p in m.parameters()))  # touch every weight: all of it resident
-print(status("VmHWM") - base)
+m = ml4.from_pretrained(sys.argv[1], **json.loads(sys.argv[2]))
+tensors = [*m.parameters(), *m.buffers()]
+float(sum(t.detach().float().sum() for t in tensors))  # touch every weight: all of it resident
+print(status("VmHWM") - base, sum(t.numel() * t.element_size() for t in tensors))
 """
+
+
+def peak_extra(path: Path, **kwargs) -> tuple[int, int]:
+    """(peak extra host memory of from_pretrained(path, **kwargs), bytes of the loaded model), in a
+    fresh process."""
+    if not Path("/proc/self/clear_refs").exists():
+        pytest.skip("needs Linux /proc to measure peak memory")
+    out = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(path), json.dumps(kwargs)], capture_output=True,
+                         text=True, check=True)
+    extra, footprint = map(int, out.stdout.split()[-2:])
+    return extra, footprint
 
 
 def test_streaming_load_peak_memory_is_about_one_model(tmp_path):
     """Built on the meta device and filled tensor by tensor: the peak extra host memory stays
     near one copy of the weights, not two (build-then-load_state_dict measured 2.0x here)."""
-    if not Path("/proc/self/clear_refs").exists():
-        pytest.skip("needs Linux /proc to measure peak memory")
     cfg = small_text(vocab_size=32000, hidden_size=512, num_attention_heads=8, head_dim=64,
                      num_key_value_heads=2, intermediate_size=1024)
     model = ml4.Llama4Text(cfg)  # default init is enough; the values do not matter here
     model.save_pretrained(tmp_path)
     size = (tmp_path / "model.safetensors").stat().st_size
     del model
-    out = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(tmp_path)], capture_output=True,
-                         text=True, check=True)
-    extra = int(out.stdout.split()[-1])
+    extra, _ = peak_extra(tmp_path)
     assert extra < 1.5 * size, f"peak extra {extra / 1e6:.0f} MB for a {size / 1e6:.0f} MB checkpoint"
+
+
+def test_streaming_int4_load_peak_memory_is_about_the_int4_model(tmp_path):
+    """quantize="int4" from a sharded bf16 checkpoint: the peak extra host memory is the int4 model
+    plus one stored tensor and one block of quantization temporaries, far below the checkpoint.
+    Measured here: 60 MB for a 121 MB checkpoint whose int4 model is 33 MB; before tensors were
+    quantized block by block and copied off the files' memory maps, 251 MB."""
+    from minillama4.quant import QUANT_BLOCK
+
+    cfg = small_text(vocab_size=1024, hidden_size=512, num_attention_heads=8, head_dim=64, num_key_value_heads=2,
+                     intermediate_size=1024, intermediate_size_mlp=2048, num_local_experts=8)
+    ml4.Llama4Text(cfg).to(torch.bfloat16).save_pretrained(tmp_path, max_shard_size="10MB")
+    files = list(tmp_path.glob("*.safetensors"))
+    size, largest = sum(f.stat().st_size for f in files), max(f.stat().st_size for f in files)
+    extra, int4_bytes = peak_extra(tmp_path, quantize="int4", which="all")
+    # the int4 model, the largest tensor as stored (its file's pages), float32 temporaries of one
+    # block (a copy and |w|: 8 bytes a weight), and 16 MB for the allocator
+    bound = int4_bytes + largest + 8 * QUANT_BLOCK + (16 << 20)
+    assert extra < bound and extra < size / 2, (f"peak extra {extra / 1e6:.0f} MB: int4 model {int4_bytes / 1e6:.0f} MB, "
+                                                f"checkpoint {size / 1e6:.0f} MB, bound {bound / 1e6:.0f} MB")

@@ -32,6 +32,24 @@ def test_packed_layout_even_high_odd_low():
     assert unpack_int4(packed)[0, :2].tolist() == [15, 0]
 
 
+def test_quantizing_block_by_block_equals_the_whole_tensor_at_once(monkeypatch):
+    """quantize_int4 works through QUANT_BLOCK weights at a time (to bound its temporaries): the
+    block boundaries, uneven ones included, change no bit, on stacked and transposed views too,
+    and the input is left as it was."""
+    from minillama4 import quant
+
+    g = torch.Generator().manual_seed(3)
+    experts = torch.randn(3, 384, 200, generator=g).to(torch.bfloat16)  # x @ W layout [e, k, n]
+    for w in (torch.randn(100, 512, generator=g), experts.transpose(1, 2), experts[1].T):
+        before = w.clone()
+        monkeypatch.setattr(quant, "QUANT_BLOCK", 1 << 30)
+        whole = quantize_int4(w)
+        monkeypatch.setattr(quant, "QUANT_BLOCK", 7 * w.shape[-1])  # 7 rows a block: the last one short
+        blocks = quantize_int4(w)
+        assert all(torch.equal(a, b) for a, b in zip(whole, blocks))
+        assert torch.equal(w, before)
+
+
 def test_bad_shapes():
     with pytest.raises(ValueError, match="multiple of group=128"):
         quantize_int4(torch.randn(4, 100))
