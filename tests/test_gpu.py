@@ -64,6 +64,28 @@ def test_int4_model_generates_on_cuda():
     assert q(torch.tensor([[1, 2, 3]], device="cuda")).isfinite().all()
 
 
+def test_streaming_int4_load_onto_cuda_matches_the_cpu_load(tmp_path):
+    """from_pretrained(quantize="int4", device="cuda") quantizes each tensor on the GPU, block by
+    block: the same int4 weights as the CPU load (scales exactly; codes all but a handful, in
+    case the GPU's division rounds a tie differently)."""
+    cfg = small_text(hidden_size=256, head_dim=64, intermediate_size=256, intermediate_size_mlp=512)
+    ml4.Llama4Text.random(cfg, seed=6, dtype=torch.bfloat16).save_pretrained(tmp_path, max_shard_size="200KB")
+    on_cpu = ml4.from_pretrained(tmp_path, quantize="int4", which="all", dtype=torch.float32)
+    on_gpu = ml4.from_pretrained(tmp_path, quantize="int4", which="all", dtype=torch.float32, device="cuda")
+    gpu = dict(on_gpu.named_buffers())
+    int4 = [(name, ref) for name, ref in on_cpu.named_buffers() if name.endswith(("packed", "scales"))]
+    assert len(int4) == len(gpu) > 0
+    for name, ref in int4:
+        got = gpu[name].cpu()
+        if name.endswith("packed"):
+            assert (got != ref).float().mean() < 1e-4, name
+        else:
+            assert torch.equal(got, ref), name
+    ids = torch.randint(0, cfg.vocab_size, (1, 24))
+    with torch.no_grad():  # float32 activations: both take the dequantizing path
+        assert rel_err(on_gpu(ids.cuda()).cpu(), on_cpu(ids)) < 1e-3
+
+
 def test_static_decode_matches_eager_on_cuda_fp32():
     cfg = small_text(hidden_size=128, head_dim=32, intermediate_size=128, intermediate_size_mlp=256,
                      num_experts_per_tok=2, interleave_moe_layer_step=2)
