@@ -68,7 +68,7 @@ except ImportError:  # optional: without Triton the gather dispatch dequantizes 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # int4 tiles (BLOCK_N outputs, GROUPS groups of k per trip, warps: a [BLOCK_N, 64]-byte tile per
 # group gives 16-byte loads per thread when BLOCK_N = 8 * warps) and dense tiles (BLOCK_N, BLOCK_K),
-# each tried with SPLIT = 1 and with enough splits of k to fill the GPU (_split_options).
+# each tried with SPLIT = 1 and with enough splits of k to fill the GPU (_candidates, _splits).
 # The byte kernel's list keeps the tiles some shape chose on the H100 and H200 (docs/gpu/) and
 # their neighbours: (8, 4, 1), (16, 2, 2), (16, 4, 2), (32, 4, 4) and (64, 2, 8) never won.
 INT4_TILES = ((8, 2, 1), (8, 8, 1), (16, 8, 2), (8, 4, 4), (8, 8, 4), (16, 4, 4), (32, 2, 4), (64, 1, 4))
