@@ -142,13 +142,13 @@ class VisionConfig:
     intermediate_size: int = 5632  # ViT MLP width (= 4 * 1408; also the adapter's input width)
     image_size: int = 336  # tile side in pixels
     patch_size: int = 14  # patch side in pixels (24 x 24 patches per tile)
-    norm_eps: float = 1e-5  # LayerNorm epsilon
+    norm_eps: float = 1e-5  # LayerNorm epsilon: must be 1e-5 (Meta's and transformers' code use LayerNorm's default)
     pixel_shuffle_ratio: float = 0.5  # 2x2 neighbouring patches merged into one token
     projector_input_dim: int = 4096  # adapter fc1 output width
     projector_output_dim: int = 4096  # adapter fc2 output width
     vision_output_dim: int = 4096  # input width of the multimodal projector
     rope_theta: float = 10000.0  # base of the 2D vision RoPE
-    multi_modal_projector_bias: bool = False  # bias on the projector (False in the checkpoints)
+    multi_modal_projector_bias: bool = False  # bias on the projector: must be False (no bias in Meta's or transformers' code)
 
     def __post_init__(self):
         self.validate()
@@ -180,6 +180,15 @@ class VisionConfig:
             bad("projector_output_dim", f"must equal projector_input_dim={self.projector_input_dim}")
         if self.vision_output_dim != self.projector_output_dim:
             bad("vision_output_dim", f"must equal projector_output_dim={self.projector_output_dim}")
+        # Two fields the checkpoints' config.json carries but no implementation reads: transformers
+        # (and Meta's code) build the vision LayerNorms with the default eps 1e-5 and the projector
+        # without a bias. Honouring other values would silently disagree with them on the same weights.
+        if self.norm_eps != 1e-5:
+            bad("norm_eps", "Llama 4's vision LayerNorms use eps 1e-5 whatever the config says (transformers and "
+                            "Meta's code ignore this field); only 1e-5 is supported")
+        if self.multi_modal_projector_bias:
+            bad("multi_modal_projector_bias", "Llama 4's multimodal projector has no bias in transformers or Meta's "
+                                              "code (a bias would be dropped on loading there); only False is supported")
 
     @property
     def tokens_per_tile(self) -> int:

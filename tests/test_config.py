@@ -34,6 +34,9 @@ def test_bad_text_config_names_the_field(field, value):
 
 @pytest.mark.parametrize("field, value", [
     ("num_attention_heads", 5), ("patch_size", 13), ("pixel_shuffle_ratio", 0.3), ("hidden_size", -1),
+    # fields transformers' and Meta's code never read (LayerNorm's default eps, a projector without bias):
+    # another value would silently disagree with them on the same weights
+    ("norm_eps", 1e-6), ("multi_modal_projector_bias", True),
 ])
 def test_bad_vision_config_names_the_field(field, value):
     with pytest.raises(ValueError, match=rf"VisionConfig\.{field}="):
@@ -112,6 +115,13 @@ def test_reads_maverick_null_rope_scaling_and_null_chunk():
 ])
 def test_bad_hf_dicts(d, match):
     with pytest.raises(ValueError, match=match):
+        from_hf_dict(d)
+
+
+def test_hub_config_with_a_vision_field_no_implementation_reads_is_refused():
+    d = to_hf_dict(configs.tiny_multimodal())
+    d["vision_config"]["norm_eps"] = 1e-6
+    with pytest.raises(ValueError, match=r"VisionConfig\.norm_eps=1e-06: .*only 1e-5 is supported"):
         from_hf_dict(d)
 
 
