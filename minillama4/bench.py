@@ -465,6 +465,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_args(device: str, json_path: str | None) -> None:
+    """Refuse a device this machine lacks, or a --json path that cannot be written, before the
+    minutes of benchmarking that would otherwise be lost."""
+    import os
+
+    from .devices import as_device
+
+    try:
+        as_device(device)
+    except ValueError as e:
+        raise SystemExit(f"--device: {e}") from None
+    if json_path:
+        folder = os.path.dirname(os.path.abspath(json_path))
+        if not os.path.isdir(folder) or not os.access(folder, os.W_OK) or os.path.isdir(json_path):
+            raise SystemExit(f"--json {json_path}: cannot write there (is {folder} an existing, writable folder?)")
+
+
 def main(argv: list[str] | None = None) -> int:
     import sys
 
@@ -475,15 +492,23 @@ def main(argv: list[str] | None = None) -> int:
         return scout_main(argv)
     args = build_parser().parse_args(argv)
     if args.threads is not None and args.threads < 1:
-        raise SystemExit("--threads must be >= 1")
-    if min(args.tokens, args.batch, args.new_tokens, args.prompt_tokens, args.repeats, args.decode_repeats) < 1:
-        raise SystemExit("--tokens, --batch, --new-tokens, --prompt-tokens, --repeats, --decode-repeats must be >= 1")
-    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"--device {args.device}: CUDA is not available")
+        raise SystemExit(f"--threads {args.threads}: must be >= 1")
+    for flag in ("tokens", "batch", "new_tokens", "prompt_tokens", "repeats", "decode_repeats"):
+        if getattr(args, flag) < 1:
+            raise SystemExit(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be >= 1")
+    if args.warmup < 0:
+        raise SystemExit(f"--warmup {args.warmup}: must be >= 0")
+    check_args(args.device, args.json)
     try:
         import transformers  # noqa: F401
     except ImportError:
         raise SystemExit("minillama4 bench compares against Hugging Face transformers: pip install 'minillama4[dev]'")
+    from .plan import MemoryPlanError, check_weights_fit
+
+    try:  # before building anything: the large presets do not fit a laptop in full precision
+        check_weights_fit(configs.get(args.preset), DTYPES[args.dtype], args.device)
+    except MemoryPlanError as e:
+        raise SystemExit(f"--preset {args.preset}: {e}") from None
     result = run_all(preset=args.preset, dtype=args.dtype, device=args.device, tokens=args.tokens,
                      new_tokens=args.new_tokens, prompt_tokens=args.prompt_tokens, batch=args.batch,
                      warmup=args.warmup, repeats=args.repeats, decode_repeats=args.decode_repeats,

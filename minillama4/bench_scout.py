@@ -384,14 +384,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-hf", action="store_true", help="skip the transformers comparison")
     p.add_argument("--json", metavar="PATH")
     args = p.parse_args(argv)
-    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"--device {args.device}: CUDA is not available")
+    from .bench import check_args
+
+    check_args(args.device, args.json)
+    try:
+        contexts = tuple(int(c) for c in args.contexts.split(","))
+    except ValueError:
+        raise SystemExit(f"--contexts {args.contexts!r}: expected comma-separated token counts, e.g. 128,4096") from None
+    for flag, value in [("--contexts", min(contexts)), ("--prefill", args.prefill), ("--steps", args.steps),
+                        ("--slice-layers", args.slice_layers)]:
+        if value < 1:
+            raise SystemExit(f"{flag} {value}: must be >= 1")
     def save(r):
         if args.json:
             with open(args.json, "w") as fh:
                 json.dump(r, fh, indent=2, default=str)
 
-    r = run(args.preset, args.device, args.int4, args.which, tuple(int(c) for c in args.contexts.split(",")),
+    r = run(args.preset, args.device, args.int4, args.which, contexts,
             args.prefill, args.slice_layers, not args.no_hf, args.steps,
             emit=lambda line: print(line, flush=True), save=save)
     print("\nsummary:\n" + format_report(r))

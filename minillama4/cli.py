@@ -25,6 +25,7 @@ from . import configs
 from .checkpoint import from_pretrained
 from .model import Llama4Text
 from .params import BYTES_PER_PARAM, count_params
+from .plan import MemoryPlanError
 from .tokenizer import load_tokenizer
 from .trace import RouterTrace
 
@@ -38,6 +39,17 @@ BEHEMOTH_NOTE = ("note: behemoth is an ILLUSTRATIVE GUESS, not a published confi
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit code 2, like the library errors below
         raise SystemExit(_fail(f"{message} (see `{self.prog} --help`)"))
+
+
+def _seed(text: str) -> int:
+    """A seed torch accepts: an integer in [0, 2**63)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"{value} is outside [0, 2**63)")
+    return value
 
 
 def _fail(message: str) -> int:
@@ -231,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
         src.add_argument("--preset", help=f"random weights: one of {list(RUNNABLE_PRESETS)}")
         src.add_argument("--checkpoint", metavar="DIR", help="a Hugging Face Llama 4 checkpoint folder")
         p.add_argument("--prompt", required=True)
-        p.add_argument("--seed", type=int, default=0, help="weights of a preset, and sampling")
+        p.add_argument("--seed", type=_seed, default=0, help="weights of a preset, and sampling")
         p.add_argument("--dtype", choices=["fp32", "bf16"], default=None)
         if name == "generate":
             p.add_argument("--max-new-tokens", type=int, default=20)
@@ -244,7 +256,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _exit_code(e: SystemExit) -> int:  # argparse: --help is 0, a usage error 2 (already printed)
+def _exit_code(e: SystemExit) -> int:
+    """argparse: --help is 0, a usage error 2 (already printed); bench's SystemExit("message"):
+    print the message, 2."""
+    if isinstance(e.code, str):
+        return _fail(e.code)
     return e.code if isinstance(e.code, int) else int(e.code is not None) * 2
 
 
@@ -265,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         return commands[args.command](args)
     except SystemExit as e:
         return _exit_code(e)
-    except (ValueError, FileNotFoundError, TypeError, ImportError) as e:
+    except (ValueError, OSError, TypeError, ImportError, MemoryPlanError) as e:
         return _fail(str(e) or type(e).__name__)  # one line, except a checkpoint's list of mismatches
 
 

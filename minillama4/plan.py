@@ -24,6 +24,8 @@ from .params import BYTES_PER_PARAM, count_params
 
 GIB = 2**30
 FFN_COMPONENTS = ("text.routed_experts", "text.shared_experts", "text.dense_mlps")
+WHICH = ("ffn", "all")  # quantize="int4" applies to the feed-forward weights, or to every decoder linear
+PLAN_DTYPES = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "fp8": 1.0}  # bytes per weight kept in that format
 
 
 class MemoryPlanError(MemoryError):
@@ -71,15 +73,28 @@ def kv_cache_bytes(cfg: TextConfig, context: int, batch: int = 1, bytes_per_valu
     return total
 
 
+def _positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}={value!r}: must be a positive integer")
+
+
 def plan_memory(config: Llama4Config | TextConfig, context: int = 8192, batch: int = 1, quantize: str | None = None,
                 which: str = "ffn", dtype: str = "bf16", ring: bool = True, prefill_tokens: int = 2048,
                 cuda: bool = False) -> MemoryPlan:
+    if not isinstance(config, (Llama4Config, TextConfig)):
+        raise TypeError(f"plan_memory needs a Llama4Config or TextConfig (e.g. configs.scout()), got {config!r}")
     if quantize not in (None, "int4"):
         raise ValueError(f"quantize={quantize!r}: expected None or 'int4'")
+    if which not in WHICH:
+        raise ValueError(f"which={which!r}: expected one of {WHICH}")
+    if dtype not in PLAN_DTYPES:
+        raise ValueError(f"dtype={dtype!r}: expected one of {sorted(PLAN_DTYPES)}")
+    for name, value in (("context", context), ("batch", batch), ("prefill_tokens", prefill_tokens)):
+        _positive_int(name, value)
     full = config if isinstance(config, Llama4Config) else Llama4Config(text=config, vision=None)
     t = full.text
     pc = count_params(full)
-    base = BYTES_PER_PARAM[dtype] if dtype in BYTES_PER_PARAM else {"fp32": 4.0}[dtype]
+    base = PLAN_DTYPES[dtype]
     int4_parts = (FFN_COMPONENTS + ("text.attention",)) if which == "all" else FFN_COMPONENTS
     weights = {name: int(total * (BYTES_PER_PARAM["int4"] if quantize and name in int4_parts else base))
                for name, (total, _) in pc.components.items()}
@@ -105,7 +120,9 @@ def available_bytes(device="cpu") -> int:
     """Free memory on the device: CUDA's free memory, or MemAvailable from /proc/meminfo."""
     import torch
 
-    device = torch.device(device)
+    from .devices import as_device
+
+    device = as_device(device)
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
     try:
@@ -116,9 +133,33 @@ def available_bytes(device="cpu") -> int:
 
 
 def check_fits(plan: MemoryPlan, available: int, where: str = "this device") -> None:
+    if isinstance(available, bool) or not isinstance(available, int):
+        raise TypeError(f"available={available!r}: bytes as an int (plan.available_bytes(device) gives it)")
     if plan.total > available:
         raise MemoryPlanError(
             f"{plan.name} needs {plan.total / GIB:.1f} GiB on {where} (weights {plan.weight_bytes / GIB:.1f}, "
             f"KV cache {plan.kv_cache / GIB:.1f}, activations {plan.activations / GIB:.1f}) but only "
             f"{available / GIB:.1f} GiB is free: short by {(plan.total - available) / GIB:.1f} GiB. "
             "Try quantize='int4', a shorter context, or a bigger device.")
+
+
+def check_weights_fit(config: Llama4Config | TextConfig, dtype, device) -> None:
+    """Refuse, before allocating, to build a full-precision model whose weights do not fit: used by
+    Llama4Text.random and Llama4.random, which build the model on the CPU and then move it, so a
+    CUDA target needs the room on both."""
+    import torch
+
+    from .devices import as_device, as_dtype
+
+    device, dtype = as_device(device), as_dtype(dtype)
+    name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    full = config if isinstance(config, Llama4Config) else Llama4Config(text=config, vision=None)
+    plan = MemoryPlan(name=full.name, context=0, batch=0,
+                      weights={k: int(total * PLAN_DTYPES[name]) for k, (total, _) in count_params(full).components.items()})
+    for where in {torch.device("cpu"), device}:
+        if plan.total > available_bytes(where):
+            raise MemoryPlanError(
+                f"{plan.name} with random {name} weights needs {plan.total / GIB:.1f} GiB on {where} but only "
+                f"{available_bytes(where) / GIB:.1f} GiB is free: short by {(plan.total - available_bytes(where)) / GIB:.1f} "
+                "GiB. For the full-size models use minillama4.random_model(config, quantize='int4', device='cuda'), "
+                "which builds int4 weights directly on the device; or a scaled-down config (configs.tiny(), configs.small()).")

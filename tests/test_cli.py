@@ -115,6 +115,7 @@ def test_checkpoint(capsys, tmp_path):
     ["trace", "--preset", "tiny", "--prompt", ""],
     ["generate", "--preset", "tiny", "--prompt", "x", "--top-p", "0"],  # ValueError from the library
     ["generate", "--prompt", "x"],  # neither --preset nor --checkpoint
+    ["generate", "--preset", "tiny", "--prompt", "x", "--seed", str(2**70)],  # torch seeds are < 2**63
     [],
 ])
 def test_bad_input_exits_2_with_one_line_error(capsys, argv):
@@ -174,3 +175,22 @@ def test_bench_missing_module_is_an_error(capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "minillama4.bench", None)
     code, _, err = run(capsys, "bench")
     assert code == 2 and err.startswith("error:") and "bench" in err
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--preset", "tiny", "--threads", "0"], "--threads 0: must be >= 1"),
+    (["--preset", "tiny", "--tokens", "0"], "--tokens 0: must be >= 1"),
+    (["--preset", "tiny", "--warmup", "-1"], "--warmup -1: must be >= 0"),
+    (["--preset", "tiny", "--device", "gpu"], "device='gpu'"),
+    (["--preset", "tiny", "--json", "/definitely/not/here/x.json"], "cannot write there"),
+    (["--preset", "scout"], "short by"),  # 405 GiB of fp32 weights: refused before building anything
+    (["scout", "--int4", "--contexts", "128,x", "--device", "cpu"], "--contexts"),
+])
+def test_bench_refuses_bad_arguments_before_running(capsys, monkeypatch, argv, says):
+    """Each used to run (minutes) and then fail, exit 2 with no message, or be OOM-killed."""
+    import minillama4.plan
+
+    monkeypatch.setattr(minillama4.plan, "available_bytes", lambda device="cpu": 16 * 2**30)  # any machine
+    code, out, err = run(capsys, "bench", *argv)
+    assert code == 2 and out == ""
+    assert err.startswith("error: ") and says in err and len(err.strip().splitlines()) == 1
