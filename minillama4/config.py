@@ -15,9 +15,52 @@ Simplifications: no padding-token embedding masking (HF's padding_idx has no for
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
+import reprlib
 from dataclasses import dataclass, field
 
 ROPE_TYPES = ("default", "llama3")
+
+
+# ------------------------------------------------------------------- field checks
+# Every refusal reads "<Class>.<field>=<value>: <what is accepted>". Types are checked too: a string,
+# a bool or a NaN would otherwise pass a comparison silently, be coerced, or fail deep in torch.
+
+def _refuse(obj, name: str, why: str):
+    raise ValueError(f"{type(obj).__name__}.{name}={getattr(obj, name)!r}: {why}")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)  # bool is an int subclass, never a size
+
+
+def _check_ints(obj, names, minimum: int = 1):
+    for name in names:
+        v = getattr(obj, name)
+        if not _is_int(v) or v < minimum:
+            _refuse(obj, name, "must be a positive integer" if minimum == 1 else f"must be an integer >= {minimum}")
+
+
+def _check_reals(obj, names, positive: bool):
+    """Finite numbers (NaN fails no `<=` test, so it is named here), > 0 or >= 0."""
+    for name in names:
+        v = getattr(obj, name)
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) \
+                or (v <= 0 if positive else v < 0):
+            _refuse(obj, name, f"must be a finite {'positive' if positive else 'non-negative'} number")
+
+
+def _check_bools(obj, names):
+    for name in names:
+        if not isinstance(getattr(obj, name), bool):
+            _refuse(obj, name, "must be True or False")
+
+
+def _check_token_id(obj, name: str, vocab_size: int, value=None):
+    v = getattr(obj, name) if value is None else value
+    if not _is_int(v) or not 0 <= v < vocab_size:
+        _refuse(obj, name, f"a token id must be an integer in [0, vocab_size={vocab_size})")
 
 
 @dataclass
@@ -59,17 +102,19 @@ class TextConfig:
     pad_token_id: int | None = 200018  # <|finetune_right_pad|>
 
     def __post_init__(self):
-        # HF stores attn_temperature_tuning as the int 4 in old configs: any truthy value means on.
+        # The fields are checked before anything is derived from them: range() and int() below
+        # would otherwise crash on a wrong type or round a wrong value silently.
+        self._validate_fields()
+        # HF stores attn_temperature_tuning as the int 4 in old configs: any nonzero int means on.
         self.attn_temperature_tuning = bool(self.attn_temperature_tuning)
-        self.use_qk_norm = bool(self.use_qk_norm)
-        if self.moe_layers is None and self.interleave_moe_layer_step >= 1:
+        if self.moe_layers is None:
             step = self.interleave_moe_layer_step
             self.moe_layers = list(range(step - 1, self.num_hidden_layers, step))
-        if not self.no_rope_layers and self.no_rope_layer_interval >= 1:
+        if not self.no_rope_layers:
             n = self.no_rope_layer_interval
             self.no_rope_layers = [int((i + 1) % n != 0) for i in range(self.num_hidden_layers)]
-        self.moe_layers = [int(i) for i in self.moe_layers or []]
-        self.no_rope_layers = [int(v) for v in self.no_rope_layers or []]
+        self.moe_layers = [int(i) for i in self.moe_layers]  # numpy ints -> int (checked integral above)
+        self.no_rope_layers = [int(v) for v in self.no_rope_layers]
         self.validate()
 
     # ---------------------------------------------------------------- derived views
@@ -84,17 +129,12 @@ class TextConfig:
         return self.uses_rope(layer) and self.attention_chunk_size is not None
 
     def validate(self) -> None:
-        """Raise ValueError naming the first inconsistent field."""
+        """Raise ValueError naming the first bad or inconsistent field."""
+        self._validate_fields()
 
         def bad(name: str, why: str):
-            raise ValueError(f"TextConfig.{name}={getattr(self, name)!r}: {why}")
+            _refuse(self, name, why)
 
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                     "num_attention_heads", "num_key_value_heads", "head_dim", "num_local_experts",
-                     "num_experts_per_tok", "interleave_moe_layer_step", "no_rope_layer_interval",
-                     "floor_scale", "rope_original_max_position_embeddings"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                bad(name, "must be a positive integer")
         if self.intermediate_size_mlp < 1 and len(self.moe_layers) < self.num_hidden_layers:
             bad("intermediate_size_mlp", "dense layers exist, so it must be positive")
         if self.num_attention_heads % self.num_key_value_heads:
@@ -103,32 +143,53 @@ class TextConfig:
             bad("head_dim", "must be even: RoPE rotates pairs of dimensions")
         if self.num_experts_per_tok > self.num_local_experts:
             bad("num_experts_per_tok", f"top-k exceeds num_local_experts={self.num_local_experts}")
-        if self.rope_type not in ROPE_TYPES:
-            bad("rope_type", f"unknown rope type; expected one of {ROPE_TYPES}")
-        if self.rope_theta <= 0:
-            bad("rope_theta", "must be positive")
-        if self.rope_type == "llama3":
-            if self.rope_factor <= 0:
-                bad("rope_factor", "must be positive")
-            if not 0 < self.rope_low_freq_factor <= self.rope_high_freq_factor:
-                bad("rope_low_freq_factor", "need 0 < low_freq_factor <= high_freq_factor")
-        if self.attention_chunk_size is not None and (
-            not isinstance(self.attention_chunk_size, int) or self.attention_chunk_size < 1
-        ):
-            bad("attention_chunk_size", "must be a positive integer or None")
+        if self.rope_type == "llama3" and self.rope_low_freq_factor > self.rope_high_freq_factor:
+            bad("rope_low_freq_factor", "need 0 < low_freq_factor <= high_freq_factor")
         if any(not 0 <= i < self.num_hidden_layers for i in self.moe_layers):
             bad("moe_layers", f"indices must lie in [0, {self.num_hidden_layers})")
         if len(set(self.moe_layers)) != len(self.moe_layers):
             bad("moe_layers", "repeated layer index")
-        if len(self.no_rope_layers) < self.num_hidden_layers:
-            bad("no_rope_layers", f"needs one entry per layer ({self.num_hidden_layers})")
+        if len(self.no_rope_layers) != self.num_hidden_layers:
+            bad("no_rope_layers", f"needs exactly one entry per layer ({self.num_hidden_layers})")
         if any(v not in (0, 1) for v in self.no_rope_layers):
             bad("no_rope_layers", "entries must be 1 (RoPE layer) or 0 (NoPE layer)")
-        if self.rms_norm_eps <= 0:
-            bad("rms_norm_eps", "must be positive")
         if self.tie_word_embeddings:
             bad("tie_word_embeddings", "Llama 4 has an untied lm_head; tied heads are not supported")
 
+    def _validate_fields(self) -> None:
+        """Each field alone: its type and range (validate() adds the checks across fields)."""
+
+        def bad(name: str, why: str):
+            _refuse(self, name, why)
+
+        _check_ints(self, ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                           "num_attention_heads", "num_key_value_heads", "head_dim", "num_local_experts",
+                           "num_experts_per_tok", "interleave_moe_layer_step", "no_rope_layer_interval",
+                           "floor_scale", "rope_original_max_position_embeddings", "max_position_embeddings"))
+        _check_ints(self, ("intermediate_size_mlp",), minimum=0)  # 0 is fine when every layer is MoE
+        _check_reals(self, ("rope_theta", "rope_factor", "rope_low_freq_factor", "rope_high_freq_factor",
+                            "rms_norm_eps"), positive=True)
+        _check_reals(self, ("attn_scale", "initializer_range"), positive=False)  # 0 = no temperature / zero init
+        _check_bools(self, ("use_qk_norm", "attention_bias", "tie_word_embeddings"))
+        if not isinstance(self.attn_temperature_tuning, int):  # bool, or the legacy int 4 (see __post_init__)
+            bad("attn_temperature_tuning", "must be True or False (or an int, as in old config.json files)")
+        if self.rope_type not in ROPE_TYPES:
+            bad("rope_type", f"unknown rope type; expected one of {ROPE_TYPES}")
+        if self.attention_chunk_size is not None and (
+            not _is_int(self.attention_chunk_size) or self.attention_chunk_size < 1
+        ):
+            bad("attention_chunk_size", "must be a positive integer or None")
+        for name in ("moe_layers", "no_rope_layers"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, (list, tuple)) or any(
+                    isinstance(i, bool) or not isinstance(i, numbers.Integral) for i in v)):
+                bad(name, "must be None or a list of integers")
+        for name in ("bos_token_id", "pad_token_id"):
+            if getattr(self, name) is not None:
+                _check_token_id(self, name, self.vocab_size)
+        eos = self.eos_token_id  # hub configs hold one id or a list of them
+        for token in (eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos]):
+            _check_token_id(self, "eos_token_id", self.vocab_size, token)
 
 @dataclass
 class VisionConfig:
@@ -155,13 +216,12 @@ class VisionConfig:
 
     def validate(self) -> None:
         def bad(name: str, why: str):
-            raise ValueError(f"VisionConfig.{name}={getattr(self, name)!r}: {why}")
+            _refuse(self, name, why)
 
-        for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_channels",
-                     "intermediate_size", "image_size", "patch_size", "projector_input_dim",
-                     "projector_output_dim", "vision_output_dim"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                bad(name, "must be a positive integer")
+        _check_ints(self, ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_channels",
+                           "intermediate_size", "image_size", "patch_size", "projector_input_dim",
+                           "projector_output_dim", "vision_output_dim"))
+        _check_reals(self, ("pixel_shuffle_ratio", "rope_theta"), positive=True)
         if self.hidden_size % self.num_attention_heads:
             bad("num_attention_heads", f"must divide hidden_size={self.hidden_size}")
         if (self.hidden_size // self.num_attention_heads) % 4:
@@ -169,7 +229,7 @@ class VisionConfig:
         if self.image_size % self.patch_size:
             bad("patch_size", f"must divide image_size={self.image_size}")
         side = self.image_size // self.patch_size
-        shuffle = 1 / self.pixel_shuffle_ratio if self.pixel_shuffle_ratio > 0 else 0
+        shuffle = 1 / self.pixel_shuffle_ratio
         if shuffle < 1 or abs(shuffle - round(shuffle)) > 1e-6 or side % round(shuffle):
             bad("pixel_shuffle_ratio", f"1/ratio must divide the {side}-patch grid side")
         # The adapter's input is the pixel-shuffled width; Llama 4 (and transformers) size it with
@@ -186,7 +246,7 @@ class VisionConfig:
         if self.norm_eps != 1e-5:
             bad("norm_eps", "Llama 4's vision LayerNorms use eps 1e-5 whatever the config says (transformers and "
                             "Meta's code ignore this field); only 1e-5 is supported")
-        if self.multi_modal_projector_bias:
+        if self.multi_modal_projector_bias is not False:
             bad("multi_modal_projector_bias", "Llama 4's multimodal projector has no bias in transformers or Meta's "
                                               "code (a bias would be dropped on loading there); only False is supported")
 
@@ -207,6 +267,24 @@ class Llama4Config:
     image_token_index: int = 200092  # <|patch|>: these positions receive image features
     name: str = "custom"  # preset name, for printing
 
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        # A dict here (say a config.json's text_config) would only fail later, far from the cause.
+        if not isinstance(self.text, TextConfig):
+            raise TypeError(f"Llama4Config.text={reprlib.repr(self.text)}: must be a TextConfig "
+                            "(for a config.json dict use from_hf_dict)")
+        if self.vision is not None and not isinstance(self.vision, VisionConfig):
+            raise TypeError(f"Llama4Config.vision={reprlib.repr(self.vision)}: must be a VisionConfig or None "
+                            "(for a config.json dict use from_hf_dict)")
+        # Not checked against vocab_size: text-only presets keep Scout's ids with a small vocabulary,
+        # and a multimodal config whose ids lie outside it still runs text (the forward counts
+        # <|patch|> tokens against the image features and names a mismatch).
+        for name in ("boi_token_index", "eoi_token_index", "image_token_index"):
+            if not _is_int(getattr(self, name)) or getattr(self, name) < 0:
+                _refuse(self, name, "a token id must be a non-negative integer")
+
     def replace_text(self, **changes) -> "Llama4Config":
         """A copy with some text fields changed (validated again). The derived layer lists
         (moe_layers, no_rope_layers) are derived again when the depth or their step changes,
@@ -224,55 +302,92 @@ _TEXT_HF_FIELDS = [f.name for f in dataclasses.fields(TextConfig) if not f.name.
 _VISION_HF_FIELDS = [f.name for f in dataclasses.fields(VisionConfig) if f.name != "rope_theta"]
 
 
+_LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+def _hf_object(value, where: str) -> dict:
+    """A JSON object (a dict once parsed) of config.json, or an error saying where the bad value sits."""
+    if not isinstance(value, dict):
+        raise ValueError(f"config.json: {where}={value!r}: expected a JSON object")
+    return value
+
+
+def _as_float(v):
+    """int -> float for numbers only; anything else is passed on for the dataclass to refuse by name."""
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v
+
+
+def _as_int(v):
+    return int(v) if isinstance(v, float) and v.is_integer() else v  # 8192.0 -> 8192; 8192.5 is refused later
+
+
 def _rope_from_hf(d: dict, default_theta: float) -> dict:
     """Read RoPE settings from either config.json form into our flat rope_* fields."""
     if d.get("rope_parameters"):  # transformers 5.x
-        rp = dict(d["rope_parameters"])
-        theta = rp.get("rope_theta", d.get("rope_theta", default_theta))
-        scaling = rp if rp.get("rope_type", rp.get("type", "default")) != "default" else None
+        where, scaling = "rope_parameters", _hf_object(d["rope_parameters"], "rope_parameters")
+        theta = scaling.get("rope_theta", d.get("rope_theta", default_theta))
+        rope_type = scaling.get("rope_type", scaling.get("type", "default"))
     else:  # transformers 4.x: rope_theta next to rope_scaling (null for Maverick)
+        where, scaling = "rope_scaling", d.get("rope_scaling")
         theta = d.get("rope_theta", default_theta)
-        scaling = d.get("rope_scaling")
-    if not scaling:
-        return {"rope_theta": float(theta), "rope_type": "default"}
+        if scaling is not None:
+            _hf_object(scaling, where)
+        rope_type = scaling.get("rope_type", scaling.get("type")) if scaling else "default"
+    # The type first: a 'linear' or 'yarn' block lacks llama3's fields, and naming those would mislead.
+    if rope_type not in ROPE_TYPES:
+        raise ValueError(f"config.json: {where}.rope_type={rope_type!r} is not supported; "
+                         f"expected one of {ROPE_TYPES}")
+    if rope_type == "default":
+        return {"rope_theta": _as_float(theta), "rope_type": "default"}
+    missing = [k for k in _LLAMA3_KEYS if k not in scaling]
+    if missing:
+        raise ValueError(f"config.json: {where} (rope_type 'llama3') is missing the field {missing[0]!r}")
     return {
-        "rope_theta": float(theta),
-        "rope_type": scaling.get("rope_type", scaling.get("type")),
-        "rope_factor": float(scaling["factor"]),
-        "rope_low_freq_factor": float(scaling["low_freq_factor"]),
-        "rope_high_freq_factor": float(scaling["high_freq_factor"]),
-        "rope_original_max_position_embeddings": int(scaling["original_max_position_embeddings"]),
+        "rope_theta": _as_float(theta),
+        "rope_type": rope_type,
+        "rope_factor": _as_float(scaling["factor"]),
+        "rope_low_freq_factor": _as_float(scaling["low_freq_factor"]),
+        "rope_high_freq_factor": _as_float(scaling["high_freq_factor"]),
+        "rope_original_max_position_embeddings": _as_int(scaling["original_max_position_embeddings"]),
     }
 
 
 def text_config_from_hf(d: dict) -> TextConfig:
+    _hf_object(d, "text_config")
     kwargs = {k: d[k] for k in _TEXT_HF_FIELDS if k in d}
     if d.get("hidden_act", "silu") != "silu":
         raise ValueError(f"TextConfig.hidden_act={d['hidden_act']!r}: Llama 4 uses 'silu'")
-    try:
-        kwargs.update(_rope_from_hf(d, 500000.0))
-    except KeyError as e:
-        raise ValueError(f"config.json: rope scaling is missing the field {e.args[0]!r}") from None
+    kwargs.update(_rope_from_hf(d, 500000.0))
     return TextConfig(**kwargs)
 
 
 def vision_config_from_hf(d: dict) -> VisionConfig:
+    _hf_object(d, "vision_config")
     kwargs = {k: d[k] for k in _VISION_HF_FIELDS if k in d}
+    if d.get("hidden_act", "gelu") != "gelu":
+        raise ValueError(f"VisionConfig.hidden_act={d['hidden_act']!r}: Llama 4's vision tower uses 'gelu'")
     for k in ("image_size", "patch_size"):  # HF allows [h, w]; Llama 4 tiles are square
         if isinstance(kwargs.get(k), (list, tuple)):
             if len(set(kwargs[k])) != 1:
                 raise ValueError(f"VisionConfig.{k}={kwargs[k]!r}: only square sizes are supported")
             kwargs[k] = kwargs[k][0]
-    kwargs["rope_theta"] = float(_rope_from_hf(d, 10000.0)["rope_theta"])
+    kwargs["rope_theta"] = _rope_from_hf(d, 10000.0)["rope_theta"]
     return VisionConfig(**kwargs)
 
 
 def from_hf_dict(d: dict) -> Llama4Config:
     """Parse a Hugging Face config.json (model_type "llama4" or "llama4_text")."""
+    if not isinstance(d, dict):
+        raise TypeError(f"from_hf_dict: d={reprlib.repr(d)}: expected a parsed config.json object (a dict), "
+                        f"got {type(d).__name__}")
     model_type = d.get("model_type")
     if model_type == "llama4":
         if "text_config" not in d:
             raise ValueError("config.json: model_type 'llama4' needs a 'text_config'")
+        # The flag may sit at the top level as well as in text_config: refuse it at either.
+        if d.get("tie_word_embeddings") not in (None, False):
+            raise ValueError(f"config.json: tie_word_embeddings={d['tie_word_embeddings']!r}: Llama 4 has an "
+                             "untied lm_head; tied heads are not supported")
         vision = vision_config_from_hf(d["vision_config"]) if d.get("vision_config") else None
         keep = ("boi_token_index", "eoi_token_index", "image_token_index")
         return Llama4Config(text=text_config_from_hf(d["text_config"]), vision=vision,

@@ -33,6 +33,8 @@ class ParamCount:
         return sum(t for name, (t, _) in self.components.items() if name.startswith(prefix))
 
     def memory_gib(self, fmt: str) -> float:
+        if not isinstance(fmt, str) or fmt not in BYTES_PER_PARAM:
+            raise ValueError(f"fmt={fmt!r}: expected one of {sorted(BYTES_PER_PARAM)}")
         return self.total * BYTES_PER_PARAM[fmt] / 2**30
 
     def as_dict(self) -> dict:
@@ -78,6 +80,9 @@ def _vision(v: VisionConfig, text_hidden: int, pc: ParamCount):
 
 def count_params(config: Llama4Config | TextConfig) -> ParamCount:
     """Exact parameter counts by component, computed from the config's shapes."""
+    if not isinstance(config, (Llama4Config, TextConfig)):
+        raise TypeError(f"count_params: config={config!r}: expected a Llama4Config or TextConfig, "
+                        "e.g. configs.scout() or configs.get('scout')")
     pc = ParamCount()
     text = config.text if isinstance(config, Llama4Config) else config
     _text(text, pc)

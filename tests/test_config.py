@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import re
 
 import pytest
 import torch
@@ -26,10 +27,58 @@ from minillama4.layers import rope_inv_freq
     ("rope_low_freq_factor", 4.0),     # low > high
     ("rms_norm_eps", 0.0),
     ("tie_word_embeddings", True),
+    # NaN fails every `<=` test and infinities pass them: floats must be finite
+    ("rope_theta", float("nan")), ("rope_theta", float("inf")), ("rms_norm_eps", float("nan")),
+    ("attn_scale", float("nan")), ("attn_scale", -0.1), ("rope_factor", float("nan")),
+    ("rope_high_freq_factor", float("inf")), ("initializer_range", -1.0), ("initializer_range", float("nan")),
+    # wrong types are named, not met by a TypeError from a comparison or from torch.empty
+    ("rope_theta", "5e5"), ("rope_theta", None), ("rms_norm_eps", "1e-5"), ("intermediate_size_mlp", 2.5),
+    ("hidden_size", True), ("max_position_embeddings", None),
+    # no silent coercions: 1.7 -> 1, "no" -> True
+    ("moe_layers", [1.7]),
+    ("no_rope_layers", [1, 1, 0, 1.9]),
+    ("no_rope_layers", [1, 1, 1, 0, 1]),   # longer than the 4 layers
+    ("use_qk_norm", "no"),
+    ("attn_temperature_tuning", "false"),
+    ("attention_bias", 1),
+    # token ids must exist in the 320-token vocabulary
+    ("bos_token_id", 320), ("pad_token_id", -1), ("eos_token_id", [2, 320]), ("eos_token_id", "2"),
 ])
 def test_bad_text_config_names_the_field(field, value):
     with pytest.raises(ValueError, match=rf"TextConfig\.{field}="):
         small_text(**{field: value})
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("rope_theta", float("nan"), "must be a finite positive number"),
+    ("moe_layers", [1.7], "must be None or a list of integers"),
+    ("use_qk_norm", "no", "must be True or False"),
+    ("bos_token_id", 320, r"a token id must be an integer in \[0, vocab_size=320\)"),
+])
+def test_bad_text_config_says_what_is_accepted(field, value, match):
+    with pytest.raises(ValueError, match=rf"TextConfig\.{field}={re.escape(repr(value))}: {match}"):
+        small_text(**{field: value})
+
+
+def test_published_token_ids_and_legacy_temperature_flag_are_accepted():
+    scout = configs.scout()
+    assert scout.text.eos_token_id == [200001, 200007, 200008] and scout.text.pad_token_id == 200018
+    assert small_text(attn_temperature_tuning=4).attn_temperature_tuning is True  # old config.json: the int 4
+    assert small_text(eos_token_id=None, bos_token_id=None, pad_token_id=None).eos_token_id is None
+    # image ids are not checked against the vocabulary: text-only presets keep Scout's ids
+    assert configs.tiny().image_token_index == 200092
+
+
+@pytest.mark.parametrize("changes, error, match", [
+    ({"text": {"vocab_size": 320}}, TypeError, r"Llama4Config\.text=\{'vocab_size': 320\}: must be a TextConfig"),
+    ({"vision": {}}, TypeError, r"Llama4Config\.vision=\{\}: must be a VisionConfig or None"),
+    ({"image_token_index": "<|patch|>"}, ValueError,
+     r"Llama4Config\.image_token_index='<\|patch\|>': .*non-negative integer"),
+    ({"boi_token_index": -1}, ValueError, r"Llama4Config\.boi_token_index=-1"),
+])
+def test_bad_llama4_config_names_the_field(changes, error, match):
+    with pytest.raises(error, match=match):
+        dataclasses.replace(configs.tiny_multimodal(), **changes)
 
 
 @pytest.mark.parametrize("field, value", [
@@ -37,6 +86,8 @@ def test_bad_text_config_names_the_field(field, value):
     # fields transformers' and Meta's code never read (LayerNorm's default eps, a projector without bias):
     # another value would silently disagree with them on the same weights
     ("norm_eps", 1e-6), ("multi_modal_projector_bias", True),
+    ("rope_theta", 0), ("rope_theta", -1.0), ("rope_theta", float("nan")), ("rope_theta", "1e4"),
+    ("pixel_shuffle_ratio", float("nan")), ("multi_modal_projector_bias", "no"),
 ])
 def test_bad_vision_config_names_the_field(field, value):
     with pytest.raises(ValueError, match=rf"VisionConfig\.{field}="):
@@ -112,9 +163,42 @@ def test_reads_maverick_null_rope_scaling_and_null_chunk():
     ({"model_type": "llama4_text", "rope_parameters": {"rope_type": "dynamic", "rope_theta": 1.0,
       "factor": 2.0, "low_freq_factor": 1.0, "high_freq_factor": 1.0,
       "original_max_position_embeddings": 8}}, "rope_type"),
+    ({"model_type": "llama4", "text_config": None}, r"config\.json: text_config=None: expected a JSON object"),
+    ({"model_type": "llama4_text", "rope_scaling": "llama3"}, r"rope_scaling='llama3': expected a JSON object"),
+    ({"model_type": "llama4_text", "rope_parameters": [1]}, r"rope_parameters=\[1\]: expected a JSON object"),
+    # the type is named before llama3's fields, which a linear block does not have
+    ({"model_type": "llama4_text", "rope_scaling": {"type": "linear", "factor": 8}},
+     r"rope_scaling\.rope_type='linear' is not supported; expected one of \('default', 'llama3'\)"),
+    ({"model_type": "llama4_text", "rope_scaling": {"factor": 8}}, r"rope_type=None is not supported"),
 ])
 def test_bad_hf_dicts(d, match):
     with pytest.raises(ValueError, match=match):
+        from_hf_dict(d)
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda d: d["text_config"]["rope_parameters"].update(factor=None),
+     r"TextConfig\.rope_factor=None: must be a finite"),
+    (lambda d: d["text_config"]["rope_parameters"].update(rope_theta=float("nan")), r"TextConfig\.rope_theta=nan"),
+    (lambda d: d["text_config"]["rope_parameters"].update(rope_theta="5e5"), r"TextConfig\.rope_theta='5e5'"),
+    (lambda d: d["text_config"].update(use_qk_norm="no"), r"TextConfig\.use_qk_norm='no': must be True or False"),
+    (lambda d: d["vision_config"].update(hidden_act="relu"), r"VisionConfig\.hidden_act='relu': .*'gelu'"),
+    (lambda d: d["vision_config"].update(rope_parameters={"rope_type": "default", "rope_theta": 0}),
+     r"VisionConfig\.rope_theta=0"),
+    (lambda d: d.update(tie_word_embeddings=True), r"config\.json: tie_word_embeddings=True: .*untied lm_head"),
+    (lambda d: d.update(vision_config="x"), r"config\.json: vision_config='x': expected a JSON object"),
+    (lambda d: d.update(image_token_index=None), r"Llama4Config\.image_token_index=None"),
+])
+def test_bad_values_in_a_multimodal_config_json_name_the_field(edit, match):
+    d = json.loads(json.dumps(to_hf_dict(configs.tiny_multimodal())))  # NaN survives Python's json
+    edit(d)
+    with pytest.raises(ValueError, match=match):
+        from_hf_dict(d)
+
+
+@pytest.mark.parametrize("d", [[1], None, "config.json"])
+def test_from_hf_dict_wants_a_dict(d):
+    with pytest.raises(TypeError, match=r"from_hf_dict: d=.*: expected a parsed config\.json object \(a dict\)"):
         from_hf_dict(d)
 
 

@@ -1,5 +1,6 @@
 """Parameter counts computed from the configs reproduce the published numbers exactly."""
 
+import pytest
 import torch
 
 import minillama4 as ml4
@@ -43,3 +44,10 @@ def test_active_counts_match_what_a_token_touches():
                  if "experts.gate_up_proj" in name or "experts.down_proj" in name)
     assert pc.active == pc.total - unused
     assert torch.isclose(torch.tensor(pc.memory_gib("bf16") / pc.memory_gib("fp8")), torch.tensor(2.0))
+
+
+def test_count_params_wants_a_config():
+    with pytest.raises(TypeError, match=r"count_params: config='scout': .*configs\.scout\(\)"):
+        count_params("scout")
+    with pytest.raises(ValueError, match=r"fmt='fp16': expected one of \['bf16', 'fp8', 'int4'\]"):
+        count_params(configs.tiny()).memory_gib("fp16")
