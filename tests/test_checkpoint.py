@@ -112,6 +112,99 @@ def test_index_with_missing_shard_is_named(tmp_path):
         ml4.from_pretrained(tmp_path)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_nan_or_inf_tensor_is_named(saved, bad):
+    _, path = saved
+    rewrite_weights(path, lambda t: t["model.norm.weight"].__setitem__(3, bad))
+    with pytest.raises(ValueError,
+                       match=r"checkpoint tensor model\.norm\.weight \(model\.safetensors\) contains NaN or inf"):
+        ml4.from_pretrained(path)
+
+
+def test_integer_tensor_is_named_with_its_dtype(saved):
+    _, path = saved
+    rewrite_weights(path, lambda t: t.update({"model.norm.weight": torch.ones(64, dtype=torch.int64)}))
+    with pytest.raises(ValueError,
+                       match=r"model\.norm\.weight I64 \(model\.safetensors\); weights must be floating point"):
+        ml4.from_pretrained(path)
+
+
+def test_tensor_in_two_files_names_both(saved):
+    _, path = saved
+    save_file({"model.norm.weight": torch.ones(64)}, str(path / "extra.safetensors"))
+    with pytest.raises(ValueError,
+                       match=r"model\.norm\.weight is stored twice, in extra\.safetensors and model\.safetensors"):
+        ml4.from_pretrained(path)
+
+
+@pytest.fixture()
+def sharded(tmp_path):
+    model = ml4.Llama4Text.random(small_text())
+    model.save_pretrained(tmp_path / "ckpt", max_shard_size="100KB")
+    return tmp_path / "ckpt"
+
+
+def edit_index(path: Path, change):
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    change(index)
+    (path / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+def test_index_must_point_inside_the_folder(sharded):
+    ml4.Llama4Text.random(small_text()).save_pretrained(sharded.parent / "good")  # loadable, but outside
+    edit_index(sharded, lambda i: i.update(weight_map={k: "../good/model.safetensors" for k in i["weight_map"]}))
+    with pytest.raises(ValueError, match=r"weight_map entries must be \.safetensors file names inside the checkpoint "
+                                         r"folder, got '\.\./good/model\.safetensors'"):
+        ml4.from_pretrained(sharded)
+
+
+def test_index_file_problems_are_named(sharded):
+    edit_index(sharded, lambda i: i.pop("weight_map"))
+    with pytest.raises(ValueError, match=r"index\.json: needs a \"weight_map\" object.*got None"):
+        ml4.from_pretrained(sharded)
+    (sharded / "model.safetensors.index.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"model\.safetensors\.index\.json: not valid JSON"):
+        ml4.from_pretrained(sharded)
+
+
+def test_shard_missing_from_the_index_is_named(sharded):
+    unlisted = sorted(sharded.glob("model-*.safetensors"))[1].name
+    edit_index(sharded, lambda i: i.update(weight_map={k: f for k, f in i["weight_map"].items() if f != unlisted}))
+    with pytest.raises(ValueError, match=rf"(?s)missing tensors.*does not list \(1\): {unlisted}"):
+        ml4.from_pretrained(sharded)
+
+
+@pytest.mark.parametrize("content, message", [
+    ("[]", r"config\.json: holds an array, expected a Hugging Face Llama 4 config \(a JSON object\)"),
+    (b"\xff\xfe{}", r"config\.json: not valid JSON.*in UTF-8"),
+    (None, r"config\.json: not a regular file"),
+])
+def test_bad_config_json_is_named(saved, content, message):
+    _, path = saved
+    cfg = path / "config.json"
+    cfg.unlink()
+    if content is None:
+        cfg.mkdir()
+    else:
+        cfg.write_bytes(content.encode() if isinstance(content, str) else content)
+    with pytest.raises(ValueError, match=message):
+        ml4.from_pretrained(path)
+
+
+def test_bad_dtype_and_device_are_refused_before_reading(saved, tmp_path):
+    _, path = saved
+    with pytest.raises(ValueError, match=r"dtype=torch\.int64: model weights must be float32, bfloat16 or float16"):
+        ml4.from_pretrained(path, dtype=torch.int64)
+    with pytest.raises(ValueError, match=r"dtype=torch\.int32"):
+        ml4.random_model(small_text(), dtype=torch.int32)
+    bad_devices = ["gpu", "cuda:x", "meta"] + ([] if torch.cuda.is_available() else ["cuda"])
+    for device in bad_devices:
+        with pytest.raises(ValueError, match=rf"device='{device}'"):
+            ml4.from_pretrained(tmp_path / "nope", device=device)  # the argument is checked before the folder
+        with pytest.raises(ValueError, match=rf"device='{device}'"):
+            ml4.random_model(small_text(), device=device)
+
+
 def test_resave_replaces_shards_without_leftovers(tmp_path):
     model = ml4.Llama4Text.random(small_text(), seed=1)
     model.save_pretrained(tmp_path, max_shard_size=100_000)
@@ -121,6 +214,57 @@ def test_resave_replaces_shards_without_leftovers(tmp_path):
     assert names == ["config.json", "model.safetensors"]
     assert torch.equal(ml4.from_pretrained(tmp_path).lm_head.weight, other.lm_head.weight)
     assert json.loads((tmp_path / "config.json").read_text())["torch_dtype"] == "float32"
+
+
+def snapshot(path: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(path.iterdir())}
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(form="v4"), r"form='v4': expected one of \('v5', 'legacy'\)"),
+    (dict(max_shard_size="abc"), r"max_shard_size='abc': expected a positive number of bytes"),
+    (dict(max_shard_size=5.5), r"max_shard_size=5\.5: expected a positive number of bytes"),
+    (dict(max_shard_size=0), r"max_shard_size=0: expected a positive"),
+    (dict(max_shard_size=-1), r"max_shard_size=-1: expected a positive"),
+    (dict(max_shard_size="0GB"), r"max_shard_size='0GB': expected a positive"),
+])
+def test_bad_save_arguments_write_nothing(saved, kwargs, message):
+    _, path = saved
+    before = snapshot(path)
+    other = ml4.Llama4Text.random(small_text(), seed=3)
+    with pytest.raises(ValueError, match=message):
+        other.save_pretrained(path, **kwargs)
+    assert snapshot(path) == before
+    with pytest.raises(ValueError, match=message):
+        other.save_pretrained(path / "new", **kwargs)
+    assert not (path / "new").exists()
+
+
+def test_saving_meta_weights_is_refused_before_creating_the_folder(tmp_path):
+    with torch.device("meta"):
+        model = ml4.Llama4Text(small_text())
+    with pytest.raises(ValueError, match=r"model weights are on the meta device, which holds no values"):
+        model.save_pretrained(tmp_path / "new")
+    assert not (tmp_path / "new").exists()
+
+
+def test_failed_write_leaves_no_temporary_files(saved, monkeypatch):
+    from minillama4 import checkpoint
+
+    _, path = saved
+    before = snapshot(path)
+    calls = []
+
+    def full_disk(tensors, filename, metadata=None):
+        calls.append(filename)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        save_file(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(checkpoint, "save_file", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        ml4.Llama4Text.random(small_text(), seed=3).save_pretrained(path, max_shard_size="100KB")
+    assert snapshot(path) == before
 
 
 PEAK_SCRIPT = """
