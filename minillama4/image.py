@@ -18,10 +18,19 @@ open image files. Like Hugging Face, rescaling and normalising happen in bfloat1
 ("as in the original implementation"); pass dtype=torch.float32 to skip that rounding.
 Simplification: torchvision's uint8 resize kernel rounds differently by at most one grey level.
 
+Input contract: a PIL image (converted to RGB), a numpy array [y, x, 3] or a tensor [3, y, x], of
+any integer or float dtype, with values 0..255 (like the processor's default do_rescale=True).
+Values outside 0..255 are refused. A float image with values in 0..1 is most likely already
+rescaled: like Hugging Face, it is processed as given (so it comes out nearly black), with a
+warning saying to multiply it by 255. Grayscale arrays [y, x] are refused (a PIL image converts).
+
 Axes: c channels, y x pixel rows / columns, ty tx tile rows / columns, n tiles.
 """
 
 from __future__ import annotations
+
+import os
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +50,9 @@ def candidate_canvases(max_tiles: int) -> list[tuple[int, int]]:
 
 def choose_tiles(height: int, width: int, tile: int, max_tiles: int = 16) -> tuple[int, int]:
     """The (rows, cols) tile grid for an image of height x width pixels."""
+    _check_max_tiles(max_tiles)
+    if height < 1 or width < 1:
+        raise ValueError(f"an image of {height} x {width} pixels has no pixels to tile")
     grids = candidate_canvases(max_tiles)
     scales = [min(r * tile / height, c * tile / width) for r, c in grids]
     up = [s for s in scales if s >= 1]
@@ -69,22 +81,74 @@ def _normalise(pixels: torch.Tensor, dtype) -> torch.Tensor:
 
 
 def to_tensor(image) -> torch.Tensor:
-    """A PIL image, a numpy array [y, x, c] or a tensor [c, y, x] -> uint8-valued tensor [c, y, x]."""
+    """A PIL image, a numpy array [y, x, c] or a tensor [c, y, x] -> tensor [c, y, x], values as given."""
     if isinstance(image, torch.Tensor):
         return image
-    if hasattr(image, "convert"):  # PIL
-        import numpy as np
+    if image is None or isinstance(image, (str, bytes, os.PathLike)):
+        hint = "; open the file first, e.g. with PIL.Image.open(path)" if image is not None else ""
+        raise TypeError(f"image must be a PIL image, a numpy array [height, width, 3] or a tensor "
+                        f"[3, height, width], got {image!r}{hint}")
+    import numpy as np
 
-        image = np.asarray(image.convert("RGB"))
-    return rearrange(torch.as_tensor(image), "y x c -> c y x")
+    if hasattr(image, "convert"):  # PIL
+        image = image.convert("RGB")
+    array = np.asarray(image)
+    if array.dtype.kind not in "uif":  # bool, object, complex, strings
+        raise TypeError(f"image must hold integer or float pixel values 0..255, got a {type(image).__name__} "
+                        f"of dtype {array.dtype}")
+    if array.ndim != 3:
+        gray = "; for a grayscale image pass np.stack([image] * 3, axis=-1) or a PIL image" if array.ndim == 2 else ""
+        raise ValueError(f"a numpy image must be [height, width, channels] (channels last), "
+                         f"got shape {array.shape}{gray}")
+    return rearrange(torch.as_tensor(array), "y x c -> c y x")
+
+
+def _check_max_tiles(max_tiles) -> None:
+    if isinstance(max_tiles, bool) or not isinstance(max_tiles, int) or max_tiles < 1:
+        raise ValueError(f"max_tiles={max_tiles!r}: expected a positive int (Llama 4 uses 16)")
+
+
+def _check_config(cfg, dtype) -> None:
+    if not isinstance(cfg, VisionConfig):
+        hint = " (pass its .vision)" if hasattr(cfg, "vision") else ""
+        raise TypeError(f"cfg must be the model's VisionConfig, e.g. model.config.vision; got "
+                        f"{type(cfg).__name__}{hint}")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype={dtype!r}: expected a float dtype such as torch.bfloat16 or torch.float32")
+
+
+def _checked_image(image, cfg: VisionConfig, name: str = "image") -> torch.Tensor:
+    """to_tensor, then refuse what preprocess cannot read as an image [c, y, x] with values 0..255."""
+    pixels = to_tensor(image)
+    c = cfg.num_channels
+    if pixels.dim() != 3 or pixels.shape[0] != c:
+        if isinstance(image, torch.Tensor):
+            raise ValueError(f"{name} must be [{c}, height, width] (channels first), got shape {tuple(pixels.shape)}")
+        raise ValueError(f"{name} must be an array [height, width, {c}] (channels last), got shape "
+                         f"{(*pixels.shape[1:], pixels.shape[0])}")
+    if pixels.shape[1] == 0 or pixels.shape[2] == 0:
+        raise ValueError(f"{name} has no pixels: shape {tuple(pixels.shape)}")
+    if pixels.dtype == torch.bool or pixels.is_complex():
+        raise TypeError(f"{name} has dtype {pixels.dtype}: expected integer or float pixel values 0..255")
+    if pixels.dtype != torch.uint8:
+        lo, hi = (float(v) for v in torch.aminmax(pixels))
+        if not 0 <= lo <= hi <= 255:  # (NaN fails too)
+            raise ValueError(f"{name} has pixel values from {lo:g} to {hi:g} ({pixels.dtype}): expected 0..255")
+        if pixels.is_floating_point() and 0 < hi <= 1:
+            warnings.warn(f"{name} is {pixels.dtype} with values 0..{hi:g}: pixel values are read as 0..255 (like "
+                          "the Llama 4 processor), so it comes out almost black; if it is a 0..1 image, pass "
+                          "image * 255", UserWarning, stacklevel=3)
+    return pixels
 
 
 def preprocess(image, cfg: VisionConfig, max_tiles: int = 16, dtype=torch.bfloat16):
     """One image -> (pixel_values [n, c, S, S], (rows, cols)). Pixel values 0..255."""
-    image = to_tensor(image)
-    if image.dim() != 3 or image.shape[0] != cfg.num_channels:
-        raise ValueError(f"image must be [{cfg.num_channels}, height, width] (channels first), "
-                         f"got shape {tuple(image.shape)}")
+    _check_config(cfg, dtype)
+    _check_max_tiles(max_tiles)
+    return _tiles(_checked_image(image, cfg), cfg, max_tiles, dtype)
+
+
+def _tiles(image: torch.Tensor, cfg: VisionConfig, max_tiles: int, dtype):
     _, h, w = image.shape
     tile = cfg.image_size
     rows, cols = choose_tiles(h, w, tile, max_tiles)
@@ -110,13 +174,22 @@ def image_prompt(grid: tuple[int, int], tokens_per_tile: int) -> str:
 
 def prepare(text: str, images: list, cfg: VisionConfig, max_tiles: int = 16, dtype=torch.bfloat16):
     """Expand each <|image|> placeholder of `text` for the matching image, in order.
-    Returns (expanded text, pixel_values for all images concatenated in prompt order)."""
+    Returns (expanded text, pixel_values for all images concatenated in prompt order).
+    Every argument and image is checked before the first image is processed."""
+    if not isinstance(text, str):
+        raise TypeError(f"text must be a str with <|image|> placeholders, got {type(text).__name__}")
+    if not isinstance(images, (list, tuple)):
+        raise TypeError(f"images must be a list of images, one per <|image|> placeholder, got a "
+                        f"{type(images).__name__}: pass a list of images, e.g. [image]")
+    _check_config(cfg, dtype)
+    _check_max_tiles(max_tiles)
     parts = text.split("<|image|>")
     if len(parts) - 1 != len(images):
         raise ValueError(f"the text has {len(parts) - 1} <|image|> placeholders but {len(images)} images were given")
+    images = [_checked_image(image, cfg, f"images[{i}]") for i, image in enumerate(images)]
     out, pixels = parts[0], []
     for image, rest in zip(images, parts[1:]):
-        tiles, grid = preprocess(image, cfg, max_tiles, dtype)
+        tiles, grid = _tiles(image, cfg, max_tiles, dtype)
         pixels.append(tiles)
         out += image_prompt(grid, cfg.tokens_per_tile) + rest
     return out, (torch.cat(pixels) if pixels else None)

@@ -43,16 +43,36 @@ def quantize_int4(w: torch.Tensor, group: int = GROUP) -> tuple[torch.Tensor, to
     A block of about QUANT_BLOCK weights at a time: the float32 temporaries then stay a few tens
     of MB, where the whole tensor at once needed ~12 bytes per weight (measured; Scout's stacked
     experts, a 2.7 GB bf16 tensor, would need ~16 GB of them on the loading device)."""
+    _check_weight(w, group)
     *lead, n, k = w.shape
-    if k % group or k % 2:
-        raise ValueError(f"int4 quantization needs the input dim ({k}) to be a multiple of group={group}")
     packed = torch.empty(*lead, n, k // 2, dtype=torch.uint8, device=w.device)
     scales = torch.empty(*lead, k // group, n, dtype=torch.bfloat16, device=w.device)
     rows = max(1, QUANT_BLOCK // k)
     for i in itertools.product(*map(range, lead)):  # each matrix of the stack (none for a plain [n, k])
         for r in range(0, n, rows):
             packed[i][r:r + rows], scales[i][:, r:r + rows] = _quantize_rows(w[i][r:r + rows], group)
+    # a NaN or inf weight makes its group's absmax scale, so its whole group, NaN: one check of the
+    # scales (1/group of the weights), once per tensor, before anything is handed out
+    bad = int((~torch.isfinite(scales)).sum())
+    if bad:
+        raise ValueError(f"int4 quantization: the weight {tuple(w.shape)} has NaN or inf values (in {bad} of its "
+                         f"{scales.numel()} groups of {group}); each would turn its whole group into NaN")
     return packed, scales
+
+
+def _check_weight(w, group) -> None:
+    """What quantize_int4 takes: a float tensor [..., n, k], k a multiple of group (and even)."""
+    if not isinstance(w, torch.Tensor) or w.dtype == torch.bool or w.is_complex():
+        raise TypeError(f"int4 quantization takes a real-valued weight tensor, got "
+                        f"{w.dtype if isinstance(w, torch.Tensor) else type(w).__name__}")
+    if isinstance(group, bool) or not isinstance(group, int) or group < 1:
+        raise ValueError(f"group={group!r}: expected a positive int (Llama 4 uses {GROUP})")
+    if w.dim() < 2 or w.shape[-1] == 0:
+        raise ValueError(f"int4 quantization needs a weight [out, in] (or a stack [..., out, in]) with in > 0, "
+                         f"got shape {tuple(w.shape)}")
+    k = w.shape[-1]
+    if k % group or k % 2:
+        raise ValueError(f"int4 quantization needs the input dim ({k}) to be a multiple of group={group} (and even)")
 
 
 def _quantize_rows(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -346,26 +366,66 @@ def quantize_model(model: nn.Module, which: str = "ffn", group: int = GROUP) -> 
     """Replace, in place, the feed-forward weights ("ffn": routed experts, shared experts, dense
     MLPs; Meta's int4_mixed) or every decoder linear ("all": attention too) with int4 modules.
     Router, embeddings, norms, lm_head and the vision tower stay as they are. On a model built on
-    the meta device this only swaps in empty int4 modules (for streaming loads)."""
-    from .layers import SwiGLU
-    from .moe import Experts
-
+    the meta device this only swaps in empty int4 modules (for streaming loads).
+    Every module is checked before the first is replaced: a refused model is left as it was."""
     if which not in ("ffn", "all"):
         raise ValueError(f"which={which!r}: expected 'ffn' or 'all'")
-    decoder = model.language_model.model if hasattr(model, "language_model") else model.model
-    for layer in decoder.layers:
-        ffn = layer.feed_forward
-        mlps = [ffn] if isinstance(ffn, SwiGLU) else [ffn.shared_expert]
-        if which == "all":
-            attn = layer.self_attn
-            for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-                setattr(attn, name, Int4Linear.from_linear(getattr(attn, name), group))
-        for mlp in mlps:
-            for name in ("gate_proj", "up_proj", "down_proj"):
-                setattr(mlp, name, Int4Linear.from_linear(getattr(mlp, name), group))
-        if hasattr(ffn, "experts") and isinstance(ffn.experts, Experts):
-            ffn.experts = Int4Experts.from_experts(ffn.experts, group)
+    if isinstance(group, bool) or not isinstance(group, int) or group < 1:
+        raise ValueError(f"group={group!r}: expected a positive int (Llama 4 uses {GROUP})")
+    targets = _quant_targets(model, which)
+    for parent, name, path in targets:
+        _check_quantizable(getattr(parent, name), path, group)
+    for parent, name, _ in targets:
+        module = getattr(parent, name)
+        setattr(parent, name, Int4Linear.from_linear(module, group) if isinstance(module, nn.Linear)
+                else Int4Experts.from_experts(module, group))
     return model
+
+
+def _quant_targets(model: nn.Module, which: str) -> list[tuple[nn.Module, str, str]]:
+    """(parent module, attribute, full name) of every module quantize_model replaces."""
+    from .layers import SwiGLU
+
+    text = getattr(model, "language_model", model)
+    decoder = getattr(text, "model", None)
+    if not isinstance(model, nn.Module) or not hasattr(decoder, "layers"):
+        raise TypeError(f"quantize_model takes a Llama4Text or Llama4 model, got {type(model).__name__}")
+    prefix = "language_model.model" if text is not model else "model"
+    targets = []
+    for i, layer in enumerate(decoder.layers):
+        at, ffn = f"{prefix}.layers.{i}", layer.feed_forward
+        if which == "all":
+            targets += [(layer.self_attn, name, f"{at}.self_attn.{name}")
+                        for name in ("q_proj", "k_proj", "v_proj", "o_proj")]
+        mlp, mlp_at = ((ffn, f"{at}.feed_forward") if isinstance(ffn, SwiGLU)
+                       else (ffn.shared_expert, f"{at}.feed_forward.shared_expert"))
+        targets += [(mlp, name, f"{mlp_at}.{name}") for name in ("gate_proj", "up_proj", "down_proj")]
+        if hasattr(ffn, "experts"):
+            targets.append((ffn, "experts", f"{at}.feed_forward.experts"))
+    return targets
+
+
+def _check_quantizable(module: nn.Module, path: str, group: int) -> None:
+    """Refuse, naming the module, what Int4Linear.from_linear / Int4Experts.from_experts would refuse
+    halfway through a model (or quantize into NaN groups)."""
+    from .checkpoint import _is_finite
+
+    if isinstance(module, (Int4Linear, Int4Experts)):
+        raise ValueError(f"{path} is already int4 ({type(module).__name__}): this model is already quantized; "
+                         "quantize_model takes a model with dense weights")
+    if isinstance(module, nn.Linear):
+        weights, ins = {"weight": module.weight}, [module.in_features]
+        if module.bias is not None:
+            raise ValueError(f"{path}: Int4Linear supports bias-free linears only (all Llama 4 linears are)")
+    else:  # moe.Experts: gate_up_proj [e, d, 2f], down_proj [e, f, d] (x @ W layout: inputs are dim 1)
+        weights = {"gate_up_proj": module.gate_up_proj, "down_proj": module.down_proj}
+        ins = [w.shape[1] for w in weights.values()]
+    if any(k % group or k % 2 for k in ins):
+        raise ValueError(f"{path}: int4 needs input dims {ins} to be multiples of group={group}")
+    for name, w in weights.items():
+        if not w.is_meta and not _is_finite(w.detach()):
+            raise ValueError(f"{path}.{name} has NaN or inf values: int4 would turn each of their groups of "
+                             f"{group} into NaN; fix or reload the weights first")
 
 
 def randomize_int4(module: nn.Module, std: float, generator: torch.Generator | None = None) -> None:

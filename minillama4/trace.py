@@ -7,8 +7,9 @@
     trace.summary()           # per layer: max/mean load, coefficient of variation, entropy
 
 Every forward call made inside the `with` block is recorded (a generate() call records the
-prompt, then one token per step). Tokens are flattened batch-major, in call order. When no trace
-is active the model pays one `is None` check per MoE layer (see `minillama4 bench`).
+prompt, then one token per step). Tokens are flattened batch-major, in call order. A call that
+raises before every MoE layer has recorded is left out, so tokens and router records stay aligned.
+When no trace is active the model pays one `is None` check per MoE layer (see `minillama4 bench`).
 
 Axes: n traced tokens, e experts, k top-k slot.
 """
@@ -22,7 +23,11 @@ import torch
 
 class RouterTrace:
     def __init__(self, model):
+        from .model import Llama4Text
+
         self.model = getattr(model, "language_model", model)  # Llama4 (multimodal) or Llama4Text
+        if not isinstance(self.model, Llama4Text):
+            raise TypeError(f"RouterTrace takes a Llama4Text or Llama4 model, got {type(model).__name__}")
         self.moe_layers = [m.layer for m in _moe_modules(model)]
         self.n_experts = model.cfg.num_local_experts
         self._logits = {i: [] for i in self.moe_layers}
@@ -32,21 +37,34 @@ class RouterTrace:
 
     # ------------------------------------------------------------- recording (called by the model)
     def __enter__(self) -> "RouterTrace":
-        for m in _moe_modules(self.model):
-            if m.trace is not None:
-                raise RuntimeError("a RouterTrace is already active on this model")
+        moes = _moe_modules(self.model)
+        busy = [m.layer for m in moes if m.trace is not None]
+        if self.model.trace is not None or busy:  # checked before attaching anything: all or nothing
+            raise RuntimeError(f"a RouterTrace is already active on this model (MoE layers {busy} hold one); "
+                               "leave its `with` block first")
+        for m in moes:
             m.trace = self
         self.model.trace = self
         return self
 
     def __exit__(self, *exc):
         for m in _moe_modules(self.model):
-            m.trace = None
-        self.model.trace = None
+            if m.trace is self:
+                m.trace = None
+        if self.model.trace is self:
+            self.model.trace = None
         return False
+
+    def _steps(self) -> int:
+        """Forward calls whose every MoE layer recorded (a call that raised partway is not one)."""
+        return min([len(self._tokens), *(len(parts) for parts in self._ids.values())])
 
     def begin(self, input_ids: torch.Tensor, positions: torch.Tensor, is_image: torch.Tensor):
         """One forward call starts: input_ids [b, t], absolute positions [t], image mask [b, t]."""
+        done = self._steps()  # drop what a call that raised partway left behind
+        for parts in (self._tokens, self._positions, self._is_image,
+                      *self._logits.values(), *self._ids.values(), *self._gates.values()):
+            del parts[done:]
         b = input_ids.shape[0]
         self._tokens.append(input_ids.detach().reshape(-1).cpu())
         self._positions.append(positions.detach().repeat(b).cpu())
@@ -58,9 +76,14 @@ class RouterTrace:
         self._gates[layer].append(gates.detach().float().cpu())
 
     # ------------------------------------------------------------- reading
-    @staticmethod
-    def _cat(parts: list, empty_shape=(0,), dtype=torch.float) -> torch.Tensor:
+    def _cat(self, parts: list, empty_shape=(0,), dtype=torch.float) -> torch.Tensor:
+        parts = parts[:self._steps()]  # complete calls only
         return torch.cat(parts) if parts else torch.zeros(empty_shape, dtype=dtype)
+
+    def _layer(self, layer, records: dict) -> list:
+        if layer not in self.moe_layers:
+            raise ValueError(f"layer {layer!r} is not an MoE layer; MoE layers are {self.moe_layers}")
+        return records[layer]
 
     def token_ids(self) -> torch.Tensor:
         return self._cat(self._tokens, dtype=torch.long)
@@ -74,21 +97,26 @@ class RouterTrace:
 
     def logits(self, layer: int) -> torch.Tensor:
         """[n, e] raw router logits (fp32)."""
-        return self._cat(self._logits[layer], (0, self.n_experts))
+        return self._cat(self._layer(layer, self._logits), (0, self.n_experts))
 
     def expert_ids(self, layer: int) -> torch.Tensor:
         """[n, k] chosen experts, best first."""
-        return self._cat(self._ids[layer], (0, 1), torch.long)
+        return self._cat(self._layer(layer, self._ids), (0, 1), torch.long)
 
     def gates(self, layer: int) -> torch.Tensor:
         """[n, k] sigmoid gate of each chosen expert."""
-        return self._cat(self._gates[layer], (0, 1))
+        return self._cat(self._layer(layer, self._gates), (0, 1))
 
     def load(self, layer: int, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """[e] number of token copies sent to each expert (optionally only tokens where mask)."""
+        """[e] number of token copies sent to each expert (optionally only tokens where mask, a
+        bool tensor [n] such as is_image())."""
         ids = self.expert_ids(layer)
         if mask is not None:
-            ids = ids[mask]
+            mask = torch.as_tensor(mask)
+            if mask.dtype != torch.bool or tuple(mask.shape) != (len(ids),):
+                raise ValueError(f"mask must be a bool tensor of shape [{len(ids)}] (one entry per traced token, "
+                                 f"like is_image()), got {mask.dtype} of shape {tuple(mask.shape)}")
+            ids = ids[mask.cpu()]
         return torch.bincount(ids.flatten(), minlength=self.n_experts)
 
     def load_matrix(self) -> torch.Tensor:

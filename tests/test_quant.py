@@ -56,6 +56,42 @@ def test_bad_shapes():
     q = Int4Linear(128, 16)
     with pytest.raises(ValueError, match="does not fit"):
         q.load_dense(torch.randn(16, 256))
+    with pytest.raises(ValueError, match=r"needs a weight \[out, in\] .* got shape \(128,\)"):
+        quantize_int4(torch.randn(128))
+    with pytest.raises(ValueError, match="group=0: expected a positive int"):
+        quantize_int4(torch.randn(4, 128), group=0)
+    with pytest.raises(TypeError, match="real-valued weight tensor, got torch.bool"):
+        quantize_int4(torch.ones(4, 128, dtype=torch.bool))
+
+
+def test_non_finite_weights_are_refused_and_the_module_is_left_as_it_was():
+    w = torch.randn(16, 256)
+    w[3, 5], w[9, 200] = float("nan"), float("inf")  # each would make its whole group of 128 NaN
+    with pytest.raises(ValueError, match=r"weight \(16, 256\) has NaN or inf values \(in 2 of its 32 groups of 128\)"):
+        quantize_int4(w)
+    q = Int4Linear(256, 16)
+    before = q.packed.clone(), q.scales.clone()
+    with pytest.raises(ValueError, match="NaN or inf"):
+        q.load_dense(w)
+    assert torch.equal(q.packed, before[0]) and torch.equal(q.scales, before[1])
+
+
+def test_quantize_model_refuses_before_replacing_anything():
+    model = ml4.Llama4Text.random(configs.small(), seed=7)
+    with torch.no_grad():
+        model.model.layers[-1].feed_forward.experts.down_proj[1, 5, 7] = float("nan")
+    with pytest.raises(ValueError, match=r"model.layers.3.feed_forward.experts.down_proj has NaN or inf values"):
+        quantize_model(model)
+    assert not any(isinstance(m, (Int4Linear, Int4Experts)) for m in model.modules())  # layers 0-2 untouched too
+    with pytest.raises(ValueError, match=r"gate_proj: int4 needs input dims \[64\] to be multiples of group=128"):
+        quantize_model(ml4.Llama4Text.random(configs.tiny()))
+    with pytest.raises(TypeError, match="takes a Llama4Text or Llama4 model, got TextConfig"):
+        quantize_model(configs.small().text)
+    quantized = quantize_model(ml4.Llama4Text.random(configs.small(), seed=7))
+    with pytest.raises(ValueError, match=r"shared_expert.gate_proj is already int4 \(Int4Linear\): this model is "
+                                         r"already quantized"):
+        quantize_model(quantized, "all")
+    assert isinstance(quantized.model.layers[0].self_attn.q_proj, torch.nn.Linear)  # "all" did not start either
 
 
 def test_int4_linear_matches_dequantized_reference_and_cpu_kernel():

@@ -5,6 +5,7 @@ import torch
 from helpers import small_text
 
 import minillama4 as ml4
+from minillama4.moe import MoE
 from minillama4.trace import load_stats
 
 
@@ -53,3 +54,52 @@ def test_nested_traces_refused(model):
     with ml4.RouterTrace(model):
         with pytest.raises(RuntimeError, match="already active"):
             ml4.RouterTrace(model).__enter__()
+
+
+def test_a_forward_that_fails_midway_leaves_the_trace_aligned(model):
+    ids = torch.randint(0, 320, (1, 5))
+
+    def fail(module, args):
+        raise RuntimeError("out of memory (simulated)")
+
+    with ml4.RouterTrace(model) as trace:
+        model(ids)
+        hook = model.model.layers[2].register_forward_pre_hook(fail)  # after MoE layers 0 and 1 recorded
+        try:
+            with pytest.raises(RuntimeError, match="simulated"):
+                model(ids)
+        finally:
+            hook.remove()
+        assert trace.token_ids().shape == (5,) and trace.expert_ids(0).shape == (5, 2)  # the failed call is left out
+        model(ids)
+    assert trace.token_ids().shape == (10,) and all(trace.expert_ids(i).shape == (10, 2) for i in trace.moe_layers)
+    assert len(trace.table()) == 10 and trace.positions().tolist() == list(range(5)) * 2
+
+
+def test_entering_is_all_or_nothing(model):
+    moes = [m for m in model.modules() if isinstance(m, MoE)]
+    moes[-1].trace = stale = object()  # only the last MoE layer is taken
+    try:
+        with pytest.raises(RuntimeError, match=r"already active on this model \(MoE layers \[3\] hold one\)"):
+            ml4.RouterTrace(model).__enter__()
+        assert model.trace is None and [m.trace for m in moes] == [None] * 3 + [stale]  # nothing attached
+    finally:
+        moes[-1].trace = None
+    with ml4.RouterTrace(model) as trace:  # usable again once that layer is free
+        model(torch.tensor([[1, 2]]))
+    assert trace.expert_ids(3).shape == (2, 2)
+
+
+def test_bad_trace_arguments_give_clear_errors(model):
+    with pytest.raises(TypeError, match="RouterTrace takes a Llama4Text or Llama4 model, got str"):
+        ml4.RouterTrace("x")
+    with ml4.RouterTrace(model) as trace:
+        model(torch.tensor([[1, 2, 3]]))
+    for read in (trace.expert_ids, trace.logits, trace.gates, trace.load, trace.stats):
+        with pytest.raises(ValueError, match=r"layer 99 is not an MoE layer; MoE layers are \[0, 1, 2, 3\]"):
+            read(99)
+    with pytest.raises(ValueError, match=r"mask must be a bool tensor of shape \[3\] .* torch.bool of shape \(5,\)"):
+        trace.load(0, torch.ones(5, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"got torch.int64 of shape \(3,\)"):
+        trace.load(0, torch.tensor([1, 0, 1]))
+    assert int(trace.load(0, torch.tensor([True, False, True])).sum()) == 4  # 2 tokens x top-2

@@ -6,6 +6,8 @@ transformers 5.24's top-level Llama4ForConditionalGeneration.forward raises Attr
 uses: get_image_features -> multi_modal_projector -> masked_scatter at <|patch|> -> language_model.
 """
 
+import warnings
+
 import pytest
 import torch
 from helpers import rel_err, small_text
@@ -185,3 +187,47 @@ def test_bad_images_and_prompts_give_clear_errors():
         model(ids)
     with pytest.raises(TypeError, match="float tensor"):
         model(ids, pixel_values=torch.zeros(1, 3, 84, 84, dtype=torch.uint8))
+    with pytest.raises(TypeError, match="float tensor .* got list"):  # was "'list' object has no attribute 'to'"
+        model(ids, pixel_values=[pixels])
+
+
+def test_bad_image_values_types_and_arguments_give_clear_errors():
+    np = pytest.importorskip("numpy")
+    cfg = ml4.configs.tiny_multimodal().vision
+    ok = torch.zeros(3, 84, 84, dtype=torch.uint8)
+    big = ok.to(torch.int16)
+    big[0, 0, 0] = 1000  # used to be clamped to 255 without a word
+    with pytest.raises(ValueError, match=r"pixel values from 0 to 1000 \(torch.int16\): expected 0..255"):
+        img.preprocess(big, cfg)
+    with pytest.raises(ValueError, match="pixel values from -1 to -1"):
+        img.preprocess(torch.full((3, 84, 84), -1.0), cfg)
+    with pytest.raises(ValueError, match="pixel values from nan"):
+        img.preprocess(torch.full((3, 84, 84), float("nan")), cfg)
+    with pytest.warns(UserWarning, match=r"values 0..0.5: .*almost black.*image \* 255"):
+        img.preprocess(torch.full((3, 84, 84), 0.5), cfg)  # a 0..1 image: processed as given, with a warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        img.preprocess(torch.zeros(3, 84, 84), cfg)  # all black in 0..1 and in 0..255 alike: no warning
+    with pytest.raises(ValueError, match=r"image has no pixels: shape \(3, 0, 50\)"):
+        img.preprocess(torch.zeros(3, 0, 50, dtype=torch.uint8), cfg)
+    with pytest.raises(ValueError, match="max_tiles=0: expected a positive int"):
+        img.preprocess(ok, cfg, max_tiles=0)
+    with pytest.raises(ValueError, match=r"got shape \(84, 84\); for a grayscale image pass np.stack"):
+        img.preprocess(np.zeros((84, 84), dtype=np.uint8), cfg)
+    with pytest.raises(ValueError, match=r"array \[height, width, 3\] \(channels last\), got shape \(84, 84, 4\)"):
+        img.preprocess(np.zeros((84, 84, 4), dtype=np.uint8), cfg)
+    with pytest.raises(TypeError, match="got 'photo.png'; open the file first"):
+        img.preprocess("photo.png", cfg)
+    with pytest.raises(TypeError, match="a tensor \\[3, height, width\\], got None"):
+        img.preprocess(None, cfg)
+    with pytest.raises(TypeError, match="dtype torch.bool: expected integer or float pixel values"):
+        img.preprocess(ok.bool(), cfg)
+    # prepare checks everything before processing any image
+    with pytest.raises(TypeError, match="got a Tensor: pass a list of images"):
+        img.prepare("<|image|>", ok, cfg)
+    with pytest.raises(TypeError, match=r"got Llama4Config \(pass its .vision\)"):
+        img.prepare("<|image|>", [ok], ml4.configs.tiny_multimodal())
+    with pytest.raises(ValueError, match=r"images\[1\] has pixel values from -1"):
+        img.prepare("<|image|><|image|>", [ok, ok.float() - 1], cfg)
+    text, pixels = img.prepare("<|image|>", (ok,), cfg)  # a tuple is a list of images too
+    assert pixels.shape == (1, 3, 84, 84)
