@@ -15,6 +15,8 @@ Simplifications: no attention padding mask (batches hold equal-length prompts).
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 import torch.nn.functional as F
 from einops import rearrange
@@ -45,6 +47,32 @@ def nope_temperature(positions: torch.Tensor, floor_scale: int, attn_scale: floa
     return 1.0 + attn_scale * torch.log1p(torch.floor((positions.float() + 1.0) / floor_scale))
 
 
+def _is_count(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def cache_layout(cfg: TextConfig) -> tuple:
+    """What a cache's buffers depend on: layers, kv heads, head dim, and which layers are chunked."""
+    chunked = tuple(i for i in range(cfg.num_hidden_layers) if cfg.is_chunked(i))
+    return (cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, cfg.attention_chunk_size, chunked)
+
+
+def _check_memory(cfg: TextConfig, batch: int, max_len: int, slots: list, dtype, device) -> None:
+    """Refuse, before allocating, a cache that does not fit in the device's free memory."""
+    from .plan import GIB, MemoryPlanError, available_bytes
+
+    if torch.device(device).type not in ("cpu", "cuda"):  # no free-memory figure to compare with
+        return
+    per_slot = 2 * batch * cfg.num_key_value_heads * cfg.head_dim * dtype.itemsize + 8  # k, v + its position
+    need, free = sum(slots) * per_slot, available_bytes(device)
+    if torch.device(device).type == "cuda":  # blocks torch's allocator holds but no tensor uses are free too
+        free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    if need > free:
+        raise MemoryPlanError(f"a KV cache of {max_len:,} positions x batch {batch} needs {need / GIB:,.1f} GiB "
+                              f"({dtype}) on {device} but only {free / GIB:,.1f} GiB is free; ask for fewer "
+                              "positions (prompt + max_new_tokens) or a smaller batch")
+
+
 class KVCache:
     """Keys and values for every layer, preallocated. `length` is the number of positions
     already written (the next token's position); the context may grow to `max_len`.
@@ -56,17 +84,27 @@ class KVCache:
     """
 
     def __init__(self, cfg: TextConfig, batch: int, max_len: int, dtype, device, ring: bool = True):
+        for name, value in (("batch", batch), ("max_len", max_len)):
+            if not _is_count(value) or value < 1:
+                raise (ValueError if _is_count(value) else TypeError)(f"{name}={value!r}: must be a positive integer")
+        batch, max_len = int(batch), int(max_len)
+        if not isinstance(ring, bool):
+            raise TypeError(f"ring={ring!r}: must be True or False")
+        slots = [min(cfg.attention_chunk_size, max_len) if ring and cfg.is_chunked(layer) else max_len
+                 for layer in range(cfg.num_hidden_layers)]
+        _check_memory(cfg, batch, max_len, slots, dtype, device)
         self.max_len, self.batch, self.length = max_len, batch, 0
+        self.layout, self.dtype = cache_layout(cfg), dtype
         # static=True (set by decode.DecodeStep): update() writes in place and returns the whole
         # buffers, so every step has the same shapes and no host sync (CUDA-graph capturable)
         self.static = False
         self.keys, self.values, self.slot_pos = [], [], []
-        for layer in range(cfg.num_hidden_layers):
-            slots = min(cfg.attention_chunk_size, max_len) if ring and cfg.is_chunked(layer) else max_len
-            shape = (batch, cfg.num_key_value_heads, slots, cfg.head_dim)
+        for n in slots:
+            shape = (batch, cfg.num_key_value_heads, n, cfg.head_dim)
             self.keys.append(torch.zeros(shape, dtype=dtype, device=device))
             self.values.append(torch.zeros(shape, dtype=dtype, device=device))
-            self.slot_pos.append(torch.full((slots,), -1, dtype=torch.long, device=device))  # -1 = empty
+            self.slot_pos.append(torch.full((n,), -1, dtype=torch.long, device=device))  # -1 = empty
+        self.device = self.keys[0].device  # "cuda" -> "cuda:0", as the model reports it
 
     def check_room(self, new_tokens: int, batch: int) -> None:
         if batch != self.batch:
@@ -74,6 +112,15 @@ class KVCache:
         if self.length + new_tokens > self.max_len:
             raise ValueError(f"context of {self.length + new_tokens} tokens is longer than the KV cache "
                              f"({self.max_len} positions); allocate a larger cache")
+
+    def check_model(self, cfg: TextConfig, dtype, device) -> None:
+        """Refuse a cache made for another model: other layers or head shapes, dtype or device."""
+        if self.layout != cache_layout(cfg):
+            raise ValueError("the KV cache was made for another model (layers, kv heads, head_dim, chunking: "
+                             f"{self.layout} vs this model's {cache_layout(cfg)}); use model.new_cache(batch, max_len)")
+        if self.dtype != dtype or self.device != device:
+            raise ValueError(f"the KV cache holds {self.dtype} on {self.device} but the model computes in {dtype} "
+                             f"on {device}; use model.new_cache(batch, max_len) after moving or casting the model")
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)

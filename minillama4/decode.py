@@ -25,6 +25,10 @@ With a RouterTrace active, the MoE layers copy their router outputs into fixed d
 inside the step (a graph can record copies, not host reads: a second graph is captured for
 traced steps), and after the step the buffers go to the trace in three host copies.
 
+Checks: the step refuses ids that are not an integer tensor of shape [b, 1] before doing anything.
+It checks their range (0 <= id < vocab_size) only when they are on the CPU: on a GPU that would be a
+host sync every token. generate() feeds it sampled ids, which are in range by construction.
+
 Simplifications: full-attention layers attend over all `max_len` slots of the cache (masked)
 rather than the filled ones, so a cache much longer than the context costs attention reads.
 
@@ -102,6 +106,7 @@ class DecodeStep:
 
     def __init__(self, model, cache, graph: bool = False):
         self.text = model.language_model if hasattr(model, "language_model") else model
+        self.text.check_cache(cache)
         device = self.text.device
         if graph and device.type != "cuda":
             raise ValueError(f"decode='graph' needs the model on a CUDA device; it is on {device} "
@@ -114,6 +119,22 @@ class DecodeStep:
         self.graphs = {}  # traced (bool) -> (CUDA graph, its logits buffer), captured on first use
         self.moes = [m for m in self.text.modules() if isinstance(m, MoE)]
         self.recorder = _DeviceRecorder(self.moes, cache.batch, device) if self.moes else None
+
+    def _check_ids(self, ids) -> None:
+        """Integer ids of the step's shape; their range too, but only on the CPU (no sync there)."""
+        if not isinstance(ids, torch.Tensor) or ids.dtype.is_floating_point or ids.dtype.is_complex \
+                or ids.dtype == torch.bool:
+            got = f"dtype {ids.dtype}" if isinstance(ids, torch.Tensor) else repr(ids)
+            raise TypeError(f"a decode step takes integer token ids (a torch.long tensor), got {got}")
+        if tuple(ids.shape) != tuple(self.ids.shape):
+            raise ValueError(f"a decode step takes ids of shape {tuple(self.ids.shape)}, got {tuple(ids.shape)}")
+        if ids.device.type == "cpu":
+            # read through numpy: a CPU tensor's value costs no device sync, and host_reads (which
+            # stands in for syncs in the CPU tests) should count none here
+            values = ids.detach().numpy()
+            bad = values[(values < 0) | (values >= self.text.cfg.vocab_size)]
+            if bad.size:
+                raise ValueError(f"token id {int(bad[0])} is out of range for vocab_size={self.text.cfg.vocab_size}")
 
     def _forward(self) -> torch.Tensor:
         text = self.text
@@ -157,8 +178,7 @@ class DecodeStep:
     @torch.no_grad()
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
         """ids [b, 1] (device tensor, e.g. the last sampled tokens) -> next-token logits [b, v]."""
-        if tuple(ids.shape) != tuple(self.ids.shape):
-            raise ValueError(f"a decode step takes ids of shape {tuple(self.ids.shape)}, got {tuple(ids.shape)}")
+        self._check_ids(ids)
         self.cache.check_room(1, ids.shape[0])
         self.ids.copy_(ids)
         self.pos.fill_(self.cache.length)  # a device-side fill: no sync

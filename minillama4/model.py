@@ -13,14 +13,44 @@ Axes: b batch, t tokens, d model dim, v vocab, n image tiles, p tokens per tile,
 
 from __future__ import annotations
 
+import dataclasses
+import numbers
+import reprlib
+
 import torch
 from einops import rearrange
 from torch import nn
 
 from .attention import Attention, KVCache
 from .config import Llama4Config, TextConfig
+from .devices import as_device, as_dtype
 from .layers import RMSNorm, SwiGLU, add_rms_norm, rope_angles, rope_inv_freq
 from .moe import DISPATCH_MODES, MoE
+
+
+def _check_config(cls, config, multimodal: bool = False) -> None:
+    if multimodal and not isinstance(config, Llama4Config):
+        raise TypeError(f"{cls.__name__}({reprlib.repr(config)}): pass a Llama4Config with a vision config, "
+                        "e.g. minillama4.configs.tiny_multimodal() (Llama4Text reads text only)")
+    if not isinstance(config, (TextConfig, Llama4Config)):
+        raise TypeError(f"{cls.__name__}({reprlib.repr(config)}): pass a TextConfig or Llama4Config, "
+                        "e.g. minillama4.configs.tiny()")
+
+
+def _random_args(config, seed, dtype, device):
+    """Check Llama4Text.random's and Llama4.random's arguments, and that the weights fit, before
+    anything is allocated: (dtype, device) as torch objects."""
+    from .plan import check_weights_fit
+
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"seed={seed!r}: must be an integer")
+    dtype, device = as_dtype(dtype), as_device(device)
+    check_weights_fit(config, dtype, device)
+    return dtype, device
+
+
+def _describe(x) -> str:
+    return f"{tuple(x.shape)} {x.dtype}" if isinstance(x, torch.Tensor) else repr(x)
 
 
 class DecoderLayer(nn.Module):
@@ -55,6 +85,7 @@ class Llama4Text(nn.Module):
 
     def __init__(self, config: TextConfig | Llama4Config):
         super().__init__()
+        _check_config(type(self), config)
         self.config = config if isinstance(config, Llama4Config) else Llama4Config(text=config, vision=None)
         self.cfg = self.config.text
         self.model = TextBackbone(self.cfg)
@@ -64,7 +95,14 @@ class Llama4Text(nn.Module):
     # ----------------------------------------------------------------- construction
     @classmethod
     def random(cls, config, seed: int = 0, dtype=torch.float32, device="cpu") -> "Llama4Text":
-        """Random weights like Hugging Face's init: normal(0, initializer_range), norms at 1."""
+        """Random weights like Hugging Face's init: normal(0, initializer_range), norms at 1.
+        dtype: a torch.dtype or a name ("bf16", "float32", ...: devices.DTYPES). Refused up front
+        (MemoryPlanError, saying how much is needed) if the weights do not fit on the device."""
+        _check_config(cls, config)
+        if isinstance(config, Llama4Config):  # only the text model is built
+            dtype, device = _random_args(dataclasses.replace(config, vision=None), seed, dtype, device)
+        else:
+            dtype, device = _random_args(config, seed, dtype, device)
         torch.manual_seed(seed)
         model = cls(config).to(device=device, dtype=dtype)
         model.init_weights()
@@ -103,21 +141,50 @@ class Llama4Text(nn.Module):
         """A KV cache for `max_len` positions; chunked layers keep only a ring of one chunk."""
         return KVCache(self.cfg, batch, max_len, self.dtype, self.device, ring)
 
+    def check_cache(self, cache) -> KVCache:
+        """`cache` if it is a KVCache made for this model (layout, dtype, device), else a clear error."""
+        if not isinstance(cache, KVCache):
+            raise TypeError(f"cache={cache!r}: expected a KVCache from model.new_cache(batch, max_len)")
+        cache.check_model(self.cfg, self.dtype, self.device)
+        return cache
+
     # ----------------------------------------------------------------- forward
-    def check_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def check_ids(self, input_ids) -> torch.Tensor:
+        """Token ids (tensor or nested lists, [b, t] or [t], any integer dtype) -> [b, t] on the
+        model's device, int32 or int64; anything else is refused before any work."""
         if not isinstance(input_ids, torch.Tensor):
-            input_ids = torch.as_tensor(input_ids)
-        if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
-            raise TypeError(f"input_ids must be integer token ids, got dtype {input_ids.dtype}")
+            try:
+                input_ids = torch.as_tensor(input_ids)
+            except (TypeError, ValueError, RuntimeError) as e:
+                raise TypeError(f"input_ids={input_ids!r}: expected token ids as a tensor or (nested) lists of "
+                                f"integers, rows of equal length ({e})") from None
+        if input_ids.dim() not in (1, 2) or input_ids.numel() == 0:  # before the dtype: [] is a float tensor
+            raise ValueError(f"input_ids must have shape [batch, tokens] (or [tokens]) with batch > 0 and "
+                             f"tokens > 0, got {tuple(input_ids.shape)}")
         if input_ids.dim() == 1:
             input_ids = input_ids[None]
-        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
-            raise ValueError(f"input_ids must have shape [batch, tokens] with tokens > 0, got {tuple(input_ids.shape)}")
+        if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+            raise TypeError(f"input_ids must be integer token ids, got dtype {input_ids.dtype}")
+        if input_ids.dtype not in (torch.int32, torch.int64):  # the embedding takes only these two
+            input_ids = input_ids.long()
         lo, hi = int(input_ids.min()), int(input_ids.max())
         if lo < 0 or hi >= self.cfg.vocab_size:
             bad = lo if lo < 0 else hi
             raise ValueError(f"token id {bad} is out of range for vocab_size={self.cfg.vocab_size}")
         return input_ids.to(self.device)
+
+    def _check_extras(self, b: int, t: int, inputs_embeds, is_image, router_outputs) -> None:
+        """forward's optional inputs must match the ids: [b, t, d] floats, a [b, t] bool mask, a list."""
+        want = (b, t, self.cfg.hidden_size)
+        if inputs_embeds is not None and not (isinstance(inputs_embeds, torch.Tensor) and inputs_embeds.is_floating_point()
+                                              and tuple(inputs_embeds.shape) == want):
+            raise ValueError(f"inputs_embeds={_describe(inputs_embeds)}: expected a float tensor of shape {want} "
+                             "(the ids' batch and tokens, hidden_size)")
+        if is_image is not None and not (isinstance(is_image, torch.Tensor) and is_image.dtype == torch.bool
+                                         and tuple(is_image.shape) == (b, t)):
+            raise ValueError(f"is_image={_describe(is_image)}: expected a torch.bool tensor of shape {(b, t)} (the ids' shape)")
+        if router_outputs is not None and not isinstance(router_outputs, list):
+            raise TypeError(f"router_outputs={router_outputs!r}: pass a list to receive the router outputs, or None")
 
     def forward(self, input_ids, cache: KVCache | None = None, inputs_embeds: torch.Tensor | None = None,
                 is_image: torch.Tensor | None = None, router_outputs: list | None = None) -> torch.Tensor:
@@ -128,9 +195,10 @@ class Llama4Text(nn.Module):
         with gradients (for balancing losses; see moe.py)."""
         input_ids = self.check_ids(input_ids)
         b, t = input_ids.shape
+        self._check_extras(b, t, inputs_embeds, is_image, router_outputs)
         start = 0
         if cache is not None:
-            cache.check_room(t, b)
+            self.check_cache(cache).check_room(t, b)
             start = cache.length
         positions = torch.arange(start, start + t, device=self.device)
         h = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
@@ -181,6 +249,7 @@ class Llama4(nn.Module):
         super().__init__()
         from .vision import VisionModel
 
+        _check_config(type(self), config, multimodal=True)
         if config.vision is None:
             raise ValueError("Llama4 needs config.vision; use Llama4Text for a text-only model")
         self.config, self.cfg = config, config.text
@@ -192,6 +261,8 @@ class Llama4(nn.Module):
     def random(cls, config: Llama4Config, seed: int = 0, dtype=torch.float32, device="cpu") -> "Llama4":
         """Random weights: text as Llama4Text.random; vision linears normal(0, initializer_range),
         CLS and positional embeddings normal(0, width^-0.5), LayerNorms at (1, 0)."""
+        _check_config(cls, config, multimodal=True)
+        dtype, device = _random_args(config, seed, dtype, device)
         torch.manual_seed(seed)
         model = cls(config).to(device=device, dtype=dtype)
         model.language_model.init_weights()
@@ -223,6 +294,9 @@ class Llama4(nn.Module):
     def check_ids(self, input_ids):
         return self.language_model.check_ids(input_ids)
 
+    def check_cache(self, cache) -> KVCache:
+        return self.language_model.check_cache(cache)
+
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[tiles, 3, S, S] -> [tiles * tokens_per_tile, text width], in prompt order."""
         feats = self.vision_model(pixel_values)
@@ -231,16 +305,20 @@ class Llama4(nn.Module):
     def forward(self, input_ids, pixel_values: torch.Tensor | None = None, cache: KVCache | None = None,
                 router_outputs: list | None = None) -> torch.Tensor:
         input_ids = self.check_ids(input_ids)
+        self.language_model._check_extras(*input_ids.shape, None, None, router_outputs)
+        if cache is not None:  # before the vision tower runs
+            self.check_cache(cache).check_room(input_ids.shape[1], input_ids.shape[0])
         is_patch = input_ids == self.config.image_token_index
         n_patch = int(is_patch.sum())
         h = self.language_model.model.embed_tokens(input_ids)
         if pixel_values is not None:
+            self.vision_model.check_pixels(pixel_values)  # type and shape, before the vision tower runs
+            per_tile = self.config.vision.tokens_per_tile
+            if pixel_values.shape[0] * per_tile != n_patch:
+                raise ValueError(f"the prompt has {n_patch} <|patch|> tokens but the images give "
+                                 f"{pixel_values.shape[0] * per_tile} features ({pixel_values.shape[0]} tiles x "
+                                 f"{per_tile}); expand the prompt with minillama4.image.image_prompt for each image")
             feats = self.image_features(pixel_values.to(self.device)).to(h.dtype)
-            if feats.shape[0] != n_patch:
-                per_tile = self.config.vision.tokens_per_tile
-                raise ValueError(f"the prompt has {n_patch} <|patch|> tokens but the images give {feats.shape[0]} "
-                                 f"features ({pixel_values.shape[0]} tiles x {per_tile}); expand the prompt with "
-                                 "minillama4.image.image_prompt for each image")
             # early fusion: <|patch|> embeddings are replaced in order (batch-major), nothing else
             h = h.masked_scatter(is_patch[..., None], feats)
         elif n_patch:

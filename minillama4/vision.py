@@ -145,7 +145,9 @@ class VisionModel(nn.Module):
     def check_pixels(self, pixel_values: torch.Tensor) -> None:
         c, s = self.cfg.num_channels, self.cfg.image_size
         if not isinstance(pixel_values, torch.Tensor) or not pixel_values.is_floating_point():
-            raise TypeError("pixel_values must be a float tensor [tiles, channels, size, size] (normalised)")
+            got = f"dtype {pixel_values.dtype}" if isinstance(pixel_values, torch.Tensor) else type(pixel_values).__name__
+            raise TypeError(f"pixel_values must be a float tensor [tiles, channels, size, size] (normalised, as "
+                            f"minillama4.image.prepare returns it), got {got}")
         if pixel_values.dim() != 4 or pixel_values.shape[1] != c:
             raise ValueError(f"pixel_values must have shape [tiles, {c}, {s}, {s}], got {tuple(pixel_values.shape)}"
                              f"{' (wrong channel count)' if pixel_values.dim() == 4 else ''}")

@@ -186,3 +186,50 @@ def test_bad_decode_requests_are_refused_clearly():
     with pytest.raises(ValueError, match="one token per step"):
         k = v = torch.zeros(2, cfg.num_key_value_heads, 2, cfg.head_dim)  # two tokens at once
         cache.update(0, k, v, torch.arange(2))
+
+
+def test_a_decode_step_refuses_bad_ids_and_keeps_the_cache():
+    """dtype and shape always; the range on CPU ids (on a GPU that check would be a host sync per
+    token). A refused step leaves the cache as it was: the next good step matches a fresh cache."""
+    cfg = small_text()
+    model = ml4.Llama4Text.random(cfg, seed=10)
+    ids = prompt(cfg.vocab_size, seed=10)
+    caches = [model.new_cache(2, 8), model.new_cache(2, 8)]
+    with torch.no_grad():
+        for cache in caches:
+            model(ids, cache=cache)
+    step = DecodeStep(model, caches[0])
+    for bad, error, match in [(torch.tensor([[9999], [3]]), ValueError, "token id 9999 is out of range for vocab_size=320"),
+                              (torch.tensor([[3], [-1]]), ValueError, "token id -1 is out of range"),
+                              (torch.tensor([[3.0], [4.0]]), TypeError, "integer token ids .* got dtype torch.float32"),
+                              ([[3], [4]], TypeError, r"integer token ids .* got \[\[3\], \[4\]\]")]:
+        with pytest.raises(error, match=match):
+            step(bad)
+    assert caches[0].length == 5
+    good = torch.tensor([[3], [4]])
+    assert torch.equal(step(good), DecodeStep(model, caches[1])(good))
+    with pytest.raises(TypeError, match="cache='x': expected a KVCache"):
+        DecodeStep(model, "x")
+    with pytest.raises(ValueError, match="the KV cache was made for another model"):
+        DecodeStep(model, ml4.Llama4Text.random(small_text(num_hidden_layers=2)).new_cache(2, 8))
+
+
+def test_a_multimodal_cache_too_small_is_refused_before_the_vision_tower():
+    from minillama4 import image as img
+    from minillama4.model import Llama4
+
+    model = Llama4.random(ml4.configs.tiny_multimodal(), seed=5)
+    image = torch.randint(0, 256, (3, 84, 84), generator=torch.Generator().manual_seed(5), dtype=torch.uint8)
+    text, pixel_values = img.prepare("<|begin_of_text|><|image|>Hi", [image], model.config.vision)
+    ids = torch.tensor([ml4.ByteTokenizer().encode(text)])
+    t = ids.shape[1]
+    cache = model.new_cache(1, t)
+    for decode in ("eager", "static"):
+        with pytest.raises(ValueError, match=rf"prompt {t} \+ max_new_tokens 4 - 1 .* = {t + 3} positions > KV cache of {t}"):
+            model.generate(ids, 4, pixel_values=pixel_values, cache=cache, decode=decode)
+    assert cache.length == 0
+    with pytest.raises(ValueError, match="longer than the KV cache"):
+        model(torch.cat([ids, ids], 1), pixel_values=torch.cat([pixel_values, pixel_values]), cache=cache)
+    roomy = model.new_cache(1, t + 3)
+    assert torch.equal(model.generate(ids, 4, pixel_values=pixel_values, cache=roomy),
+                       model.generate(ids, 4, pixel_values=pixel_values))

@@ -82,6 +82,144 @@ def test_bad_inputs_raise_clear_errors(model):
             model.generate([[1, 2]], **{"max_new_tokens": 3, **kwargs})
 
 
+@pytest.mark.parametrize("decode", ["eager", "static"])
+def test_a_cache_too_small_is_refused_before_the_prefill(model, decode):
+    """Prompt 3 + 5 new tokens needs 7 positions (the last token is never fed back): a cache of 4
+    is refused up front, and the cache and the trace are as they were."""
+    cache = model.new_cache(1, 4)
+    with ml4.RouterTrace(model) as trace:
+        with pytest.raises(ValueError, match=r"prompt 3 \+ max_new_tokens 5 - 1 .* = 7 positions > KV cache of 4"):
+            model.generate([[1, 2, 3]], 5, cache=cache, decode=decode)
+    assert cache.length == 0 and len(trace.token_ids()) == 0
+    roomy = model.new_cache(1, 7)  # exactly enough
+    assert torch.equal(model.generate([[1, 2, 3]], 5, cache=roomy, decode=decode), model.generate([[1, 2, 3]], 5))
+    assert roomy.length == 7
+    with pytest.raises(ValueError, match="7 positions > KV cache of 7 with 7 already used"):
+        model.generate([[1, 2, 3]], 5, cache=roomy)  # a used cache counts what it holds
+    with pytest.raises(ValueError, match="batch of 2 but the KV cache's batch is 1"):
+        model.generate([[1, 2], [3, 4]], 2, cache=model.new_cache(1, 10))
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"max_new_tokens": 2.5}, TypeError, r"max_new_tokens=2\.5: must be a non-negative integer"),
+    ({"max_new_tokens": None}, TypeError, "max_new_tokens=None: must be a non-negative integer"),
+    ({"max_new_tokens": "3"}, TypeError, "max_new_tokens='3': must be a non-negative integer"),
+    ({"max_new_tokens": True}, TypeError, "max_new_tokens=True"),
+    ({"temperature": float("nan")}, ValueError, "temperature=nan must be a finite number >= 0"),
+    ({"temperature": float("inf")}, ValueError, "temperature=inf"),
+    ({"temperature": "hot"}, TypeError, "temperature='hot': must be a number"),
+    ({"top_p": float("nan")}, ValueError, r"top_p=nan must be in \(0, 1\]"),
+    ({"stop_tokens": [256.7]}, ValueError, r"stop_tokens=\[256\.7\]: 256\.7 is not a token id; expected integers in \[0, vocab_size=320\)"),
+    ({"stop_tokens": -1}, ValueError, "-1 is not a token id"),
+    ({"stop_tokens": [3, 320]}, ValueError, "320 is not a token id"),
+    ({"stop_tokens": torch.tensor([3.0])}, TypeError, "expected integer token ids, got dtype torch.float32"),
+    ({"stop_tokens": "eos"}, TypeError, "stop_tokens='eos': expected None, a token id"),
+    ({"seed": "a"}, TypeError, "seed='a': must be None or an integer"),
+    ({"seed": 1.5}, TypeError, r"seed=1\.5"),
+    ({"cache": "x"}, TypeError, "cache='x': expected a KVCache from model.new_cache"),
+    ({"decode": None}, ValueError, "decode=None: expected 'auto'"),
+    ({"pixel_values": torch.zeros(1, 3, 8, 8)}, ValueError, "pixel_values need a multimodal model"),
+])
+def test_bad_generate_arguments_are_refused_before_any_work(model, kwargs, error, match):
+    cache = model.new_cache(1, 10)
+    with ml4.RouterTrace(model) as trace:
+        with pytest.raises(error, match=match):
+            model.generate(**{"input_ids": [[1, 2, 3]], "max_new_tokens": 3, "cache": cache, **kwargs})
+    assert cache.length == 0 and len(trace.token_ids()) == 0
+    assert torch.equal(model.generate([[1, 2, 3]], 3, cache=cache), model.generate([[1, 2, 3]], 3))
+
+
+def test_stop_tokens_take_a_tensor_and_tiny_temperatures_are_greedy(model):
+    prompt = [[5, 6, 7]]
+    stop = int(model.generate(prompt, 8)[0, 5])
+    assert torch.equal(model.generate(prompt, 8, stop_tokens=torch.tensor([stop, 0])),
+                       model.generate(prompt, 8, stop_tokens=[stop, 0]))
+    # below MIN_TEMPERATURE logits / temperature would overflow to inf; sampling there is the argmax
+    assert torch.equal(model.generate(prompt, 8, temperature=1e-40, seed=0), model.generate(prompt, 8))
+
+
+def test_bad_token_id_containers_are_refused_clearly(model):
+    for empty in ([], [[]], torch.zeros(0, 3, dtype=torch.long)):
+        with pytest.raises(ValueError, match=r"input_ids must have shape \[batch, tokens\].*batch > 0 and tokens > 0"):
+            model.generate(empty, 3)
+    with pytest.raises(TypeError, match="rows of equal length"):
+        model.generate([[1, 2], [3]], 3)
+    with pytest.raises(TypeError, match="integer token ids, got dtype torch.bool"):
+        model(torch.tensor([[True]]))
+    for dtype in (torch.uint8, torch.int16, torch.int32):  # any integer dtype is accepted
+        assert torch.equal(model.generate(torch.tensor([[5, 6, 7]], dtype=dtype), 4), model.generate([[5, 6, 7]], 4))
+
+
+def test_a_cache_from_another_model_is_refused(model):
+    others = {"torch.bfloat16": ml4.Llama4Text.random(small_text(num_experts_per_tok=2), dtype="bf16"),
+              "another model": ml4.Llama4Text.random(small_text(attention_chunk_size=16))}
+    for match, other in others.items():
+        cache = other.new_cache(1, 10)
+        with pytest.raises(ValueError, match=f"the KV cache (holds|was made for) {match}"):
+            model.generate([[1, 2, 3]], 3, cache=cache)
+        with pytest.raises(ValueError, match=match):
+            model(torch.tensor([[1, 2, 3]]), cache=cache)
+        assert cache.length == 0
+    for args, error, match in [((1, -3), ValueError, "max_len=-3: must be a positive integer"),
+                               ((0, 10), ValueError, "batch=0: must be a positive integer"),
+                               ((1, 2.5), TypeError, r"max_len=2\.5: must be a positive integer")]:
+        with pytest.raises(error, match=match):
+            model.new_cache(*args)
+
+
+def test_a_cache_that_does_not_fit_says_how_much_it_needs(model, monkeypatch):
+    from minillama4 import plan
+
+    with pytest.raises(plan.MemoryPlanError, match=r"a KV cache of 1,000,000,000,003 positions x batch 1 needs [\d,.]+ GiB"):
+        model.generate([[1, 2, 3]], 10**12)
+    monkeypatch.setattr(plan, "available_bytes", lambda device="cpu": 2**20)  # 1 MiB free
+    with pytest.raises(plan.MemoryPlanError, match="needs .* GiB .* on cpu but only 0.0 GiB is free"):
+        model.new_cache(4, 10_000)
+    monkeypatch.undo()
+    assert model.new_cache(4, 10_000).max_len == 10_000
+
+
+def test_forward_refuses_extras_that_do_not_match_the_ids(model):
+    ids = torch.tensor([[1, 2, 3]])
+    for embeds in (torch.zeros(1, 3, 7), torch.zeros(1, 2, 64), torch.zeros(1, 3, 64, dtype=torch.long)):
+        with pytest.raises(ValueError, match=r"inputs_embeds=.*expected a float tensor of shape \(1, 3, 64\)"):
+            model(ids, inputs_embeds=embeds)
+    with pytest.raises(ValueError, match=r"is_image=\(1, 2\) torch.bool: expected a torch.bool tensor of shape \(1, 3\)"):
+        model(ids, is_image=torch.zeros(1, 2, dtype=torch.bool))
+    with pytest.raises(TypeError, match="router_outputs='x': pass a list"):
+        model(ids, router_outputs="x")
+    cache = model.new_cache(1, 5)
+    with pytest.raises(ValueError, match="inputs_embeds"):
+        model(ids, cache=cache, inputs_embeds=torch.zeros(1, 3, 7))
+    assert cache.length == 0
+
+
+def test_bad_model_construction_is_refused_before_allocating(monkeypatch):
+    from minillama4 import plan
+    from minillama4.model import Llama4
+
+    with pytest.raises(TypeError, match=r"Llama4Text\('tiny'\): pass a TextConfig or Llama4Config, e.g. minillama4.configs.tiny\(\)"):
+        ml4.Llama4Text("tiny")
+    with pytest.raises(TypeError, match="Llama4Text.*pass a TextConfig"):
+        ml4.Llama4Text.random("tiny")
+    with pytest.raises(TypeError, match="pass a Llama4Config with a vision config"):
+        Llama4.random(ml4.configs.tiny().text)
+    assert ml4.Llama4Text.random(ml4.configs.tiny(), dtype="bf16").dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="dtype='int8'"):
+        ml4.Llama4Text.random(ml4.configs.tiny(), dtype="int8")
+    with pytest.raises(TypeError, match="seed='a': must be an integer"):
+        ml4.Llama4Text.random(ml4.configs.tiny(), seed="a")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device='cuda': CUDA is not available"):
+            ml4.Llama4Text.random(ml4.configs.tiny(), device="cuda")
+    # full Scout in fp32 is ~400 GiB: refused, saying so, instead of the process being OOM-killed
+    monkeypatch.setattr(plan, "available_bytes", lambda device="cpu": 64 * 2**30)
+    with pytest.raises(plan.MemoryPlanError, match=r"scout with random fp32 weights needs 40\d\.\d GiB on cpu"):
+        ml4.Llama4Text.random(ml4.configs.scout())
+    with pytest.raises(plan.MemoryPlanError, match="scout with random bf16 weights needs"):
+        Llama4.random(ml4.configs.scout(), dtype=torch.bfloat16)
+
+
 @pytest.mark.parametrize("prefill", [3, 8, 21])
 def test_ring_buffer_cache_equals_full_cache_on_long_sequences(model, prefill):
     """Chunked layers keep only one chunk (8 slots) in a ring; over 60 tokens (7+ chunks) the
