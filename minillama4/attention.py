@@ -15,13 +15,12 @@ Simplifications: no attention padding mask (batches hold equal-length prompts).
 
 from __future__ import annotations
 
-import numbers
-
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from .checks import check_int
 from .config import TextConfig
 from .layers import _fused, apply_rope, fused_ok, project, rms_norm
 
@@ -45,10 +44,6 @@ def nope_temperature(positions: torch.Tensor, floor_scale: int, attn_scale: floa
     """Query scale per absolute 0-based position p (fp32), exactly 1 for p < floor_scale - 1:
     s(p) = 1 + attn_scale * log(floor((p + 1) / floor_scale) + 1)      (Llama 4; arXiv 2501.19399)"""
     return 1.0 + attn_scale * torch.log1p(torch.floor((positions.float() + 1.0) / floor_scale))
-
-
-def _is_count(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def cache_layout(cfg: TextConfig) -> tuple:
@@ -84,10 +79,7 @@ class KVCache:
     """
 
     def __init__(self, cfg: TextConfig, batch: int, max_len: int, dtype, device, ring: bool = True):
-        for name, value in (("batch", batch), ("max_len", max_len)):
-            if not _is_count(value) or value < 1:
-                raise (ValueError if _is_count(value) else TypeError)(f"{name}={value!r}: must be a positive integer")
-        batch, max_len = int(batch), int(max_len)
+        batch, max_len = check_int("batch", batch, 1), check_int("max_len", max_len, 1)
         if not isinstance(ring, bool):
             raise TypeError(f"ring={ring!r}: must be True or False")
         slots = [min(cfg.attention_chunk_size, max_len) if ring and cfg.is_chunked(layer) else max_len

@@ -20,6 +20,8 @@ import numbers
 import reprlib
 from dataclasses import dataclass, field
 
+from .checks import is_int
+
 ROPE_TYPES = ("default", "llama3")
 
 
@@ -31,14 +33,10 @@ def _refuse(obj, name: str, why: str):
     raise ValueError(f"{type(obj).__name__}.{name}={getattr(obj, name)!r}: {why}")
 
 
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)  # bool is an int subclass, never a size
-
-
 def _check_ints(obj, names, minimum: int = 1):
     for name in names:
         v = getattr(obj, name)
-        if not _is_int(v) or v < minimum:
+        if not is_int(v) or v < minimum:
             _refuse(obj, name, "must be a positive integer" if minimum == 1 else f"must be an integer >= {minimum}")
 
 
@@ -59,7 +57,7 @@ def _check_bools(obj, names):
 
 def _check_token_id(obj, name: str, vocab_size: int, value=None):
     v = getattr(obj, name) if value is None else value
-    if not _is_int(v) or not 0 <= v < vocab_size:
+    if not is_int(v) or not 0 <= v < vocab_size:
         _refuse(obj, name, f"a token id must be an integer in [0, vocab_size={vocab_size})")
 
 
@@ -176,7 +174,7 @@ class TextConfig:
         if self.rope_type not in ROPE_TYPES:
             bad("rope_type", f"unknown rope type; expected one of {ROPE_TYPES}")
         if self.attention_chunk_size is not None and (
-            not _is_int(self.attention_chunk_size) or self.attention_chunk_size < 1
+            not is_int(self.attention_chunk_size) or self.attention_chunk_size < 1
         ):
             bad("attention_chunk_size", "must be a positive integer or None")
         for name in ("moe_layers", "no_rope_layers"):
@@ -282,7 +280,7 @@ class Llama4Config:
         # and a multimodal config whose ids lie outside it still runs text (the forward counts
         # <|patch|> tokens against the image features and names a mismatch).
         for name in ("boi_token_index", "eoi_token_index", "image_token_index"):
-            if not _is_int(getattr(self, name)) or getattr(self, name) < 0:
+            if not is_int(getattr(self, name)) or getattr(self, name) < 0:
                 _refuse(self, name, "a token id must be a non-negative integer")
 
     def replace_text(self, **changes) -> "Llama4Config":

@@ -16,6 +16,8 @@ import numbers
 
 import torch
 
+from .checks import check_int, is_int
+
 # Temperatures in (0, MIN_TEMPERATURE) sample as temperature 0 (greedy). Dividing the logits by them
 # can overflow float32 to inf (NaN probabilities, or a uniform draw), and sampling at them already is
 # the argmax: two logits that differ by more than 1e-28 differ in probability by more than e^100.
@@ -37,15 +39,6 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float,
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)  # True is no count
-
-
-def _check_count(name: str, value) -> None:
-    if not _is_int(value) or value < 0:
-        raise (ValueError if _is_int(value) else TypeError)(f"{name}={value!r}: must be a non-negative integer")
-
-
 def _check_sampling(temperature, top_p, seed) -> None:
     for name, value in (("temperature", temperature), ("top_p", top_p)):
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
@@ -54,7 +47,7 @@ def _check_sampling(temperature, top_p, seed) -> None:
         raise ValueError(f"temperature={temperature} must be a finite number >= 0 (0 is greedy)")
     if not 0 < top_p <= 1:  # NaN fails this too
         raise ValueError(f"top_p={top_p} must be in (0, 1]")
-    if seed is not None and not _is_int(seed):
+    if seed is not None and not is_int(seed):
         raise TypeError(f"seed={seed!r}: must be None or an integer")
     if seed is not None and not -2**63 <= seed < 2**64:  # what torch's generator takes
         raise ValueError(f"seed={seed}: must be in [-2**63, 2**64)")
@@ -69,7 +62,7 @@ def stop_ids(stop_tokens, vocab_size: int) -> list[int]:
         if stop_tokens.dtype.is_floating_point or stop_tokens.dtype.is_complex or stop_tokens.dtype == torch.bool:
             raise TypeError(f"stop_tokens={stop_tokens!r}: expected integer token ids, got dtype {stop_tokens.dtype}")
         items = stop_tokens.reshape(-1).tolist()
-    elif _is_int(stop_tokens):
+    elif is_int(stop_tokens):
         items = [stop_tokens]
     elif isinstance(stop_tokens, (list, tuple, set, frozenset, range)):
         items = list(stop_tokens)
@@ -78,7 +71,7 @@ def stop_ids(stop_tokens, vocab_size: int) -> list[int]:
     else:
         raise TypeError(f"stop_tokens={stop_tokens!r}: expected None, a token id, or a list or tensor of token ids")
     for s in items:
-        if not _is_int(s) or not 0 <= s < vocab_size:
+        if not is_int(s) or not 0 <= s < vocab_size:
             raise ValueError(f"stop_tokens={stop_tokens!r}: {s!r} is not a token id; "
                              f"expected integers in [0, vocab_size={vocab_size})")
     return sorted({int(s) for s in items})
@@ -108,7 +101,7 @@ def generate(model, input_ids, max_new_tokens: int, temperature: float = 0.0, to
     (without one, a cache of prompt + max_new_tokens positions is made, if it fits in memory)."""
     from .decode import DECODE_MODES, DecodeStep
 
-    _check_count("max_new_tokens", max_new_tokens)
+    check_int("max_new_tokens", max_new_tokens, 0)
     _check_sampling(temperature, top_p, seed)
     if not isinstance(decode, str) or decode not in DECODE_MODES + ("auto",):
         raise ValueError(f"decode={decode!r}: expected 'auto' or one of {DECODE_MODES}")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .checks import check_int
 from .config import Llama4Config, TextConfig
 from .params import BYTES_PER_PARAM, count_params
 
@@ -73,11 +74,6 @@ def kv_cache_bytes(cfg: TextConfig, context: int, batch: int = 1, bytes_per_valu
     return total
 
 
-def _positive_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}={value!r}: must be a positive integer")
-
-
 def plan_memory(config: Llama4Config | TextConfig, context: int = 8192, batch: int = 1, quantize: str | None = None,
                 which: str = "ffn", dtype: str = "bf16", ring: bool = True, prefill_tokens: int = 2048,
                 cuda: bool = False) -> MemoryPlan:
@@ -90,7 +86,7 @@ def plan_memory(config: Llama4Config | TextConfig, context: int = 8192, batch: i
     if dtype not in PLAN_DTYPES:
         raise ValueError(f"dtype={dtype!r}: expected one of {sorted(PLAN_DTYPES)}")
     for name, value in (("context", context), ("batch", batch), ("prefill_tokens", prefill_tokens)):
-        _positive_int(name, value)
+        check_int(name, value, 1)
     full = config if isinstance(config, Llama4Config) else Llama4Config(text=config, vision=None)
     t = full.text
     pc = count_params(full)
