@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 from einops import rearrange, reduce
 
+from .checks import check_int, check_real, check_type
 from .moe import MoE
 from .trace import load_stats
 
@@ -86,6 +87,7 @@ def bias_update(bias: torch.Tensor, load: torch.Tensor, rate: float) -> torch.Te
     """One DeepSeek-V3 step for one MoE layer: bias [e], load [e] (tokens per expert in this
     training step) -> new bias [e]. Overloaded experts go down by `rate`, underloaded ones up;
     an expert exactly at the mean load stays (sign(0) = 0)."""
+    check_real("rate", rate, low=0)  # NaN made every bias NaN; a negative rate pushes towards imbalance
     load = load.to(bias.device, torch.float32)
     # DeepSeek-V3 §2.1.2: b_i <- b_i + gamma * sign(mean load - load_i)   (gamma = rate)
     return bias + rate * torch.sign(load.mean() - load)
@@ -97,9 +99,20 @@ def update_selection_bias(model, loads: dict[int, torch.Tensor], rate: float) ->
     (e.g. `expert_load` of that layer's top_ids in the last step). A layer whose selection_bias
     is None starts from zeros. The bias is added to the router logits only to CHOOSE the experts
     (moe.MoE.route); the gates still come from the raw logits, as in DeepSeek-V3, whose gates
-    are sigmoids too, like Llama 4's. The bias has no gradient: it is a controller, not a weight."""
-    for m in model.modules():
-        if isinstance(m, MoE) and m.layer in loads:
+    are sigmoids too, like Llama 4's. The bias has no gradient: it is a controller, not a weight.
+    Every load is checked before any bias changes."""
+    check_real("rate", rate, low=0)
+    moes = {m.layer: m for m in model.modules() if isinstance(m, MoE)}
+    check_type("loads", loads, dict, "{layer index: [e] loads}")
+    for layer, load in loads.items():
+        if layer not in moes:  # used to be ignored silently
+            raise ValueError(f"loads has layer {layer!r}, which is not an MoE layer of this model "
+                             f"(its MoE layers: {sorted(moes)})")
+        if not isinstance(load, torch.Tensor) or tuple(load.shape) != (moes[layer].n_experts,):
+            shape = tuple(load.shape) if isinstance(load, torch.Tensor) else type(load).__name__
+            raise ValueError(f"loads[{layer}] {shape}: expected one load per expert, shape ({moes[layer].n_experts},)")
+    for m in moes.values():
+        if m.layer in loads:
             bias = m.selection_bias
             if bias is None:
                 bias = torch.zeros(m.n_experts, device=m.router.weight.device)
@@ -111,6 +124,10 @@ def expert_capacity(n_tokens: int, top_k: int, n_experts: int, capacity_factor: 
     """Token copies one expert may take: capacity = ceil(factor * n * k / e)."""
     # Switch §2.2, eq. 3: capacity = (tokens per batch / number of experts) * capacity factor,
     # here counting the n*k token copies of top-k routing and rounding up
+    check_int("n_tokens", n_tokens, 0)
+    check_int("top_k", top_k, 1)
+    check_int("n_experts", n_experts, 1)
+    check_real("capacity_factor", capacity_factor, 0, low_open=True)  # 0 drops everything; NaN/inf cannot round
     return math.ceil(capacity_factor * n_tokens * top_k / n_experts)
 
 
@@ -128,7 +145,14 @@ def drop_tokens(top_ids: torch.Tensor, n_experts: int, capacity_factor: float) -
     before any second choice), then token order, so with top-1 it is plain token order. Llama 4
     (and minillama4's MoE) never drops: this shows what a capacity-limited system would do.
     A dropped copy contributes nothing from that expert (the residual and shared expert remain)."""
+    check_type("top_ids", top_ids, torch.Tensor, "[n, k] expert ids, e.g. from model(ids, router_outputs=...)")
+    if top_ids.dim() != 2 or top_ids.dtype.is_floating_point or top_ids.dtype == torch.bool:
+        raise ValueError(f"top_ids {tuple(top_ids.shape)} {top_ids.dtype}: expected [n, k] integer expert ids")
     n, k = top_ids.shape
+    check_int("n_experts", n_experts, 1)
+    if top_ids.numel() and not 0 <= int(top_ids.min()) <= int(top_ids.max()) < n_experts:
+        raise ValueError(f"top_ids holds expert ids in [{int(top_ids.min())}, {int(top_ids.max())}]: "
+                         f"n_experts={n_experts} needs them in [0, {n_experts})")
     capacity = expert_capacity(n, k, n_experts, capacity_factor)
     flat = rearrange(top_ids, "n k -> (k n)")  # slot-major priority order
     one_hot = torch.nn.functional.one_hot(flat, n_experts)  # [(k n), e]
@@ -141,7 +165,14 @@ def drop_tokens(top_ids: torch.Tensor, n_experts: int, capacity_factor: float) -
 def dropped_fraction(load: torch.Tensor, capacity_factor: float, top_k: int = 1) -> float:
     """Fraction of token copies a capacity factor would drop, from a load vector [e] alone
     (sum over experts of max(0, load_i - capacity) / total); equals drop_tokens(...).drop_fraction
-    whatever the order. Handy on the per-step loads a training History records."""
+    whatever the order. Handy on the per-step loads a training History records: one layer's
+    row at a time, e.g. [dropped_fraction(row, 1.25) for row in history.load[-1]]."""
+    check_type("load", load, torch.Tensor, "[e] token copies per expert")
+    if load.dim() != 1:  # a [layers, e] load would count its layers as experts
+        raise ValueError(f"load has shape {tuple(load.shape)}: expected one layer's [e] loads; for a [layers, e] "
+                         "load (a History step), take one row per layer")
+    check_real("capacity_factor", capacity_factor, 0, low_open=True)
+    check_int("top_k", top_k, 1)
     total = int(load.sum())
     capacity = expert_capacity(total // top_k, top_k, len(load), capacity_factor)
     return float((load - capacity).clamp(min=0).sum()) / max(total, 1)

@@ -66,6 +66,5 @@ def check_type(name: str, value, kind, hint: str = "") -> None:
 def check_finite_loss(loss: float, step: int, what: str = "loss") -> None:
     """Stop training at the first NaN/inf loss: the next optimizer step would turn every weight into NaN."""
     if not math.isfinite(loss):
-        raise FloatingPointError(f"{what} is {loss} at step {step}: training stopped before the update (a "
-                                 "learning rate or loss coefficient too large, or NaN in the data); the model "
-                                 "holds the weights of the step before")
+        raise FloatingPointError(f"{what} is {loss} at step {step}: training stopped before this step's update "
+                                 "(a learning rate or loss coefficient too large, or NaN in the data)")

@@ -42,6 +42,7 @@ from typing import Iterator, NamedTuple
 import torch
 from einops import rearrange
 
+from .checks import check_int, check_type
 from .tokenizer import ByteTokenizer
 
 DOMAINS = ("prose", "code", "math")  # label i of a token = DOMAINS[i]
@@ -143,10 +144,22 @@ def code_documents() -> tuple[str, ...]:
     return tuple(docs)
 
 
+ARITHMETIC_OPS = "+-*"  # the operators arithmetic_problem knows
+
+
+def _check_arithmetic(max_digits: int, ops: str) -> None:
+    check_int("max_digits", max_digits, 1)
+    # an unknown operator used to fail (KeyError) only once it was drawn, possibly deep into a corpus
+    if not isinstance(ops, str) or not ops or not set(ops) <= set(ARITHMETIC_OPS):
+        raise ValueError(f"ops={ops!r}: expected a non-empty string of operators from {ARITHMETIC_OPS!r}, e.g. \"+-\"")
+
+
 def arithmetic_problem(rng: random.Random, max_digits: int = 3, ops: str = "+") -> tuple[str, str]:
     """One problem as (prompt, answer), e.g. ("12+345=", "357"). Each operand has 1..max_digits
     digits (the digit count is drawn first, so short numbers are as common as long ones);
     "-" keeps the result non-negative by putting the larger operand first."""
+    check_type("rng", rng, random.Random, "e.g. random.Random(0)")
+    _check_arithmetic(max_digits, ops)
     a, b = (rng.randrange(10 ** (d - 1) if d > 1 else 0, 10 ** d)
             for d in (rng.randint(1, max_digits), rng.randint(1, max_digits)))
     op = rng.choice(ops)
@@ -159,6 +172,9 @@ def arithmetic_problem(rng: random.Random, max_digits: int = 3, ops: str = "+") 
 def arithmetic_documents(n_chars: int, seed: int = 0, max_digits: int = 3, ops: str = "+",
                          per_document: int = 20) -> list[str]:
     """Documents of `per_document` problems, one "a+b=c\\n" per line, until n_chars characters."""
+    check_int("n_chars", n_chars, 0)
+    check_int("per_document", per_document, 1)  # 0: empty documents, and the loop never ended
+    _check_arithmetic(max_digits, ops)
     rng, docs, total = random.Random(seed), [], 0
     while total < n_chars:
         doc = "".join(p + a + "\n" for p, a in (arithmetic_problem(rng, max_digits, ops)
@@ -255,14 +271,30 @@ def _as_generator(generator: torch.Generator | int | None) -> torch.Generator:
     return torch.Generator().manual_seed(0 if generator is None else int(generator))
 
 
+def _check_windows(ids, batch: int, seq_len: int, labels) -> None:
+    check_type("ids", ids, torch.Tensor, "a 1-D tensor of token ids")
+    if ids.dim() != 1:
+        raise ValueError(f"ids has shape {tuple(ids.shape)}: expected a 1-D token stream [n]")
+    check_int("batch", batch, 1)  # 0 or less used to yield empty (or fail as a "negative dimension")
+    check_int("seq_len", seq_len, 1)  # 0 used to yield windows of one token: no next-token target
+    if labels is not None and (not isinstance(labels, torch.Tensor) or labels.shape != ids.shape):
+        shape = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
+        raise ValueError(f"labels {shape}: expected a tensor of the ids' shape {tuple(ids.shape)}")
+
+
 def random_batches(ids: torch.Tensor, batch: int, seq_len: int, generator: torch.Generator | int | None = None,
                    labels: torch.Tensor | None = None) -> Iterator:
     """Endless batches of windows [b, t+1] at uniformly random start positions (inputs are
     window[:, :-1], next-token targets window[:, 1:]). `generator` is a torch.Generator or a
-    seed. With `labels` [n], yields (ids window, labels window) cut at the same positions."""
+    seed. With `labels` [n], yields (ids window, labels window) cut at the same positions.
+    The arguments are checked at the call, before the first batch is drawn."""
+    _check_windows(ids, batch, seq_len, labels)
     if len(ids) < seq_len + 1:
         raise ValueError(f"{len(ids)} tokens are too few for windows of seq_len + 1 = {seq_len + 1}")
-    gen = _as_generator(generator)
+    return _random_windows(ids, batch, seq_len, _as_generator(generator), labels)
+
+
+def _random_windows(ids, batch, seq_len, gen, labels) -> Iterator:
     offsets = torch.arange(seq_len + 1)
     while True:
         starts = torch.randint(0, len(ids) - seq_len, (batch,), generator=gen)
@@ -274,10 +306,18 @@ def sequential_batches(ids: torch.Tensor, batch: int, seq_len: int, labels: torc
                        max_batches: int | None = None) -> Iterator:
     """Non-overlapping windows [b, t+1] in stream order (for evaluation); the last batch may be
     smaller and the tail shorter than one window is left out. Windows share their edge token
-    (window j ends where window j+1 starts) so every token but the first is a target once."""
+    (window j ends where window j+1 starts) so every token but the first is a target once.
+    The arguments are checked at the call, before the first batch."""
+    _check_windows(ids, batch, seq_len, labels)
+    if max_batches is not None:
+        check_int("max_batches", max_batches, 1)  # 0 yielded nothing, which evaluate read as a loss of 0.0
     n_windows = (len(ids) - 1) // seq_len
     if n_windows == 0:
         raise ValueError(f"{len(ids)} tokens are too few for one window of seq_len + 1 = {seq_len + 1}")
+    return _sequential_windows(ids, batch, seq_len, n_windows, labels, max_batches)
+
+
+def _sequential_windows(ids, batch, seq_len, n_windows, labels, max_batches) -> Iterator:
     offsets = torch.arange(seq_len + 1)
     for i, first in enumerate(range(0, n_windows, batch)):
         if max_batches is not None and i >= max_batches:

@@ -138,3 +138,38 @@ def test_imbalance_reuses_load_stats():
     assert rows[0]["max_over_mean"] == 1.0 and rows[0]["cv"] == 0.0
     assert rows[1]["max_over_mean"] == 4.0 and rows[1]["entropy"] == 0.0
     assert imbalance(torch.tensor([1, 1]))[0]["entropy_frac"] == pytest.approx(1.0)
+
+
+def test_bad_capacity_and_drop_arguments_are_refused():
+    load = torch.tensor([[8, 0, 0, 0], [2, 2, 2, 2]])  # a History step: [layers, e]
+    with pytest.raises(ValueError, match="load has shape \\(2, 4\\): expected one layer's \\[e\\] loads"):
+        dropped_fraction(load, 1.0)
+    for factor in (-1.0, 0.0, math.nan, math.inf):
+        with pytest.raises(ValueError, match=f"capacity_factor={factor}: must be a finite number > 0"):
+            dropped_fraction(load[0], factor)
+        with pytest.raises(ValueError, match="capacity_factor="):
+            drop_tokens(torch.zeros(4, 1, dtype=torch.long), 4, factor)
+    with pytest.raises(ValueError, match="top_k=0: must be a positive integer"):
+        dropped_fraction(load[0], 1.0, top_k=0)
+    with pytest.raises(ValueError, match="top_ids holds expert ids in \\[0, 3\\]: n_experts=2"):
+        drop_tokens(torch.tensor([[0], [3]]), 2, 1.0)
+    with pytest.raises(ValueError, match="top_ids \\(4,\\)"):
+        drop_tokens(torch.zeros(4, dtype=torch.long), 4, 1.0)
+    with pytest.raises(ValueError, match="n_experts=0"):
+        expert_capacity(10, 1, 0, 1.0)
+
+
+def test_update_selection_bias_refuses_unknown_layers_and_bad_rates_changing_nothing():
+    model = ml4.Llama4Text.random(ml4.configs.tiny(), seed=0)
+    moes = [m for m in model.modules() if isinstance(m, MoE)]
+    good = torch.tensor([8, 0, 0, 0])
+    with pytest.raises(ValueError, match="loads has layer 99, which is not an MoE layer .*\\[0, 1, 2, 3\\]"):
+        update_selection_bias(model, {0: good, 99: good}, 0.1)
+    with pytest.raises(ValueError, match="loads\\[1\\] \\(3,\\): expected one load per expert, shape \\(4,\\)"):
+        update_selection_bias(model, {0: good, 1: torch.tensor([1, 2, 3])}, 0.1)
+    for rate in (math.nan, -0.1):
+        with pytest.raises(ValueError, match=f"rate={rate}: must be a finite number >= 0"):
+            update_selection_bias(model, {0: good}, rate)
+    assert all(m.selection_bias is None for m in moes)  # layer 0 was not updated before the refusal
+    with pytest.raises(ValueError, match="rate=nan"):
+        bias_update(torch.zeros(4), good, math.nan)

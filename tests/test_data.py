@@ -121,3 +121,21 @@ def test_module_lists_are_sorted():
     from minillama4.data import CODE_MODULES, PROSE_MODULES
 
     assert list(PROSE_MODULES) == sorted(PROSE_MODULES) and list(CODE_MODULES) == sorted(CODE_MODULES)
+
+
+def test_bad_batch_and_arithmetic_arguments_are_refused_at_the_call():
+    ids = torch.arange(100)
+    for call, match in [(lambda: random_batches(ids, 0, 10), "batch=0: must be a positive integer"),
+                        (lambda: random_batches(ids, 2, -1), "seq_len=-1: must be a positive integer"),
+                        (lambda: random_batches(ids[None], 2, 10), "ids has shape \\(1, 100\\)"),
+                        (lambda: random_batches(ids, 2, 10, labels=ids[:5]), "labels \\(5,\\)"),
+                        (lambda: sequential_batches(ids, 2, 10, max_batches=0), "max_batches=0"),
+                        (lambda: sequential_batches(ids[:5], 2, 10), "5 tokens are too few"),
+                        (lambda: arithmetic_documents(100, per_document=0), "per_document=0"),
+                        (lambda: arithmetic_documents(100, max_digits=0), "max_digits=0"),
+                        (lambda: arithmetic_problem(random.Random(0), ops="/"), "ops='/': .*'\\+-\\*'"),
+                        (lambda: arithmetic_problem(random.Random(0), ops=""), "ops=''")]:
+        with pytest.raises(ValueError, match=match):
+            call()  # raised by the call itself, not at the first next()
+    with pytest.raises(TypeError, match="rng must be a Random"):
+        arithmetic_problem(0)

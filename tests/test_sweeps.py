@@ -7,8 +7,9 @@ import torch
 
 from minillama4.balance import dropped_fraction
 from minillama4.data import load_corpus
-from minillama4.train.sweeps import (BalancingRun, SweepSetup, corpus_fingerprint, default_runs, dropped_fractions,
-                                     load_sweep,
+from minillama4.train.loop import History
+from minillama4.train.sweeps import (BalancingRun, SweepSetup, compact_history, corpus_fingerprint, default_runs,
+                                     dropped_fractions, load_sweep,
                                      mean_imbalance, record_loads, run_balancing, run_method, run_sweep,
                                      sweep_index)
 
@@ -107,3 +108,42 @@ def test_corpus_fingerprint_tells_corpora_apart(corpus):
     assert fp.startswith(f"{len(train_data)}+{len(val_data)}:") and len(fp.split(":")[1]) == 32
     assert corpus_fingerprint(load_corpus(seed=0, chars_per_domain=20_000)) == fp  # deterministic
     assert corpus_fingerprint(load_corpus(seed=1, chars_per_domain=20_000)) != fp
+
+
+def test_bad_setups_runs_and_empty_loads_are_refused():
+    with pytest.raises(ValueError, match="tail=0: must be a positive integer"):
+        SweepSetup(tail=0)
+    with pytest.raises(ValueError, match="preset='huge': expected one of"):
+        SweepSetup(preset="huge")
+    with pytest.raises(ValueError, match="switch_aux=nan: must be a finite number >= 0"):
+        BalancingRun(switch_aux=float("nan"))
+    with pytest.raises(ValueError, match="max_steps=0: must be a positive integer"):
+        run_balancing(BalancingRun(), SETUP, max_steps=0)
+    with pytest.raises(TypeError, match="corpus must be a \\(train, val\\) pair"):
+        run_balancing(BalancingRun(), SETUP, corpus=torch.arange(10), max_steps=1)
+    with pytest.raises(ValueError, match="history has 0 steps"):
+        compact_history(History(moe_layers=[0]))
+    empty = torch.zeros(0, 4, 4, dtype=torch.long)
+    with pytest.raises(ValueError, match="loads has shape \\(0, 4, 4\\)"):
+        dropped_fractions(empty)
+    with pytest.raises(ValueError, match="loads has shape \\(0, 4, 4\\)"):
+        mean_imbalance(empty)
+    with pytest.raises(ValueError, match="factors is empty"):
+        dropped_fractions(torch.ones(1, 1, 4), ())
+
+
+def test_run_sweep_never_replaces_another_sweep(tmp_path):
+    setup = SweepSetup(**{**SETUP.__dict__, "steps": 2, "eval_batches": 0})
+    path = tmp_path / "sweep.json"
+    run_sweep([BalancingRun()], setup, path, verbose=False)
+    saved = path.read_text()
+    other = SweepSetup(**{**setup.__dict__, "steps": 3})
+    refusal = "holds another sweep \\(1 run\\(s\\) saved; steps=2 there, 3 here\\).*another path"
+    with pytest.raises(ValueError, match=refusal):
+        run_sweep([BalancingRun(z_loss=1e-3)], other, path, verbose=False)
+    assert path.read_text() == saved  # kept as it was
+    not_a_sweep = tmp_path / "notes.json"
+    not_a_sweep.write_text("my notes")
+    with pytest.raises(ValueError, match="exists but holds no saved sweep"):
+        run_sweep([BalancingRun()], setup, not_a_sweep, verbose=False)
+    assert not_a_sweep.read_text() == "my notes"

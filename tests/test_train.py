@@ -1,6 +1,7 @@
 """The training loop (minillama4.train) on the tiny preset: few steps, fixed seeds."""
 
 import math
+import types
 
 import pytest
 import torch
@@ -117,3 +118,89 @@ def test_arithmetic_predictions_shape_and_answers():
     for prompt, expected, predicted in rows:
         assert prompt.endswith("=") and eval(prompt[:-1]) == int(expected) and "\n" not in predicted
     assert 0.0 <= arithmetic_accuracy(tiny(), n=12, seed=3, max_digits=2) <= 1.0
+
+
+def test_bad_schedule_and_config_fields_are_refused_where_built():
+    for bad, match in [(dict(min_lr_ratio=-1), "min_lr_ratio=-1: .*in \\[0, 1\\]"),
+                       (dict(min_lr_ratio=5), "min_lr_ratio=5"),
+                       (dict(warmup=-5), "warmup=-5: must be a non-negative integer"), (dict(lr=math.nan), "lr=nan"),
+                       (dict(lr=0.0), "lr=0.0: .*> 0"), (dict(switch_aux=math.nan), "switch_aux=nan"),
+                       (dict(bias_update_rate=math.nan), "bias_update_rate=nan"), (dict(z_loss=-1e-3), "z_loss=-0.001"),
+                       (dict(weight_decay=-0.1), "weight_decay=-0.1"),
+                       (dict(grad_clip=math.nan), "grad_clip=nan.*0 turns"), (dict(grad_clip=-1.0), "grad_clip=-1.0"),
+                       (dict(steps=-3), "steps=-3: must be a positive integer"),
+                       (dict(batch_size=0), "batch_size=0"), (dict(seq_len=-1), "seq_len=-1"),
+                       (dict(eval_batches=0), "eval_batches=0"), (dict(betas=(0.9, 1.0)), "betas\\[1\\]=1.0")]:
+        with pytest.raises(ValueError, match=match):
+            TrainConfig(**bad)
+    with pytest.raises(TypeError, match="steps=2.5: must be a positive integer"):
+        TrainConfig(steps=2.5)
+    with pytest.raises(TypeError, match="grad_clip=None: .*0 turns clipping off"):
+        TrainConfig(grad_clip=None)
+    # lr_at checks what it reads on any config (shapes.py passes its own)
+    with pytest.raises(ValueError, match="min_lr_ratio=-1"):
+        lr_at(0, types.SimpleNamespace(steps=10, lr=1e-3, warmup=0, min_lr_ratio=-1))
+    TrainConfig(steps=5, warmup=0, min_lr_ratio=1.0, grad_clip=0.0, eval_every=0, log_every=0)  # edges stay valid
+
+
+def test_bad_train_arguments_fail_before_the_first_step():
+    model = tiny()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = torch.randint(0, 256, (5000,), generator=torch.Generator().manual_seed(0))
+    base = dict(steps=3, batch_size=2, seq_len=16, progress=False, log_every=0)
+    dense = ml4.Llama4Text.random(ml4.configs.tiny().replace_text(moe_layers=[]), seed=0)
+    cases = [
+        (ValueError, "val_data holds 10 tokens, too few for one window",
+         lambda: train(model, ids, val_data=ids[:10], **base)),
+        (ValueError, "eval_batches=0", lambda: train(model, ids, val_data=ids, **{**base, "eval_batches": 0})),
+        (TypeError, "val_data must be a TokenCorpus", lambda: train(model, ids, val_data="text", **base)),
+        (ValueError, "val_data has shape \\(2, 17\\).*pass a list",
+         lambda: train(model, ids, val_data=ids[:34].view(2, 17), **base)),
+        (TypeError, "data must be a TokenCorpus.*got int", lambda: train(model, 5, **base)),
+        (TypeError, "data\\[0\\] must be a Tensor, got int", lambda: train(model, [1, 2, 3], **base)),
+        (ValueError, "data is an empty list", lambda: train(model, [], **base)),
+        (TypeError, "data has dtype torch.float32", lambda: train(model, ids.float(), **base)),
+        (ValueError, "data holds 16 tokens, too few", lambda: train(model, ids[:16], **base)),
+        (TypeError, "model must be a Module, got Llama4Config", lambda: train(ml4.configs.tiny(), ids, **base)),
+        (TypeError, "cfg must be a TrainConfig, got dict", lambda: train(model, ids, {"steps": 2})),
+        (TypeError, "unknown TrainConfig field\\(s\\) \\['stpes'\\]", lambda: train(model, ids, stpes=2)),
+        (ValueError, "lr=nan", lambda: train(model, ids, lr=math.nan, **base)),
+        (ValueError, "bias_update_rate=0.01: the model has no MoE layer",
+         lambda: train(dense, ids, bias_update_rate=0.01, **base)),
+        (ValueError, "switch_aux=0.01: the model has no MoE layer", lambda: train(dense, ids, switch_aux=0.01, **base)),
+    ]
+    for error, match, call in cases:
+        with pytest.raises(error, match=match):
+            call()
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # nothing was trained
+    assert len(train(dense, ids, **base).loss) == 3  # a dense model trains without balancing
+
+
+def test_training_stops_at_the_first_nan_loss_with_the_history_so_far():
+    model = tiny()
+    with torch.no_grad():
+        model.lm_head.weight[0, 0] = math.nan  # every logit of token 0 is NaN: the loss is NaN from step 0
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.eval()
+    with pytest.raises(FloatingPointError, match="loss is nan at step 0") as info:
+        train(model, torch.randint(0, 256, (500,)), steps=3, batch_size=2, seq_len=16, progress=False, log_every=0)
+    assert info.value.history.step == [] and not model.training  # mode restored, no step recorded
+    assert all(torch.equal(before[k].nan_to_num(), v.nan_to_num()) for k, v in model.state_dict().items())
+    batch = torch.randint(0, 256, (2, 17))
+    with pytest.raises(TypeError, match="data batch 1 must be a Tensor, got str") as info:
+        train(tiny(), iter([batch, "oops"]), steps=3, progress=False, log_every=0)
+    assert info.value.history.step == [0]  # an iterable is checked batch by batch: the steps done are kept
+
+
+def test_evaluate_refuses_data_without_a_window():
+    model = tiny()
+    ids = torch.randint(0, 256, (100,))
+    with pytest.raises(ValueError, match="data is an empty list: there is no loss"):
+        evaluate(model, [])
+    with pytest.raises(ValueError, match="max_batches=0: must be a positive integer"):
+        evaluate(model, ids, batch_size=2, seq_len=16, max_batches=0)
+    with pytest.raises(ValueError, match="data yielded no batch"):
+        evaluate(model, iter([]))
+    with pytest.raises(ValueError, match="data holds 100 tokens, too few for one window of seq_len \\+ 1 = 129"):
+        evaluate(model, ids)
+    assert model.training  # left as it was

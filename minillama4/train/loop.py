@@ -24,6 +24,7 @@ import dataclasses
 import itertools
 import math
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -32,6 +33,7 @@ from einops import rearrange
 from tqdm.auto import tqdm
 
 from ..balance import balancing_losses, expert_load, update_selection_bias
+from ..checks import check_finite_loss, check_int, check_real, check_type
 from ..data import TokenCorpus, arithmetic_problem, random_batches, sequential_batches
 from ..moe import MoE
 from ..tokenizer import ByteTokenizer
@@ -56,6 +58,26 @@ class TrainConfig:
     z_loss: float = 0.0  # coefficient of the router z-loss (0 = off; ST-MoE used 1e-3)
     bias_update_rate: float = 0.0  # DeepSeek-V3 bias step gamma (0 = off; it used 1e-3 for its first 14.3T tokens, then 0)
     progress: bool = True  # show a tqdm progress bar
+
+    def __post_init__(self):  # a bad field fails here, where the config is built, not steps into a run
+        for name in ("steps", "batch_size", "seq_len", "eval_batches"):  # eval_batches=0 gave a val_loss of 0.0
+            check_int(name, getattr(self, name), 1)
+        for name in ("seed", "log_every", "eval_every"):
+            check_int(name, getattr(self, name), 0)
+        _check_schedule(self)
+        # coefficients: NaN would train on with NaN weights, a negative one rewards what it should penalise
+        for name in ("weight_decay", "switch_aux", "z_loss", "bias_update_rate"):
+            check_real(name, getattr(self, name), low=0)
+        try:  # NaN, None or a negative value used to turn clipping off silently (or fail at the first step)
+            check_real("grad_clip", self.grad_clip, low=0)
+        except (TypeError, ValueError) as error:
+            raise type(error)(f"{error} (0 turns clipping off)") from None
+        check_type("betas", self.betas, (tuple, list), "two numbers in [0, 1), e.g. (0.9, 0.95)")
+        if len(self.betas) != 2:
+            raise ValueError(f"betas={self.betas!r}: expected two numbers in [0, 1), e.g. (0.9, 0.95)")
+        for i, beta in enumerate(self.betas):
+            check_real(f"betas[{i}]", beta, 0, 1, high_open=True)
+        check_type("progress", self.progress, bool)
 
 
 @dataclass
@@ -90,8 +112,19 @@ class History:
         return {k: getattr(self, k) for k in ("step", "loss", "total_loss", "lr", "grad_norm", "switch_aux", "z_loss")}
 
 
+def _check_schedule(cfg) -> None:
+    """The fields lr_at reads, on a TrainConfig or any config with the same names (shapes.py)."""
+    check_real("lr", cfg.lr, 0, low_open=True)
+    check_int("warmup", cfg.warmup, 0)
+    check_real("min_lr_ratio", cfg.min_lr_ratio, 0, 1)  # < 0: negative LRs; > 1: the "decay" climbs above the peak
+
+
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Learning rate of step `step` (from 0): linear warmup, then cosine decay to lr * min_lr_ratio."""
+    """Learning rate of step `step` (from 0): linear warmup, then cosine decay to lr * min_lr_ratio.
+    cfg: a TrainConfig or any config with steps, lr, warmup and min_lr_ratio (checked at each call:
+    a few comparisons, no tensor work)."""
+    check_int("step", step, 0)
+    _check_schedule(cfg)
     if step < cfg.warmup:
         # linear warmup (Goyal et al. 2017, §2.2 "gradual warmup")
         return cfg.lr * (step + 1) / cfg.warmup
@@ -115,20 +148,102 @@ def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
     return F.cross_entropy(rearrange(logits.float(), "b t v -> (b t) v"), rearrange(targets, "b t -> (b t)"))
 
 
+def _is_int_dtype(x: torch.Tensor) -> bool:
+    return not (x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool)
+
+
+def _check_batch(name: str, batch) -> torch.Tensor:
+    """One [b, t+1] batch of token ids (shape and dtype only: no host sync)."""
+    check_type(name, batch, torch.Tensor, "each batch is a [b, t+1] tensor of token ids")
+    if batch.dim() != 2 or batch.shape[0] < 1 or batch.shape[1] < 2:
+        raise ValueError(f"{name} has shape {tuple(batch.shape)}: expected [b, t+1] token ids with b >= 1, t + 1 >= 2")
+    if not _is_int_dtype(batch):
+        raise TypeError(f"{name} has dtype {batch.dtype}: expected integer token ids")
+    return batch
+
+
+def _check_stream(name: str, ids: torch.Tensor, seq_len: int) -> None:
+    """A 1-D id stream long enough for one window of seq_len + 1 tokens."""
+    if not _is_int_dtype(ids):
+        raise TypeError(f"{name} has dtype {ids.dtype}: expected integer token ids")
+    if len(ids) < seq_len + 1:
+        raise ValueError(f"{name} holds {len(ids)} tokens, too few for one window of seq_len + 1 = {seq_len + 1}; "
+                         "pass more tokens or a smaller seq_len")
+
+
+_DATA_KINDS = "a TokenCorpus, token ids [n], one batch [b, t+1] or an iterable of [b, t+1] batches"
+
+
+def _checked(batches):
+    """An iterable's batches, each checked as it is drawn (its length is unknown up front)."""
+    for i, batch in enumerate(batches):
+        yield _check_batch(f"data batch {i}", batch)
+
+
 def _batch_source(data, cfg: TrainConfig):
     """A token stream (TokenCorpus or ids [n]) -> seeded random windows; one batch [b, t+1] ->
-    that batch every step; else an iterable of [b, t+1] batches."""
+    that batch every step; else an iterable of [b, t+1] batches. Checked before the first step."""
     if isinstance(data, TokenCorpus):
         data = data.ids
     if isinstance(data, torch.Tensor) and data.dim() == 1:
+        _check_stream("data", data, cfg.seq_len)
         return random_batches(data, cfg.batch_size, cfg.seq_len, torch.Generator().manual_seed(cfg.seed))
-    if isinstance(data, torch.Tensor) and data.dim() == 2:
-        return itertools.repeat(data)
-    return iter(data)
+    if isinstance(data, torch.Tensor):
+        return itertools.repeat(_check_batch("data", data))
+    if isinstance(data, (list, tuple)):  # a reusable sequence: check every batch now
+        if not data:
+            raise ValueError(f"data is an empty {type(data).__name__}: expected {_DATA_KINDS}")
+        return iter([_check_batch(f"data[{i}]", batch) for i, batch in enumerate(data)])
+    if not isinstance(data, Iterable) or isinstance(data, (str, bytes)):
+        raise TypeError(f"data must be {_DATA_KINDS}, got {type(data).__name__}")
+    return _checked(data)
+
+
+def _check_eval_data(name: str, data, seq_len: int) -> None:
+    """What `evaluate` reads: a TokenCorpus / ids [n] long enough for one window, or batches."""
+    if isinstance(data, TokenCorpus):
+        data = data.ids
+    if isinstance(data, torch.Tensor):
+        if data.dim() != 1:
+            raise ValueError(f"{name} has shape {tuple(data.shape)}: expected token ids [n] (for one batch "
+                             "[b, t+1], pass a list: [batch])")
+        _check_stream(name, data, seq_len)
+    elif isinstance(data, (list, tuple)):
+        if not data:
+            raise ValueError(f"{name} is an empty {type(data).__name__}: there is no loss to measure")
+        for i, batch in enumerate(data):
+            _check_batch(f"{name}[{i}]", batch)
+    elif not isinstance(data, Iterable) or isinstance(data, (str, bytes)):
+        raise TypeError(f"{name} must be a TokenCorpus, token ids [n] or an iterable of [b, t+1] batches, "
+                        f"got {type(data).__name__}")
 
 
 def _moe_layers(model) -> list[MoE]:
     return [m for m in model.modules() if isinstance(m, MoE)]
+
+
+def _train_config(cfg, overrides: dict) -> TrainConfig:
+    """cfg with the keyword overrides applied (TrainConfig.__post_init__ checks every field)."""
+    if cfg is not None:
+        check_type("cfg", cfg, TrainConfig,
+                   "pass TrainConfig(...) or fields as keywords, e.g. train(model, data, steps=50)")
+    fields = [f.name for f in dataclasses.fields(TrainConfig)]
+    unknown = sorted(set(overrides) - set(fields))
+    if unknown:
+        raise TypeError(f"train() got unknown TrainConfig field(s) {unknown}; the fields are {fields}")
+    return dataclasses.replace(cfg or TrainConfig(), **overrides)
+
+
+def _check_model(model, cfg: TrainConfig) -> list[MoE]:
+    """The model's MoE layers; balancing options on a model without any are refused (nothing to balance)."""
+    check_type("model", model, torch.nn.Module, "build one with Llama4Text.random(config)")
+    moes = _moe_layers(model)
+    if not moes:
+        for name in ("switch_aux", "z_loss", "bias_update_rate"):
+            if getattr(cfg, name):
+                raise ValueError(f"{name}={getattr(cfg, name)!r}: the model has no MoE layer to balance; "
+                                 "leave it at 0 for a dense model")
+    return moes
 
 
 def train(model, data, cfg: TrainConfig | None = None, val_data=None, **overrides) -> History:
@@ -142,97 +257,129 @@ def train(model, data, cfg: TrainConfig | None = None, val_data=None, **override
     Balancing: cfg.switch_aux and cfg.z_loss add minillama4.balance losses (mean over MoE layers);
     cfg.bias_update_rate > 0 updates every MoE layer's selection_bias after each step (a layer
     without one starts at zeros); with 0 an existing bias is left as it is.
+    The config, model and data are checked before the first step. Training stops with a
+    FloatingPointError at the first NaN/inf loss, before that step's update; any exception raised
+    during training (Ctrl-C included) carries the steps done so far as `error.history`.
     """
-    cfg = dataclasses.replace(cfg or TrainConfig(), **overrides)
-    moes = _moe_layers(model)
-    history = History(moe_layers=[m.layer for m in moes])
-    n_experts = model.cfg.num_local_experts
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
+    cfg = _train_config(cfg, overrides)
+    moes = _check_model(model, cfg)
     batches = _batch_source(data, cfg)
+    if val_data is not None:
+        _check_eval_data("val_data", val_data, cfg.seq_len)
+    history = History(moe_layers=[m.layer for m in moes])
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
     start, was_training = time.perf_counter(), model.training
     model.train()
     bar = tqdm(range(cfg.steps), disable=not cfg.progress, desc="train")
-    for step in bar:
-        try:
-            window = next(batches).to(model.device)
-        except StopIteration:
-            break
-        lr = lr_at(step, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-
-        router_outputs = []
-        logits = model(window[:, :-1], router_outputs=router_outputs)
-        loss = next_token_loss(logits, window[:, 1:])
-        aux = balancing_losses(router_outputs)
-        total = loss
-        if cfg.switch_aux:
-            total = total + cfg.switch_aux * aux["switch_aux"]
-        if cfg.z_loss:
-            total = total + cfg.z_loss * aux["z_loss"]
-
-        optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-        optimizer.step()
-
-        loads = {layer: expert_load(ids.detach(), n_experts) for layer, _, ids, _ in router_outputs}
-        if cfg.bias_update_rate:
-            update_selection_bias(model, loads, cfg.bias_update_rate)
-            history.bias.append(torch.stack([m.selection_bias.detach().float().cpu() for m in moes]))
-
-        history.step.append(step)
-        history.loss.append(loss.item())
-        history.total_loss.append(total.item())
-        history.lr.append(lr)
-        history.grad_norm.append(float(grad_norm))
-        history.switch_aux.append(aux["switch_aux"].item())
-        history.z_loss.append(aux["z_loss"].item())
-        history.load.append(torch.stack([loads[m.layer].cpu() for m in moes]) if moes else torch.zeros(0, 0))
-
-        last = step == cfg.steps - 1
-        if val_data is not None and (last or cfg.eval_every and (step + 1) % cfg.eval_every == 0):
-            history.val_step.append(step)
+    try:
+        for step in bar:
+            try:
+                window = next(batches).to(model.device)
+            except StopIteration:
+                break
+            _train_step(model, window, step, cfg, optimizer, moes, history)
+            last = step == cfg.steps - 1
+            if val_data is not None and (last or cfg.eval_every and (step + 1) % cfg.eval_every == 0):
+                history.val_step.append(step)
+                history.val_loss.append(evaluate(model, val_data, cfg.batch_size, cfg.seq_len, cfg.eval_batches))
+            if cfg.log_every and (last or (step + 1) % cfg.log_every == 0):
+                _log(bar, step, cfg, history, bool(moes))
+        if val_data is not None and history.step and history.val_step[-1:] != history.step[-1:]:  # data ran out
+            history.val_step.append(history.step[-1])
             history.val_loss.append(evaluate(model, val_data, cfg.batch_size, cfg.seq_len, cfg.eval_batches))
-        if cfg.log_every and (last or (step + 1) % cfg.log_every == 0):
-            info = {"loss": f"{history.loss[-1]:.3f}", "lr": f"{lr:.1e}"}
-            if history.val_loss:
-                info["val"] = f"{history.val_loss[-1]:.3f}"
-            if moes:
-                load = history.load[-1].float()
-                info["max/mean load"] = f"{float((load.amax(-1) / load.mean(-1)).mean()):.2f}"  # layer mean
-            if cfg.progress:
-                bar.set_postfix(info)
-            else:
-                print(f"step {step + 1}/{cfg.steps} " + " ".join(f"{k} {v}" for k, v in info.items()))
-    bar.close()
-    if val_data is not None and history.step and history.val_step[-1:] != history.step[-1:]:  # data ran out
-        history.val_step.append(history.step[-1])
-        history.val_loss.append(evaluate(model, val_data, cfg.batch_size, cfg.seq_len, cfg.eval_batches))
-    model.train(was_training)
-    history.seconds = time.perf_counter() - start
+    except BaseException as error:
+        error.history = history  # the steps recorded so far (the model holds their weights)
+        raise
+    finally:
+        bar.close()
+        model.train(was_training)
+        history.seconds = time.perf_counter() - start
     return history
+
+
+def _train_step(model, window, step: int, cfg: TrainConfig, optimizer, moes: list[MoE], history: History) -> None:
+    """One optimizer step on window [b, t+1], recorded in `history`."""
+    lr = lr_at(step, cfg)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+    router_outputs = []
+    logits = model(window[:, :-1], router_outputs=router_outputs)
+    loss = next_token_loss(logits, window[:, 1:])
+    aux = balancing_losses(router_outputs)
+    total = loss
+    if cfg.switch_aux:
+        total = total + cfg.switch_aux * aux["switch_aux"]
+    if cfg.z_loss:
+        total = total + cfg.z_loss * aux["z_loss"]
+    # read for the history anyway; checked before backward so a NaN never reaches the weights
+    loss_value, total_value = loss.item(), total.item()
+    check_finite_loss(loss_value, step)
+    check_finite_loss(total_value, step, "total loss (cross-entropy + balancing terms)")
+
+    optimizer.zero_grad(set_to_none=True)
+    total.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+    optimizer.step()
+
+    loads = {layer: expert_load(ids.detach(), model.cfg.num_local_experts) for layer, _, ids, _ in router_outputs}
+    if cfg.bias_update_rate:
+        update_selection_bias(model, loads, cfg.bias_update_rate)
+        history.bias.append(torch.stack([m.selection_bias.detach().float().cpu() for m in moes]))
+
+    history.step.append(step)
+    history.loss.append(loss_value)
+    history.total_loss.append(total_value)
+    history.lr.append(lr)
+    history.grad_norm.append(float(grad_norm))
+    history.switch_aux.append(aux["switch_aux"].item())
+    history.z_loss.append(aux["z_loss"].item())
+    history.load.append(torch.stack([loads[m.layer].cpu() for m in moes]) if moes else torch.zeros(0, 0))
+
+
+def _log(bar, step: int, cfg: TrainConfig, history: History, has_moe: bool) -> None:
+    info = {"loss": f"{history.loss[-1]:.3f}", "lr": f"{history.lr[-1]:.1e}"}
+    if history.val_loss:
+        info["val"] = f"{history.val_loss[-1]:.3f}"
+    if has_moe:
+        load = history.load[-1].float()
+        info["max/mean load"] = f"{float((load.amax(-1) / load.mean(-1)).mean()):.2f}"  # layer mean
+    if cfg.progress:
+        bar.set_postfix(info)
+    else:
+        print(f"step {step + 1}/{cfg.steps} " + " ".join(f"{k} {v}" for k, v in info.items()))
 
 
 @torch.no_grad()
 def evaluate(model, data, batch_size: int = 16, seq_len: int = 128, max_batches: int | None = None) -> float:
     """Mean next-token cross-entropy (nats/token) over non-overlapping windows of a TokenCorpus
     or ids [n], in stream order (all of them unless max_batches), or over an iterable of
-    [b, t+1] batches. Deterministic: no sampling. Routing uses the current selection biases."""
+    [b, t+1] batches. Deterministic: no sampling. Routing uses the current selection biases.
+    Data without a single window is refused (its mean loss would read as a perfect 0.0)."""
+    check_type("model", model, torch.nn.Module, "build one with Llama4Text.random(config)")
+    check_int("batch_size", batch_size, 1)
+    check_int("seq_len", seq_len, 1)
+    if max_batches is not None:
+        check_int("max_batches", max_batches, 1)
+    _check_eval_data("data", data, seq_len)
     if isinstance(data, TokenCorpus):
         data = data.ids
-    if isinstance(data, torch.Tensor) and data.dim() == 1:
+    if isinstance(data, torch.Tensor):
         data = sequential_batches(data, batch_size, seq_len, max_batches=max_batches)
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    for window in data:
-        window = window.to(model.device)
-        logits = model(window[:, :-1])
-        total += float(next_token_loss(logits, window[:, 1:])) * window[:, 1:].numel()
-        count += window[:, 1:].numel()
-    model.train(was_training)
-    return total / max(count, 1)
+    try:
+        for i, window in enumerate(data):
+            window = _check_batch(f"data batch {i}", window).to(model.device)
+            logits = model(window[:, :-1])
+            total += float(next_token_loss(logits, window[:, 1:])) * window[:, 1:].numel()
+            count += window[:, 1:].numel()
+    finally:
+        model.train(was_training)
+    if count == 0:  # an iterable that yielded nothing
+        raise ValueError("data yielded no batch: there is no loss to measure")
+    return total / count
 
 
 @torch.no_grad()

@@ -36,7 +36,8 @@ from einops import reduce
 
 from .. import configs
 from ..balance import dropped_fraction, imbalance
-from ..data import load_corpus, random_batches
+from ..checks import check_choice, check_int, check_real, check_type
+from ..data import TokenCorpus, load_corpus, random_batches
 from ..model import Llama4Text
 from .loop import History, TrainConfig, train
 
@@ -55,6 +56,10 @@ class BalancingRun:
     switch_aux: float = 0.0  # Switch load-balancing loss coefficient alpha (Switch used 1e-2)
     z_loss: float = 0.0  # router z-loss coefficient c_z (ST-MoE used 1e-3)
     bias_update_rate: float = 0.0  # DeepSeek-V3 bias step gamma (DeepSeek-V3 used 1e-3)
+
+    def __post_init__(self):  # refused here, before a sweep trains or saves anything
+        for name in METHOD_KEYS:
+            check_real(name, getattr(self, name), low=0)
 
     @property
     def name(self) -> str:
@@ -82,6 +87,13 @@ class SweepSetup:
     load_every: int = 10  # steps per window of the summed loads
     tail: int = 20  # last steps whose loads are kept exactly
     eval_batches: int = 8  # validation batches for the final validation loss (0 = none)
+
+    def __post_init__(self):
+        check_choice("preset", self.preset, configs.PRESETS)
+        for name in ("chars_per_domain", "steps", "batch_size", "seq_len", "every", "load_every", "tail"):
+            check_int(name, getattr(self, name), 1)  # tail=0 kept every step (loads[-0:])
+        for name in ("model_seed", "corpus_seed", "data_seed", "eval_batches"):
+            check_int(name, getattr(self, name), 0)
 
     def train_config(self, run: BalancingRun) -> TrainConfig:
         return TrainConfig(steps=self.steps, batch_size=self.batch_size, seq_len=self.seq_len,
@@ -119,13 +131,19 @@ def _rounded(x: torch.Tensor, digits: int = 4) -> list:
 
 def compact_history(history: History, setup: SweepSetup | None = None) -> dict:
     """A History -> the JSON-ready record described in the module docstring (no run settings)."""
+    check_type("history", history, History, "the result of train(...)")
+    if setup is not None:
+        check_type("setup", setup, SweepSetup)
+    if not history.step or not history.moe_layers:
+        raise ValueError(f"history has {len(history.step)} steps and {len(history.moe_layers)} MoE layers: "
+                         "a record needs at least one step of a model with MoE layers")
     setup = setup or SweepSetup()
     n = len(history.step)
     loads = history.loads()  # [s, L, e]
     record = {
         "moe_layers": list(history.moe_layers),
         "n_experts": int(loads.shape[-1]),
-        "tokens_per_step": int(loads[0, 0].sum()) if n else 0,
+        "tokens_per_step": int(loads[0, 0].sum()),
         "steps_run": n,
         "step": _window_steps(n, setup.every),
         "loss": _rounded(_window_mean(torch.tensor(history.loss), setup.every)),
@@ -149,7 +167,13 @@ def run_balancing(run: BalancingRun, setup: SweepSetup | None = None, corpus=Non
     None. max_steps: stop after that many steps but keep the `setup.steps` learning-rate schedule
     and batch order, so a short run repeats the first steps of the full one exactly (up to float
     summation order)."""
+    check_type("run", run, BalancingRun, "e.g. BalancingRun(switch_aux=1e-2)")
     setup = setup or SweepSetup()
+    check_type("setup", setup, SweepSetup)
+    if max_steps is not None:
+        check_int("max_steps", max_steps, 1)  # 0 used to run all setup.steps (`0 or steps`)
+    if corpus is not None:
+        _check_corpus(corpus)
     train_data, val_data = corpus or load_corpus(setup.corpus_seed, setup.chars_per_domain)
     cfg = setup.train_config(run)
     model = Llama4Text.random(configs.get(setup.preset), seed=setup.model_seed)
@@ -159,6 +183,12 @@ def run_balancing(run: BalancingRun, setup: SweepSetup | None = None, corpus=Non
     hist = train(model, batches, cfg, val_data=val_data if setup.eval_batches else None)
     record = {"name": run.name, **run.overrides(), **compact_history(hist, setup), "threads": torch.get_num_threads()}
     return (record, hist) if history else record
+
+
+def _check_corpus(corpus) -> None:
+    if not (isinstance(corpus, (tuple, list)) and len(corpus) == 2 and all(isinstance(c, TokenCorpus) for c in corpus)):
+        raise TypeError(f"corpus must be a (train, val) pair of TokenCorpus, as load_corpus returns; got "
+                        f"{type(corpus).__name__}")
 
 
 def corpus_fingerprint(corpus) -> str:
@@ -189,16 +219,18 @@ def run_sweep(runs: list[BalancingRun] | None = None, setup: SweepSetup | None =
               path: str | Path | None = None, verbose: bool = True) -> dict:
     """Run every BalancingRun (default_runs()) with the same setup. With `path`, the sweep is saved
     after each run and runs already saved there with the same setup and corpus (corpus_fingerprint)
-    are kept, not repeated, so an interrupted sweep resumes. meta records the corpus fingerprint,
-    versions and thread count."""
+    are kept, not repeated, so an interrupted sweep resumes. A file at `path` that holds another
+    sweep (another setup or corpus) or no sweep at all is refused before any run: it is never
+    overwritten. meta records the corpus fingerprint, versions and thread count."""
     setup = setup or SweepSetup()
-    runs = default_runs() if runs is None else runs
+    check_type("setup", setup, SweepSetup)
+    runs = default_runs() if runs is None else list(runs)
+    for i, run in enumerate(runs):
+        check_type(f"runs[{i}]", run, BalancingRun, "e.g. BalancingRun(switch_aux=1e-2)")
     corpus = load_corpus(setup.corpus_seed, setup.chars_per_domain)
     sweep = {"setup": dataclasses.asdict(setup), "meta": {"corpus": corpus_fingerprint(corpus)}, "runs": {}}
     if path is not None and Path(path).exists():
-        saved = load_sweep(path)
-        if saved.get("setup") == sweep["setup"] and saved.get("meta", {}).get("corpus") == sweep["meta"]["corpus"]:
-            sweep["runs"] = saved["runs"]
+        sweep["runs"] = _saved_runs(path, sweep)
     for run in runs:
         if run.name in sweep["runs"]:
             continue
@@ -214,6 +246,27 @@ def run_sweep(runs: list[BalancingRun] | None = None, setup: SweepSetup | None =
     return sweep
 
 
+def _saved_runs(path, sweep: dict) -> dict:
+    """The runs saved at `path` if it holds this very sweep (setup and corpus); anything else is
+    refused, so that the first save cannot replace another sweep's runs."""
+    how = "pass another path, or delete the file to start this sweep there"
+    try:
+        saved = load_sweep(path)
+        setup, corpus, runs = saved["setup"], saved["meta"]["corpus"], saved["runs"]
+        if not isinstance(setup, dict) or not isinstance(runs, dict):
+            raise TypeError("its setup and runs are not mappings")
+    except (OSError, ValueError, TypeError, KeyError) as error:
+        raise ValueError(f"path={str(path)!r} exists but holds no saved sweep ({error!r}); {how}") from None
+    differs = [f"{k}={setup.get(k)!r} there, {v!r} here" for k, v in sweep["setup"].items() if setup.get(k) != v]
+    differs += [f"{k} there, not a SweepSetup field" for k in setup if k not in sweep["setup"]]
+    if corpus != sweep["meta"]["corpus"]:
+        differs.append(f"corpus {corpus} there, {sweep['meta']['corpus']} here")
+    if differs:
+        raise ValueError(f"path={str(path)!r} holds another sweep ({len(runs)} run(s) saved; {', '.join(differs)}): "
+                         f"it is kept as it is; {how}")
+    return runs
+
+
 # ------------------------------------------------------------------------------ reading records
 def record_loads(record: dict, key: str = "load") -> torch.Tensor:
     """A record's "load" ([windows, L, e], summed over load_every steps) or "tail_load" ([tail, L, e],
@@ -221,10 +274,22 @@ def record_loads(record: dict, key: str = "load") -> torch.Tensor:
     return torch.tensor(record[key], dtype=torch.long)
 
 
+def _check_step_loads(loads) -> None:
+    """loads [s, L, e] with at least one step, layer and expert (a mean over none has no value)."""
+    check_type("loads", loads, torch.Tensor, "[s, L, e] loads, e.g. record_loads(record, \"tail_load\")")
+    if loads.dim() != 3 or 0 in loads.shape:
+        raise ValueError(f"loads has shape {tuple(loads.shape)}: expected [steps, layers, experts] with "
+                         "at least one of each")
+
+
 def dropped_fractions(loads: torch.Tensor, factors=CAPACITY_FACTORS, top_k: int = 1) -> torch.Tensor:
     """loads [s, L, e] token copies per expert of s single steps -> [f, L]: the fraction of token
     copies that experts with capacity ceil(factor * n * k / e) would drop, mean over the s steps
     (capacity applies to each batch, so each step is dropped separately; balance.dropped_fraction)."""
+    _check_step_loads(loads)
+    factors = tuple(factors)
+    if not factors:
+        raise ValueError("factors is empty: expected capacity factors, e.g. (1.0, 1.25, 2.0)")
     out = torch.tensor([[[dropped_fraction(layer, f, top_k) for layer in step] for step in loads] for f in factors])
     return reduce(out, "f s L -> f L", "mean")
 
@@ -232,6 +297,7 @@ def dropped_fractions(loads: torch.Tensor, factors=CAPACITY_FACTORS, top_k: int 
 def mean_imbalance(loads: torch.Tensor) -> list[dict]:
     """loads [s, L, e] of single steps -> per layer the mean over steps of balance.imbalance
     (max_over_mean, cv, entropy, entropy_frac; tokens is per step)."""
+    _check_step_loads(loads)
     per_step = [imbalance(step) for step in loads]  # s lists of L dicts
     return [{key: sum(step[j][key] for step in per_step) / len(per_step) for key in per_step[0][j]}
             for j in range(loads.shape[1])]
