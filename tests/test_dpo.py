@@ -111,3 +111,62 @@ def test_dpo_raises_preference_accuracy_and_margin(warm_model):
     assert history.eval_loss[-1] < math.log(2) - 0.3
     assert all(v > 0.5 for v in history.eval_margin_by_kind[-1].values())  # both wrong and verbose pairs
     assert sum(history.margin[-5:]) / 5 > sum(history.margin[:5]) / 5 + 1.0  # training batches too
+
+
+# ------------------------------------------------------------------------------ bad input: refused by name, nothing lost
+@pytest.mark.parametrize("field, value, message", [
+    ("beta", float("nan"), r"DPOConfig.beta=nan: must be a finite number > 0"),
+    ("beta", -1, r"DPOConfig.beta=-1: must be a finite number > 0 \(beta < 0 learns the opposite preference"),
+    ("beta", 0, r"DPOConfig.beta=0: must be a finite number > 0 .*beta = 0 never changes the model"),
+    ("steps", -3, r"DPOConfig.steps=-3: must be a positive integer"),
+    ("batch_size", 0, r"DPOConfig.batch_size=0: must be a positive integer"),
+    ("weight_decay", -1, r"DPOConfig.weight_decay=-1: must be a finite number >= 0"),
+    ("grad_clip", float("inf"), r"DPOConfig.grad_clip=inf: must be a finite number >= 0"),
+])
+def test_dpo_config_refuses_bad_fields(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        dpo.DPOConfig(**{field: value})
+
+
+def test_dpo_refuses_bad_input_before_training():
+    from minillama4.train.rl import RLConfig
+    from minillama4.train.sft import make_sft_dataset
+
+    model = small_model()
+    before = [p.detach().clone() for p in model.parameters()]
+    pairs = [dpo.PreferencePair(T.Problem(3, 4), "7", "8", "wrong")]
+    with pytest.raises(TypeError, match="cfg must be a DPOConfig, got RLConfig"):
+        dpo.train_dpo(model, pairs, RLConfig())
+    with pytest.raises(TypeError, match="pairs\\[0\\] is a SFTExample: expected PreferencePair items"):
+        dpo.train_dpo(model, make_sft_dataset(4))
+    with pytest.raises(ValueError, match="pairs is empty"):
+        dpo.train_dpo(model, [])
+    with pytest.raises(ValueError, match="eval_pairs is empty"):
+        dpo.train_dpo(model, pairs, dpo.DPOConfig(steps=1), eval_pairs=[])
+    with pytest.raises(TypeError, match="policy must be a Module, got Llama4Config"):
+        dpo.train_dpo(T.model_config(), pairs)
+    with pytest.raises(ValueError, match="pairs is empty"):
+        dpo.preference_metrics(model, model, [], beta=0.1)
+    with pytest.raises(ValueError, match="margin is empty"):
+        dpo.reward_accuracy(torch.zeros(0))
+    with pytest.raises(ValueError, match="beta=-0.1: must be a finite number > 0"):
+        dpo.dpo_loss(t(-1.0), t(-2.0), t(-1.5), t(-1.5), beta=-0.1)
+    with pytest.raises(ValueError, match="n_samples=1, temperature=1.0: pairs need n_samples >= 2"):
+        dpo.build_pairs(model, [T.Problem(3, 4)], n_samples=1)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_dpo_stops_before_the_update_at_a_nonfinite_loss(monkeypatch):
+    policy = small_model()
+    before = [p.detach().clone() for p in policy.parameters()]
+    real_loss = dpo.dpo_loss
+
+    def nan_loss(*args):
+        loss, cw, cl = real_loss(*args)
+        return loss * float("nan"), cw, cl
+
+    monkeypatch.setattr(dpo, "dpo_loss", nan_loss)
+    pairs = [dpo.PreferencePair(T.Problem(3, 4), "7", "8", "wrong")]
+    with pytest.raises(FloatingPointError, match="loss is nan at step 0"):
+        dpo.train_dpo(policy, pairs, dpo.DPOConfig(steps=2))
+    assert all(torch.equal(a, b) for a, b in zip(before, policy.parameters()))

@@ -122,6 +122,26 @@ def test_pass_at_k():
     assert T.pass_at_k(5, 2, 2) == pytest.approx(1 - 3 / 10)  # 1 - C(3,2)/C(5,2)
 
 
+def test_bad_problem_arguments_are_refused_by_name():
+    with pytest.raises(ValueError, match=r"levels=\(\): must name at least one difficulty level in 1..6"):
+        T.make_problems(4, seed=0, levels=())  # it used to divide by zero
+    with pytest.raises(ValueError, match=r"levels=\(1, 2.5\): 2.5 is not a difficulty level"):
+        T.make_problems(4, seed=0, levels=(1, 2.5))
+    with pytest.raises(TypeError, match="level=2.5: must be an integer in 1..6"):
+        T.problem_at_level(random.Random(0), 2.5)  # no carry count matches: it searched 100,000 times
+    with pytest.raises(ValueError, match="n=-1: must be a non-negative integer"):
+        T.make_problems(-1, seed=0)
+    with pytest.raises(ValueError, match=r"pass_at_k\(n=4, c=0, k=8\): needs c <= n .* and k <= n"):
+        T.pass_at_k(4, 0, 8)  # it answered 1.0 with no correct sample
+    model = small_model()
+    with pytest.raises(ValueError, match="problems is empty"):  # an accuracy of nothing
+        T.evaluate_chat(model, [])
+    with pytest.raises(TypeError, match="model must be a Module, got Llama4Config"):
+        T.complete(T.model_config(), [T.Problem(3, 4)])
+    with pytest.raises(TypeError, match=r"problems\[1\] is a tuple: expected Problem items"):
+        T.complete(model, [T.Problem(3, 4), (3, 4)])
+
+
 def test_pretraining_stream_mixes_raw_lines_and_dialogues():
     ids = T.pretraining_stream(n_chars=20_000, seed=0, chat_share=0.3)
     text = TOK.decode(ids.tolist())
@@ -230,6 +250,40 @@ def test_rounding_saving_and_loading_a_stage(tmp_path):
     assert T._rounded({"a": [0.123456789, float("nan")], "b": (1, "x")}) == {"a": [0.12346, None], "b": [1, "x"]}
     with pytest.raises(ValueError, match="start_at"):
         T.build_course_cache(tmp_path, start_at="ppo")
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("rl_kl_coef", float("nan"), r"PipelineConfig.rl_kl_coef=nan: must be a finite number >= 0"),
+    ("rl_group_size", 1, r"PipelineConfig.rl_group_size=1: GRPO needs >= 2 samples per prompt"),
+    ("rl_variants", ((1, 0.05),), r"PipelineConfig.rl_variants\[0\]\[0\]=1: GRPO needs >= 2 samples per prompt"),
+    ("rl_variants", ((4,),), r"PipelineConfig.rl_variants=\(\(4,\),\): expected \(group size, KL weight\) pairs"),
+    ("rl_samples_per_step", 4, r"PipelineConfig.rl_samples_per_step=4: must be at least every group size \(8\)"),
+    ("drop_fraction", 1.0, r"PipelineConfig.drop_fraction=1.0: must be a finite number in \[0, 1\)"),
+    ("drop_variants", (), r"PipelineConfig.drop_variants=\(\): must be a non-empty tuple"),
+    ("verbose_fraction", 2.0, r"PipelineConfig.verbose_fraction=2.0: must be a finite number in \[0, 1\]"),
+    ("judge_format", "xml", r"PipelineConfig.judge_format='xml': expected one of \('chat', 'raw'\)"),
+    ("dpo_samples", 1, r"PipelineConfig.dpo_samples=1: must be an integer >= 2"),
+    ("dpo_betas", (0.1, -1.0), r"PipelineConfig.dpo_betas\[1\]=-1.0: must be a finite number > 0"),
+    ("sft_epochs", 0, r"PipelineConfig.sft_epochs=0: must be a finite number > 0"),
+    ("pretrain_steps", 2.5, r"PipelineConfig.pretrain_steps=2.5: must be a positive integer"),
+])
+def test_pipeline_config_refuses_bad_fields(field, value, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        T.PipelineConfig(**{field: value})
+
+
+def test_build_course_cache_refuses_before_writing(tmp_path):
+    from minillama4.train.sft import SFTConfig
+
+    cfg = T.PipelineConfig()
+    cfg.rl_kl_coef = float("nan")  # set after the config was built: checked again before any work
+    with pytest.raises(ValueError, match="PipelineConfig.rl_kl_coef=nan"):
+        T.build_course_cache(tmp_path / "cache", cfg)
+    with pytest.raises(TypeError, match="cfg must be a PipelineConfig, got SFTConfig"):
+        T.build_course_cache(tmp_path / "cache", SFTConfig())
+    with pytest.raises(ValueError, match=r"start_at='rl' reuses the cached stages before it, but .*results.json"):
+        T.build_course_cache(tmp_path / "cache", start_at="rl")  # nothing cached there to reuse
+    assert not (tmp_path / "cache").exists()
 
 
 def test_eval_problems_are_fixed():

@@ -113,3 +113,67 @@ def test_rl_raises_held_out_reward(warm_model):
     assert any(f > 0 for f in history.frac_filtered)  # some all-right / all-wrong groups were dropped
     assert all(k >= 0 for k in history.kl if k == k) and history.kl[-1] > 0  # drifted from the reference
     assert history.eval_step == [-1, 39]
+
+
+# ------------------------------------------------------------------------------ bad input: refused by name, nothing lost
+@pytest.mark.parametrize("field, value, message", [
+    ("group_size", 1, r"RLConfig.group_size=1: GRPO needs >= 2 samples per prompt to compare them"),
+    ("temperature", 0, r"RLConfig.temperature=0: greedy rollouts make every sample of a group the same"),
+    ("temperature", float("nan"), r"RLConfig.temperature=nan: must be a finite number > 0"),
+    ("mu", 0, r"RLConfig.mu=0: must be >= 1 gradient steps"),
+    ("clip_eps", float("nan"), r"RLConfig.clip_eps=nan: must be a finite number in \(0, 1\]"),
+    ("clip_eps", -1, r"RLConfig.clip_eps=-1: must be a finite number in \(0, 1\]"),
+    ("kl_coef", float("nan"), r"RLConfig.kl_coef=nan: must be a finite number >= 0"),
+    ("kl_coef", -1, r"RLConfig.kl_coef=-1: must be a finite number >= 0"),
+    ("weight_decay", -1, r"RLConfig.weight_decay=-1: must be a finite number >= 0"),
+    ("steps", -3, r"RLConfig.steps=-3: must be a positive integer"),
+    ("prompts_per_step", 0, r"RLConfig.prompts_per_step=0: must be a positive integer"),
+    ("levels", (), r"RLConfig.levels=\(\): must name at least one difficulty level in 1..6"),
+    ("levels", (2, 1), r"RLConfig.levels=\(2, 1\): must be increasing"),
+    ("levels", (1, 7), r"RLConfig.levels=\(1, 7\): 7 is not a difficulty level"),
+])
+def test_rl_config_refuses_bad_fields(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        rl.RLConfig(**{field: value})
+
+
+def test_rl_config_accepts_the_notebook_runs():
+    for g, kl in T.PipelineConfig().rl_variants:  # KL = 0 is a cached run: no penalty, KL still measured
+        assert rl.RLConfig(group_size=g, kl_coef=kl, prompts_per_step=512 // g).kl_coef == kl
+
+
+def test_rl_refuses_bad_input_before_training():
+    from minillama4.train.sft import SFTConfig
+    from helpers import posttrain_model
+
+    policy = posttrain_model()
+    before = [p.detach().clone() for p in policy.parameters()]
+    with pytest.raises(TypeError, match="cfg must be a RLConfig, got SFTConfig"):
+        rl.train_rl(policy, SFTConfig())
+    with pytest.raises(TypeError, match="policy must be a Module, got Llama4Config"):
+        rl.train_rl(T.model_config())
+    with pytest.raises(ValueError, match="eval_problems is empty"):
+        rl.train_rl(policy, rl.RLConfig(steps=1), eval_problems=[])
+    with pytest.raises(ValueError, match="problems is empty"):  # a mean of nothing
+        rl.mean_reward(policy, [])
+    with pytest.raises(ValueError, match=r"Curriculum.levels=\(1, 1, 2\): must be increasing, without repeats"):
+        rl.Curriculum(levels=(1, 1, 2))  # a repeat made _advance loop forever
+    assert all(torch.equal(a, b) for a, b in zip(before, policy.parameters()))
+
+
+def test_rl_stops_before_the_update_at_a_nonfinite_loss(monkeypatch):
+    from helpers import posttrain_model
+
+    policy = posttrain_model()
+    before = [p.detach().clone() for p in policy.parameters()]
+    real_loss = rl.grpo_loss
+
+    def nan_loss(*args):
+        loss, stats = real_loss(*args)
+        return loss * float("nan"), stats
+
+    monkeypatch.setattr(rl, "grpo_loss", nan_loss)
+    cfg = rl.RLConfig(steps=2, prompts_per_step=2, group_size=2, curriculum=False, filter_zero_advantage=False)
+    with pytest.raises(FloatingPointError, match="loss is nan at step 0"):
+        rl.train_rl(policy, cfg)
+    assert all(torch.equal(a, b) for a, b in zip(before, policy.parameters()))

@@ -110,3 +110,73 @@ def test_sft_raises_chat_accuracy():
     assert sum(history.loss[-10:]) / 10 < sum(history.loss[:10]) / 10 - 3.0
     finished = [c.finished for c in T.evaluate_chat(model, held_out).completions]
     assert all(finished)  # it learned to end its turn with <|eot|>
+
+
+# ------------------------------------------------------------------------------ bad input: refused by name, nothing lost
+@pytest.mark.parametrize("field, value, message", [
+    ("epochs", float("nan"), r"SFTConfig.epochs=nan: must be a finite number > 0"),
+    ("epochs", 0, r"SFTConfig.epochs=0: must be a finite number > 0"),
+    ("steps", -3, r"SFTConfig.steps=-3: must be a positive integer"),
+    ("batch_size", 0, r"SFTConfig.batch_size=0: must be a positive integer"),
+    ("lr", -1e-3, r"SFTConfig.lr=-0.001: must be a finite number > 0"),
+    ("weight_decay", -1, r"SFTConfig.weight_decay=-1: must be a finite number >= 0"),
+    ("min_lr_ratio", 2.0, r"SFTConfig.min_lr_ratio=2.0: must be a finite number in \[0, 1\]"),
+    ("betas", (0.9,), r"SFTConfig.betas=\(0.9,\): must be two AdamW decay rates"),
+])
+def test_sft_config_refuses_bad_fields(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        sft.SFTConfig(**{field: value})
+
+
+def test_sft_refuses_bad_input_before_training():
+    from minillama4.train.loop import TrainConfig
+
+    model, data = small_model(), sft.make_sft_dataset(16, seed=0)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(TypeError, match="cfg must be a SFTConfig, got TrainConfig"):  # pre-training's lr is 6x higher
+        sft.train_sft(model, data, TrainConfig(steps=1))
+    with pytest.raises(ValueError, match="examples is empty"):
+        sft.train_sft(model, [])
+    with pytest.raises(ValueError, match="eval_problems is empty"):  # it used to record accuracy 0.0
+        sft.train_sft(model, data, sft.SFTConfig(steps=1), eval_problems=[])
+    with pytest.raises(TypeError, match="model must be a Module, got Llama4Config"):
+        sft.train_sft(T.model_config(), data)
+    cfg = sft.SFTConfig(steps=1)
+    cfg.batch_size = 0  # set after the config was built: checked again at the call
+    with pytest.raises(ValueError, match="SFTConfig.batch_size=0"):
+        sft.train_sft(model, data, cfg)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_data_helpers_refuse_bad_input():
+    data = sft.make_sft_dataset(16, seed=0)
+    with pytest.raises(ValueError, match=r"verbose_fraction=2.0: must be a finite number in \[0, 1\]"):
+        sft.make_sft_dataset(16, verbose_fraction=2.0)
+    with pytest.raises(ValueError, match=r"scores of shape \(30,\): expected one score per example, shape \(16,\)"):
+        sft.prune_easy(data, torch.rand(30), 0.5)
+    with pytest.raises(ValueError, match=r"scores\[3\]=nan: judge scores must be finite"):
+        sft.prune_easy(data, torch.tensor([0.5] * 3 + [float("nan")] * 13), 0.5)
+    for frac in (-0.1, 1.0, float("nan")):
+        with pytest.raises(ValueError, match=rf"drop_fraction={frac}: must be a finite number in \[0, 1\)"):
+            sft.prune_easy(data, torch.rand(16), frac)
+    with pytest.raises(ValueError, match="batch_size=0: must be a positive integer"):
+        sft.judge_scores(small_model(), [T.Problem(3, 4)], batch_size=0)
+
+
+def test_sft_stops_before_the_update_at_a_nonfinite_loss(monkeypatch):
+    model, data = small_model(), sft.make_sft_dataset(16, seed=0)
+    init = [p.detach().clone() for p in model.parameters()]
+    real_loss, seen = sft.masked_sft_loss, []
+
+    def nan_at_step_1(logits, ids, mask):
+        seen.append([p.detach().clone() for p in model.parameters()])  # the weights this step starts from
+        loss = real_loss(logits, ids, mask)
+        return loss * float("nan") if len(seen) == 2 else loss
+
+    monkeypatch.setattr(sft, "masked_sft_loss", nan_at_step_1)
+    model.eval()
+    with pytest.raises(FloatingPointError, match="loss is nan at step 1"):
+        sft.train_sft(model, data, sft.SFTConfig(steps=3, batch_size=4))
+    assert not model.training  # its mode is restored too
+    assert not all(torch.equal(a, b) for a, b in zip(init, model.parameters()))  # step 0 was taken
+    assert all(torch.equal(a, b) for a, b in zip(seen[1], model.parameters()))  # step 1 was not

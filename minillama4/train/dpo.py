@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
 import random
 import time
 from dataclasses import dataclass, field
@@ -45,9 +46,11 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from ..checks import check_finite_loss, check_int, check_real, check_type
 from ..tokenizer import ByteTokenizer
 from .loop import param_groups
-from .posttrain_task import Problem, complete, encode_chat, pad_batch, token_logprobs
+from .posttrain_task import (Problem, check_items, check_model, check_optimizer_fields, check_tokenizer, complete,
+                             encode_chat, pad_batch, token_logprobs)
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,11 @@ def build_pairs(model, problems, n_samples: int = 8, temperature: float = 1.0, s
     response is a correct concise sample; each problem gives up to one "wrong" pair (against its
     most frequent finished wrong sample) and one "verbose" pair (against a correct verbose
     sample). Problems without a correct concise sample give none."""
+    check_int("n_samples", n_samples, 1)
+    check_real("temperature", temperature, 0)
+    if n_samples < 2 or temperature == 0:  # a pair needs two different samples of one problem
+        raise ValueError(f"n_samples={n_samples}, temperature={temperature}: pairs need n_samples >= 2 and "
+                         "temperature > 0 (one sample, or identical greedy ones, never give a chosen and a rejected)")
     comps = complete(model, problems, n_samples, temperature, seed, tokenizer=tokenizer)
     pairs = []
     for p, row in zip(problems, comps):
@@ -96,6 +104,7 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
              ref_rejected: torch.Tensor, beta: float = 0.1):
     """DPO loss (mean over pairs) and the implicit rewards of the chosen and rejected responses,
     from sequence log-probabilities [b] under the policy and the reference."""
+    check_beta("beta", beta)
     chosen_rewards = beta * (policy_chosen - ref_chosen)  # r(x, y_w) = beta log(pi / pi_ref)
     rejected_rewards = beta * (policy_rejected - ref_rejected)  # r(x, y_l)
     # L = -log sigma(r(x, y_w) - r(x, y_l))   (Rafailov et al. 2023, eq. 7)
@@ -105,7 +114,19 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
 
 def reward_accuracy(margin: torch.Tensor) -> float:
     """Fraction of pairs whose implicit reward margin is positive, ties counting one half."""
+    if margin.numel() == 0:
+        raise ValueError("margin is empty: the reward accuracy of no pairs is undefined")
     return float(((margin > 0).float() + 0.5 * (margin == 0).float()).mean())
+
+
+def check_beta(name: str, beta) -> float:
+    """beta > 0: beta < 0 learns the opposite preference (while its reward accuracy reads high), and
+    beta = 0 gives a zero gradient."""
+    if isinstance(beta, numbers.Real) and not isinstance(beta, bool) and beta <= 0:
+        raise ValueError(f"{name}={beta!r}: must be a finite number > 0 (beta < 0 learns the opposite preference, "
+                         "and beta = 0 never changes the model)")
+    check_real(name, beta, 0, low_open=True)
+    return beta
 
 
 @dataclass
@@ -120,6 +141,29 @@ class DPOConfig:
     grad_clip: float = 1.0  # global gradient-norm clip
     seed: int = 0  # seeds the order of the pairs
     eval_every: int = 10  # steps between evaluations on eval_pairs (and at the end)
+
+    def __post_init__(self):
+        _check_config(self)
+
+
+def _check_config(cfg: DPOConfig) -> None:
+    check_beta("DPOConfig.beta", cfg.beta)
+    check_int("DPOConfig.steps", cfg.steps, 1)
+    check_int("DPOConfig.batch_size", cfg.batch_size, 1)
+    check_optimizer_fields(cfg)
+
+
+def _dpo_config(cfg) -> DPOConfig:
+    if cfg is None:
+        return DPOConfig()
+    check_type("cfg", cfg, DPOConfig, "DPO takes a DPOConfig (e.g. DPOConfig(beta=0.1, steps=40))")
+    _check_config(cfg)  # again: a field may have been set after the config was built
+    return cfg
+
+
+def check_pairs(name: str, pairs) -> list:
+    """A non-empty list of PreferencePairs (SFT examples have no rejected response)."""
+    return check_items(name, pairs, PreferencePair, "make them with build_pairs")
 
 
 @dataclass
@@ -157,6 +201,11 @@ def _logps(model, pairs, tok, batch_size: int = 128) -> tuple[torch.Tensor, torc
 @torch.no_grad()
 def preference_metrics(policy, reference, pairs, beta: float, tokenizer: ByteTokenizer | None = None) -> dict:
     """loss, margin, reward accuracy, policy preference accuracy, and the margin by pair kind."""
+    check_model("policy", policy)
+    check_model("reference", reference)
+    pairs = check_pairs("pairs", pairs)
+    check_beta("beta", beta)
+    check_tokenizer(tokenizer)
     tok = tokenizer or ByteTokenizer()
     was_training = policy.training
     policy.eval()
@@ -178,10 +227,22 @@ def train_dpo(policy, pairs, cfg: DPOConfig | None = None, reference=None, eval_
               tokenizer: ByteTokenizer | None = None) -> DPOHistory:
     """DPO of `policy` in place on `pairs`; `reference` (frozen) defaults to a copy of the policy
     as it starts. Reference log-probabilities are computed once, before training."""
-    cfg = cfg or DPOConfig()
-    tok = tokenizer or ByteTokenizer()
-    if not pairs:
-        raise ValueError("no preference pairs to train on")
+    check_model("policy", policy)
+    pairs = check_pairs("pairs", pairs)
+    cfg = _dpo_config(cfg)
+    if reference is not None:
+        check_model("reference", reference)
+    if eval_pairs is not None:  # None: no evaluation
+        eval_pairs = check_pairs("eval_pairs", eval_pairs)
+    check_tokenizer(tokenizer)
+    was_training = policy.training
+    try:
+        return _train_dpo(policy, pairs, cfg, reference, eval_pairs, tokenizer or ByteTokenizer())
+    finally:
+        policy.train(was_training)  # also when a non-finite loss stops it
+
+
+def _train_dpo(policy, pairs, cfg: DPOConfig, reference, eval_pairs, tok: ByteTokenizer) -> DPOHistory:
     reference = reference if reference is not None else copy.deepcopy(policy)  # used under no_grad only
     ref_chosen, ref_rejected = _logps(reference, pairs, tok)
     optimizer = torch.optim.AdamW(param_groups(policy, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
@@ -215,13 +276,15 @@ def train_dpo(policy, pairs, cfg: DPOConfig | None = None, reference=None, eval_
         logps = sequence_logps(policy, ids.to(policy.device), mask.to(policy.device)).float().cpu()
         b = len(index)
         loss, cw, cl = dpo_loss(logps[:b], logps[b:], ref_chosen[index], ref_rejected[index], cfg.beta)
+        loss_value = loss.item()  # read for the history anyway: checked before the update
+        check_finite_loss(loss_value, step)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
         optimizer.step()
         margin = cw - cl
         history.step.append(step)
-        history.loss.append(loss.item())
+        history.loss.append(loss_value)
         history.margin.append(float(margin.mean()))
         history.accuracy.append(reward_accuracy(margin))
         history.chosen_reward.append(float(cw.mean()))

@@ -57,6 +57,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import configs
+from ..checks import check_choice, check_int, check_real, check_type, is_int
 from ..config import Llama4Config
 from ..tokenizer import ByteTokenizer
 
@@ -113,6 +114,9 @@ def problem_at_level(rng: random.Random, level: int, max_digits: int = MAX_DIGIT
     """A random problem of exactly this level: the larger operand's digit count d is drawn
     uniformly from the counts that allow the level (level - d carries, 0 <= level - d <= d),
     the other operand has 1..d digits, and pairs are redrawn until the carries match."""
+    check_int("max_digits", max_digits, 1)
+    if not is_int(level):  # a float level matches no carry count: it would search forever
+        raise TypeError(f"level={level!r}: must be an integer in 1..{2 * max_digits}")
     choices = [d for d in range(1, max_digits + 1) if 0 <= level - d <= d]
     if not choices:
         raise ValueError(f"level {level} is impossible with up to {max_digits} digits (levels 1..{2 * max_digits})")
@@ -130,8 +134,10 @@ def problem_at_level(rng: random.Random, level: int, max_digits: int = MAX_DIGIT
 def make_problems(n: int, seed: int, levels=LEVELS, max_digits: int = MAX_DIGITS) -> list[Problem]:
     """n problems, levels cycling through `levels` in a seeded random order (as balanced as n
     allows). Problems may repeat at easy levels, where few distinct ones exist."""
+    check_int("n", n, 0)
+    check_int("seed", seed, 0)
+    levels = list(check_levels("levels", levels, max_digits))
     rng = random.Random(seed)
-    levels = list(levels)
     order = [levels[i % len(levels)] for i in range(n)]
     rng.shuffle(order)
     return [problem_at_level(rng, level, max_digits) for level in order]
@@ -143,6 +149,81 @@ def by_level(problems, values=None) -> dict[int, list]:
     for i, p in enumerate(problems):
         out[p.level].append(p if values is None else values[i])
     return dict(sorted(out.items()))
+
+
+# ------------------------------------------------------------------------------ argument checks
+# shared by sft, rl and dpo: each refuses bad input by name before any sampling or training step
+def check_levels(name: str, levels, max_digits: int = MAX_DIGITS, increasing: bool = False) -> tuple[int, ...]:
+    """A non-empty collection of levels in 1..2 * max_digits (strictly increasing if asked: the
+    curriculum walks them easiest first)."""
+    check_int("max_digits", max_digits, 1)
+    if isinstance(levels, (str, bytes)) or not hasattr(levels, "__iter__"):
+        raise TypeError(f"{name}={levels!r}: must be a tuple of difficulty levels, e.g. {LEVELS}")
+    levels = tuple(levels)
+    top = 2 * max_digits
+    if not levels:
+        raise ValueError(f"{name}=(): must name at least one difficulty level in 1..{top}")
+    for lv in levels:
+        if not is_int(lv) or not 1 <= lv <= top:
+            raise ValueError(f"{name}={levels!r}: {lv!r} is not a difficulty level; expected integers in 1..{top}")
+    if increasing and any(a >= b for a, b in zip(levels, levels[1:])):
+        raise ValueError(f"{name}={levels!r}: must be increasing, without repeats (easiest first)")
+    return levels
+
+
+def check_model(name: str, model) -> None:
+    """A model (an nn.Module such as Llama4Text), not its config or a path."""
+    check_type(name, model, torch.nn.Module, "pass a model: Llama4Text.random(model_config()) or load_stage(path)")
+
+
+def check_items(name: str, items, kind, hint: str = "", allow_empty: bool = False) -> list:
+    """items as a list, every one an instance of `kind` (a generator is read once, here)."""
+    if isinstance(items, (str, bytes)) or not hasattr(items, "__iter__"):
+        raise TypeError(f"{name} must be a list of {kind.__name__}, got {type(items).__name__}")
+    items = list(items)
+    if not items and not allow_empty:
+        raise ValueError(f"{name} is empty: expected at least one {kind.__name__}")
+    for i, item in enumerate(items):
+        if not isinstance(item, kind):
+            raise TypeError(f"{name}[{i}] is a {type(item).__name__}: expected {kind.__name__} items"
+                            f"{'; ' + hint if hint else ''}")
+    return items
+
+
+def check_eval_problems(name: str, problems):
+    """None (no evaluation) or a non-empty list of Problems: an empty set has no accuracy."""
+    if problems is None:
+        return None
+    return check_items(name, problems, Problem, "make them with make_problems or eval_problems (None: no evaluation)")
+
+
+def check_optimizer_fields(cfg) -> None:
+    """The AdamW and schedule fields shared by SFTConfig, RLConfig and DPOConfig."""
+    prefix = type(cfg).__name__
+    check_real(f"{prefix}.lr", cfg.lr, 0, low_open=True)
+    check_int(f"{prefix}.warmup", cfg.warmup, 0)
+    check_real(f"{prefix}.weight_decay", cfg.weight_decay, 0)
+    if not isinstance(cfg.betas, (tuple, list)) or len(cfg.betas) != 2:
+        raise ValueError(f"{prefix}.betas={cfg.betas!r}: must be two AdamW decay rates in [0, 1), e.g. (0.9, 0.99)")
+    for b in cfg.betas:
+        check_real(f"{prefix}.betas", b, 0, 1, high_open=True)
+    check_real(f"{prefix}.grad_clip", cfg.grad_clip, 0)
+    check_int(f"{prefix}.seed", cfg.seed, 0)
+    check_int(f"{prefix}.eval_every", cfg.eval_every, 0)
+
+
+def check_group_size(name: str, g) -> int:
+    """GRPO's G: one sample has no group to be compared with (its advantage is always 0)."""
+    check_int(name, g, 1)
+    if g < 2:
+        raise ValueError(f"{name}={g}: GRPO needs >= 2 samples per prompt to compare them (a group of 1 has zero "
+                         "advantage, so every group would be filtered and nothing learnt)")
+    return g
+
+
+def check_tokenizer(tokenizer) -> None:
+    if tokenizer is not None:
+        check_type("tokenizer", tokenizer, ByteTokenizer)
 
 
 # ------------------------------------------------------------------------------ chat format
@@ -257,6 +338,10 @@ def complete(model, problems, n_samples: int = 1, temperature: float = 0.0, seed
              max_new_tokens: int = MAX_NEW_TOKENS, tokenizer: ByteTokenizer | None = None) -> list[list[Completion]]:
     """n_samples chat completions of every problem: out[i][j] is sample j of problem i (greedy at
     temperature 0; see generate_bucketed for batching and seeds)."""
+    check_model("model", model)
+    problems = check_items("problems", problems, Problem, allow_empty=True)
+    check_int("n_samples", n_samples, 1)
+    check_tokenizer(tokenizer)
     tok = tokenizer or ByteTokenizer()
     prompts = [tok.encode(chat_prompt(p.question)) for p in problems]
     gen = generate_bucketed(model, prompts, n_samples, temperature, seed, max_new_tokens, tok.eot_id)
@@ -294,6 +379,7 @@ class Evaluation:
 
 def evaluate_chat(model, problems, tokenizer: ByteTokenizer | None = None) -> Evaluation:
     """Greedy chat answers to every problem: pass rate and verbose rate per level."""
+    problems = check_items("problems", problems, Problem)  # an empty set has no accuracy
     completions = [c[0] for c in complete(model, problems, tokenizer=tokenizer)]
     n = max(len(completions), 1)
     return Evaluation(pass_rates(problems, [c.correct for c in completions]),
@@ -374,6 +460,11 @@ def raw_prompt_ids(tok: ByteTokenizer, problem: Problem) -> list[int]:
 def pass_at_k(n: int, c: int, k: int) -> float:
     """Unbiased pass@k from n samples with c correct (Chen et al. 2021, eq. 1):
     1 - C(n - c, k) / C(n, k)."""
+    check_int("n", n, 1)
+    check_int("c", c, 0)
+    check_int("k", k, 1)
+    if c > n or k > n:  # k > n samples cannot estimate pass@k (it used to answer 1.0 for c = 0)
+        raise ValueError(f"pass_at_k(n={n}, c={c}, k={k}): needs c <= n (correct of n samples) and k <= n")
     if n - c < k:
         return 1.0
     return 1.0 - math.comb(n - c, k) / math.comb(n, k)
@@ -423,6 +514,52 @@ class PipelineConfig:
     dpo_steps: int = 40  # DPO optimizer steps (batch 32 pairs)
     dpo_lr: float = 2e-5  # DPO learning rate
 
+    def __post_init__(self):
+        _check_pipeline(self)
+
+
+def _check_pipeline(cfg: PipelineConfig) -> None:
+    """Every field, so a bad setting fails where it is built, not after minutes of pre-training."""
+    def name(field):
+        return f"PipelineConfig.{field}"
+
+    for field in ("pretrain_steps", "eval_per_level", "sft_examples", "rl_steps", "rl_samples_per_step",
+                  "dpo_problems", "dpo_eval_problems", "dpo_steps"):
+        check_int(name(field), getattr(cfg, field), 1)
+    check_int(name("seed"), cfg.seed, 0)
+    check_real(name("chat_share"), cfg.chat_share, 0, 1)
+    check_real(name("verbose_fraction"), cfg.verbose_fraction, 0, 1)
+    check_choice(name("judge_format"), cfg.judge_format, ("chat", "raw"))
+    check_real(name("drop_fraction"), cfg.drop_fraction, 0, 1, high_open=True)
+    for i, frac in enumerate(_nonempty(cfg, "drop_variants")):
+        check_real(name(f"drop_variants[{i}]"), frac, 0, 1, high_open=True)
+    for field in ("sft_epochs", "sft_lr", "rl_lr", "dpo_lr"):
+        check_real(name(field), getattr(cfg, field), 0, low_open=True)
+    check_real(name("rl_kl_coef"), cfg.rl_kl_coef, 0)
+    runs = [(name("rl_group_size"), cfg.rl_group_size)]
+    for i, variant in enumerate(_nonempty(cfg, "rl_variants")):
+        if not isinstance(variant, (tuple, list)) or len(variant) != 2:
+            raise ValueError(f"{name('rl_variants')}={cfg.rl_variants!r}: expected (group size, KL weight) pairs")
+        runs.append((name(f"rl_variants[{i}][0]"), variant[0]))
+        check_real(name(f"rl_variants[{i}][1]"), variant[1], 0)
+    for field, g in runs:
+        check_group_size(field, g)
+        if cfg.rl_samples_per_step < g:
+            raise ValueError(f"{name('rl_samples_per_step')}={cfg.rl_samples_per_step}: must be at least every "
+                             f"group size ({g}): prompts per step = rl_samples_per_step // group size")
+    # one sample can never be both the chosen and the rejected response of a pair
+    check_int(name("dpo_samples"), cfg.dpo_samples, 2)
+    check_real(name("dpo_beta"), cfg.dpo_beta, 0, low_open=True)
+    for i, beta in enumerate(_nonempty(cfg, "dpo_betas")):
+        check_real(name(f"dpo_betas[{i}]"), beta, 0, low_open=True)
+
+
+def _nonempty(cfg, field: str) -> tuple:
+    value = getattr(cfg, field)
+    if not isinstance(value, (tuple, list)) or not value:
+        raise ValueError(f"PipelineConfig.{field}={value!r}: must be a non-empty tuple")
+    return tuple(value)
+
 
 def eval_problems(cfg: PipelineConfig | None = None) -> list[Problem]:
     """The held-out problems of notebook 07 (seeded apart from every training set)."""
@@ -468,9 +605,13 @@ def build_course_cache(path, cfg: PipelineConfig | None = None, start_at: str = 
     from pathlib import Path
 
     cfg = cfg or PipelineConfig()
-    if start_at not in STAGES:
-        raise ValueError(f"start_at={start_at!r}: expected one of {STAGES}")
+    check_type("cfg", cfg, PipelineConfig)
+    _check_pipeline(cfg)  # again: a field may have been changed after the config was built
+    check_choice("start_at", start_at, STAGES)
+    if not callable(log):
+        raise TypeError(f"log={log!r}: must be callable, like print")
     path = Path(path)
+    _check_cache_to_reuse(path, STAGES.index(start_at))
     path.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     results: dict = {"config": dataclasses.asdict(cfg), "seconds": {}}
@@ -505,6 +646,14 @@ def build_course_cache(path, cfg: PipelineConfig | None = None, start_at: str = 
     results["seconds"]["total"] = round(time.perf_counter() - start, 1)
     (path / "results.json").write_text(json.dumps(_rounded(results)))
     return results
+
+
+def _check_cache_to_reuse(path, first: int) -> None:
+    """start_at after "base" reuses the stages before it: they must be in the cache already."""
+    missing = [str(path / name) for name in ("results.json", *STAGES[:first]) if first and not (path / name).exists()]
+    if missing:
+        raise ValueError(f"start_at={STAGES[first]!r} reuses the cached stages before it, but {missing} "
+                         f"{'is' if len(missing) == 1 else 'are'} missing; build from start_at='base'")
 
 
 def _finish_stage(model, path, stage: str, t0: float, results: dict, log) -> None:

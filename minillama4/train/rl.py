@@ -50,10 +50,12 @@ from dataclasses import dataclass, field
 import torch
 from einops import rearrange
 
+from ..checks import check_finite_loss, check_int, check_real, check_type
 from ..tokenizer import ByteTokenizer
 from .loop import param_groups
-from .posttrain_task import (LEVELS, MAX_DIGITS, complete, completion_batch, record_eval, problem_at_level,
-                             token_logprobs)
+from .posttrain_task import (LEVELS, MAX_DIGITS, Problem, check_eval_problems, check_group_size, check_items,
+                             check_levels, check_model, check_optimizer_fields, check_tokenizer, complete,
+                             completion_batch, record_eval, problem_at_level, token_logprobs)
 
 
 # ------------------------------------------------------------------------------ the pieces
@@ -125,6 +127,12 @@ class Curriculum:
     retired: set = field(default_factory=set)  # levels no longer sampled
     pass_rate: dict = field(default_factory=dict)  # level -> running pass rate
 
+    def __post_init__(self):
+        self.levels = check_levels("Curriculum.levels", self.levels, increasing=True)  # _advance walks them in order
+        check_real("Curriculum.easy_above", self.easy_above, 0, 1, low_open=True)
+        check_real("Curriculum.advance_at", self.advance_at, 0, 1)
+        check_real("Curriculum.ema", self.ema, 0, 1)
+
     def active(self) -> list[int]:
         """Unlocked, not retired levels (never empty: the hardest unlocked one at least)."""
         act = [lv for lv in self.levels if lv <= self.max_level and lv not in self.retired]
@@ -171,6 +179,9 @@ def probe_pass_rates(model, levels=LEVELS, problems_per_level: int = 16, samples
                      temperature: float = 1.0, seed: int = 0, tokenizer: ByteTokenizer | None = None) -> dict:
     """The policy's pass@1 per level, from `samples` samples of `problems_per_level` fresh
     problems each (the pass@k analysis of the blog, with k = 1)."""
+    levels = check_levels("levels", levels)
+    check_int("problems_per_level", problems_per_level, 1)
+    check_int("seed", seed, 0)
     rng = random.Random(seed)
     problems = [problem_at_level(rng, lv) for lv in levels for _ in range(problems_per_level)]
     comps = complete(model, problems, samples, temperature, seed, tokenizer=tokenizer)
@@ -206,6 +217,41 @@ class RLConfig:
     seed: int = 0  # seeds prompts and sampling
     eval_every: int = 0  # steps between greedy evaluations on eval_problems (0 = start and end only)
 
+    def __post_init__(self):
+        _check_config(self)
+
+
+def _check_config(cfg: RLConfig) -> None:
+    check_int("RLConfig.steps", cfg.steps, 1)
+    check_int("RLConfig.prompts_per_step", cfg.prompts_per_step, 1)
+    check_group_size("RLConfig.group_size", cfg.group_size)
+    if cfg.temperature == 0:
+        raise ValueError("RLConfig.temperature=0: greedy rollouts make every sample of a group the same, so every "
+                         "group has zero advantage and nothing is learnt; sample at a temperature > 0 (e.g. 1.0)")
+    check_real("RLConfig.temperature", cfg.temperature, 0, low_open=True)
+    check_real("RLConfig.clip_eps", cfg.clip_eps, 0, 1, low_open=True)
+    check_int("RLConfig.mu", cfg.mu, 0)
+    if cfg.mu == 0:
+        raise ValueError("RLConfig.mu=0: must be >= 1 gradient steps per sampled batch (0 samples and never learns)")
+    check_real("RLConfig.kl_coef", cfg.kl_coef, 0)  # 0 = no penalty (a cached run of notebook 07)
+    for name in ("scale_advantages", "filter_zero_advantage", "curriculum"):
+        if not isinstance(getattr(cfg, name), bool):
+            raise TypeError(f"RLConfig.{name}={getattr(cfg, name)!r}: must be True or False")
+    check_levels("RLConfig.levels", cfg.levels, increasing=True)
+    check_real("RLConfig.easy_above", cfg.easy_above, 0, 1, low_open=True)
+    check_real("RLConfig.advance_at", cfg.advance_at, 0, 1)
+    check_int("RLConfig.probe_problems", cfg.probe_problems, 1)
+    check_int("RLConfig.reprobe_every", cfg.reprobe_every, 0)
+    check_optimizer_fields(cfg)
+
+
+def _rl_config(cfg) -> RLConfig:
+    if cfg is None:
+        return RLConfig()
+    check_type("cfg", cfg, RLConfig, "GRPO takes an RLConfig (e.g. RLConfig(steps=40, group_size=8))")
+    _check_config(cfg)  # again: a field may have been set after the config was built
+    return cfg
+
 
 @dataclass
 class RLHistory:
@@ -236,8 +282,20 @@ def train_rl(policy, cfg: RLConfig | None = None, eval_problems=None, reference=
              tokenizer: ByteTokenizer | None = None) -> RLHistory:
     """GRPO on the addition task, in place. `reference` (frozen) defaults to a copy of the
     policy as it starts; the KL to it is always measured and penalised with cfg.kl_coef."""
-    cfg = cfg or RLConfig()
-    tok = tokenizer or ByteTokenizer()
+    check_model("policy", policy)
+    cfg = _rl_config(cfg)
+    eval_problems = check_eval_problems("eval_problems", eval_problems)
+    if reference is not None:
+        check_model("reference", reference)
+    check_tokenizer(tokenizer)
+    was_training = policy.training
+    try:
+        return _train_rl(policy, cfg, eval_problems, reference, tokenizer or ByteTokenizer())
+    finally:
+        policy.train(was_training)  # also when a non-finite loss stops it
+
+
+def _train_rl(policy, cfg: RLConfig, eval_problems, reference, tok: ByteTokenizer) -> RLHistory:
     rng = random.Random(cfg.seed)
     reference = reference if reference is not None else copy.deepcopy(policy)  # used under no_grad only
     optimizer = torch.optim.AdamW(param_groups(policy, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
@@ -288,11 +346,12 @@ def train_rl(policy, cfg: RLConfig | None = None, eval_problems=None, reference=
             for _ in range(cfg.mu):
                 logp = token_logprobs(policy, ids)
                 loss, stats = grpo_loss(logp, old_logp, adv, mask, ref_logp, cfg.clip_eps, cfg.kl_coef)
+                loss_value = loss.item()  # read for the history anyway: checked before the update
+                check_finite_loss(loss_value, step)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
                 optimizer.step()
-                loss_value = loss.item()
         cur.update(level_rewards)
         if cfg.curriculum and cfg.reprobe_every and (step + 1) % cfg.reprobe_every == 0 and step + 1 < cfg.steps:
             probe = probe_pass_rates(policy, cfg.levels, problems_per_level=cfg.probe_problems,
@@ -324,6 +383,7 @@ def train_rl(policy, cfg: RLConfig | None = None, eval_problems=None, reference=
 def mean_reward(model, problems, n_samples: int = 8, temperature: float = 1.0, seed: int = 0,
                 tokenizer: ByteTokenizer | None = None) -> float:
     """Mean verifiable reward of sampled responses to `problems` (the RL objective's estimate)."""
+    problems = check_items("problems", problems, Problem)  # no problems: no mean
     comps = complete(model, problems, n_samples, temperature, seed, tokenizer=tokenizer)
     flat = [c for row in comps for c in row]
     return sum(c.reward for c in flat) / max(len(flat), 1)

@@ -39,9 +39,11 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
+from ..checks import check_choice, check_finite_loss, check_int, check_real, check_type
 from ..tokenizer import ByteTokenizer
 from .loop import TrainConfig, lr_at, param_groups
-from .posttrain_task import (LEVELS, Problem, encode_chat, record_eval, format_response, make_problems, pad_batch,
+from .posttrain_task import (LEVELS, Problem, check_eval_problems, check_items, check_model, check_optimizer_fields,
+                             check_tokenizer, encode_chat, record_eval, format_response, make_problems, pad_batch,
                              raw_prompt_ids, token_logprobs)
 
 
@@ -55,9 +57,11 @@ class SFTExample:
 def make_sft_dataset(n: int, seed: int = 0, verbose_fraction: float = 0.6, levels=LEVELS) -> list[SFTExample]:
     """n examples with levels balanced over `levels`; each response is verbose with probability
     verbose_fraction (seeded), else the bare number."""
+    check_real("verbose_fraction", verbose_fraction, 0, 1)
+    problems = make_problems(n, seed, levels)  # checks n, seed and levels
     rng = random.Random(seed + 1)
     out = []
-    for p in make_problems(n, seed, levels):
+    for p in problems:
         style = "verbose" if rng.random() < verbose_fraction else "concise"
         out.append(SFTExample(p, format_response(p, style), style))
     return out
@@ -88,16 +92,19 @@ def judge_scores(judge, problems, fmt: str = "raw", batch_size: int = 256,
     fmt "raw": the prompt is <|end_of_text|> "a+b=" and the answer ends with a newline (a base
     model's native format); "chat": the chat prompt, and the answer is the concise response and
     <|eot|> (a chat model as judge)."""
+    check_model("judge", judge)
+    problems = check_items("problems", problems, Problem, allow_empty=True)
+    check_choice("fmt", fmt, ("raw", "chat"))
+    check_int("batch_size", batch_size, 1)
+    check_tokenizer(tokenizer)
     tok = tokenizer or ByteTokenizer()
     seqs, masks = [], []
     for p in problems:
         if fmt == "raw":
             prompt, answer = raw_prompt_ids(tok, p), tok.encode(p.answer + "\n")
-        elif fmt == "chat":
+        else:  # "chat"
             ids, mask = encode_chat(tok, p, p.answer)
             prompt, answer = ids[: mask.index(True)], ids[mask.index(True):]
-        else:
-            raise ValueError(f"fmt={fmt!r}: expected 'raw' or 'chat'")
         seqs.append(prompt + answer)
         masks.append([False] * len(prompt) + [True] * len(answer))
     was_training = judge.training
@@ -115,9 +122,15 @@ def judge_scores(judge, problems, fmt: str = "raw", batch_size: int = 256,
 def prune_easy(examples, scores, drop_fraction: float) -> list:
     """Keep the hardest examples: drop the round(drop_fraction * n) with the highest judge score
     (ties broken by position, so the result is deterministic). The kept ones stay in order."""
-    if not 0 <= drop_fraction < 1:
-        raise ValueError(f"drop_fraction={drop_fraction} must be in [0, 1)")
+    check_real("drop_fraction", drop_fraction, 0, 1, high_open=True)
+    examples = list(examples)
     scores = torch.as_tensor(scores, dtype=torch.float64)
+    if scores.shape != (len(examples),):
+        raise ValueError(f"scores of shape {tuple(scores.shape)}: expected one score per example, "
+                         f"shape ({len(examples)},)")
+    if not torch.isfinite(scores).all():
+        bad = int((~torch.isfinite(scores)).nonzero()[0])
+        raise ValueError(f"scores[{bad}]={float(scores[bad])}: judge scores must be finite")
     n_drop = round(drop_fraction * len(examples))
     order = sorted(range(len(examples)), key=lambda i: (-float(scores[i]), i))  # easiest first
     dropped = set(order[:n_drop])
@@ -138,6 +151,18 @@ class SFTConfig:
     grad_clip: float = 1.0  # global gradient-norm clip (0 = off)
     seed: int = 0  # seeds the shuffling
     eval_every: int = 0  # steps between evaluations on eval_problems (0 = only at the end)
+
+    def __post_init__(self):
+        _check_config(self)
+
+
+def _check_config(cfg: SFTConfig) -> None:
+    check_real("SFTConfig.epochs", cfg.epochs, 0, low_open=True)
+    if cfg.steps is not None:
+        check_int("SFTConfig.steps", cfg.steps, 1)
+    check_int("SFTConfig.batch_size", cfg.batch_size, 1)
+    check_real("SFTConfig.min_lr_ratio", cfg.min_lr_ratio, 0, 1)
+    check_optimizer_fields(cfg)
 
 
 @dataclass
@@ -171,12 +196,32 @@ def sft_steps(n_examples: int, cfg: SFTConfig) -> int:
     return cfg.steps if cfg.steps is not None else max(1, math.ceil(cfg.epochs * n_examples / cfg.batch_size))
 
 
+def _sft_config(cfg) -> SFTConfig:
+    if cfg is None:
+        return SFTConfig()
+    # pre-training's TrainConfig has other fields and a 6x higher lr: it must not pass for an SFTConfig
+    check_type("cfg", cfg, SFTConfig, "SFT takes an SFTConfig (e.g. SFTConfig(steps=100))")
+    _check_config(cfg)  # again: a field may have been set after the config was built
+    return cfg
+
+
 def train_sft(model, examples, cfg: SFTConfig | None = None, eval_problems=None,
               tokenizer: ByteTokenizer | None = None) -> SFTHistory:
     """Masked SFT of `model` in place on `examples`; greedy evaluation on eval_problems every
     cfg.eval_every steps and at the end."""
-    cfg = cfg or SFTConfig()
-    tok = tokenizer or ByteTokenizer()
+    check_model("model", model)
+    examples = check_items("examples", examples, SFTExample, "make them with make_sft_dataset")
+    cfg = _sft_config(cfg)
+    eval_problems = check_eval_problems("eval_problems", eval_problems)
+    check_tokenizer(tokenizer)
+    was_training = model.training
+    try:
+        return _train_sft(model, examples, cfg, eval_problems, tokenizer or ByteTokenizer())
+    finally:
+        model.train(was_training)  # also when a non-finite loss stops it
+
+
+def _train_sft(model, examples, cfg: SFTConfig, eval_problems, tok: ByteTokenizer) -> SFTHistory:
     steps = sft_steps(len(examples), cfg)
     lr_cfg = TrainConfig(steps=steps, lr=cfg.lr, warmup=cfg.warmup, min_lr_ratio=cfg.min_lr_ratio)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
@@ -194,12 +239,14 @@ def train_sft(model, examples, cfg: SFTConfig | None = None, eval_problems=None,
         ids, mask = sft_batch([examples[i] for i in index], tok)
         ids, mask = ids.to(model.device), mask.to(model.device)
         loss = masked_sft_loss(model(ids), ids, mask)
+        loss_value = loss.item()  # read for the history anyway: checked before the update
+        check_finite_loss(loss_value, step)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
         optimizer.step()
         history.step.append(step)
-        history.loss.append(loss.item())
+        history.loss.append(loss_value)
         history.lr.append(lr)
         if eval_problems is not None and cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < steps:
             evaluate(step)
