@@ -35,6 +35,7 @@ import torch
 from einops import rearrange
 
 from .attention import Attention
+from .checks import is_int
 
 
 @torch.no_grad()
@@ -60,6 +61,18 @@ class AttentionMaps:
     def layers(self) -> list[int]:
         return sorted(self.probs)
 
+    def _probs(self, layer: int) -> torch.Tensor:
+        if layer not in self.probs:
+            raise ValueError(f"layer {layer!r} was not recorded; recorded layers: {self.layers} "
+                             "(record_attention(..., layers=[...]) picks them)")
+        return self.probs[layer]
+
+    def _batch(self, batch: int) -> int:
+        b = self.input_ids.shape[0]
+        if not is_int(batch) or not -b <= batch < b:
+            raise IndexError(f"batch={batch!r}: the recorded batch has {b} sequences")
+        return batch
+
     def _query(self, query: int) -> int:
         t = self.input_ids.shape[1]
         if not -t <= query < t:
@@ -72,14 +85,26 @@ class AttentionMaps:
         tiles' token grids (row-major, like the pixel shuffle's output)."""
         if self.tokens_per_tile is None:
             raise ValueError("no image tokens: record_attention was given a text-only model")
-        w = self.probs[layer][batch, :, self._query(query)]  # [h, s]
+        w = self._probs(layer)[self._batch(batch), :, self._query(query)]  # [h, s]
         w = w[:, self.is_image[batch]]  # [h, n] image keys, in order
         side = math.isqrt(self.tokens_per_tile)
         return rearrange(w, "h (tiles y x) -> h tiles y x", y=side, x=side)
 
     def image_share(self, layer: int) -> torch.Tensor:
         """[b, h, t]: the total attention weight each query puts on image tokens."""
-        return (self.probs[layer] * self.is_image[:, None, None, :]).sum(-1)
+        return (self._probs(layer) * self.is_image[:, None, None, :]).sum(-1)
+
+
+def _layers(layers, n: int) -> list[int]:
+    """Layer indices checked against the model's n layers before any hook is attached (negative
+    ones count from the end and are stored under their positive index)."""
+    if isinstance(layers, (str, bytes)) or not hasattr(layers, "__iter__"):
+        raise TypeError(f"layers={layers!r}: expected a list of layer indices")
+    layers = list(layers)
+    bad = [i for i in layers if not is_int(i) or not -n <= i < n]
+    if bad:
+        raise ValueError(f"layers={layers!r}: {bad} not a layer of this {n}-layer model (0 to {n - 1})")
+    return [int(i) % n for i in layers]
 
 
 @torch.no_grad()
@@ -87,9 +112,13 @@ def record_attention(model, input_ids, pixel_values: torch.Tensor | None = None,
                      layers: list[int] | None = None) -> AttentionMaps:
     """Run `model` (Llama4 or Llama4Text) once on input_ids [b, t] and return the attention weights
     of `layers` (default: all). The forward itself is unchanged; hooks only read its inputs."""
+    from .model import Llama4Text
+
     lm = getattr(model, "language_model", model)
+    if not isinstance(lm, Llama4Text):
+        raise TypeError(f"record_attention takes a Llama4 or Llama4Text model, got {type(model).__name__}")
     blocks = lm.model.layers
-    layers = list(range(len(blocks))) if layers is None else list(layers)
+    layers = list(range(len(blocks))) if layers is None else _layers(layers, len(blocks))
     probs: dict[int, torch.Tensor] = {}
 
     def hook(index):

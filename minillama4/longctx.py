@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange, repeat
 
+from .checks import check_choice, check_finite_loss, check_int, check_real, check_type, is_int
 from .config import Llama4Config, TextConfig
 from .configs import tiny
 from .layers import rope_angles, rope_inv_freq
@@ -225,6 +226,43 @@ class ExperimentConfig:
     curve_every: int = 25  # the stored learning curves average this many steps per point
     threads: int = 1  # torch threads while training (1 is fastest on a busy 2-core machine)
 
+    def __post_init__(self):
+        # checked here, so a typo in the last variant or a zero count fails before any model trains
+        _each("variants", self.variants, lambda n, v: check_choice(n, v, VARIANTS))
+        _each("seeds", self.seeds, lambda n, v: check_int(n, v, 0))
+        _each("eval_lens", self.eval_lens, lambda n, v: check_int(n, v, 1))
+        _each("attn_scales", self.attn_scales, lambda n, v: check_real(n, v, low=0))
+        for name in ("train_len", "chunk", "floor_scale", "steps", "batch_size", "eval_examples", "curve_every",
+                     "threads"):
+            check_int(name, getattr(self, name), 1)
+        check_int("warmup", self.warmup, 0)
+        check_int("eval_seed", self.eval_seed, 0)
+        check_real("lr", self.lr, low=0, low_open=True)
+        check_real("weight_decay", self.weight_decay, low=0)
+
+
+def _each(name: str, values, check) -> None:
+    """A non-empty list or tuple whose items pass check(f"{name}[{i}]", item)."""
+    if not isinstance(values, (list, tuple)):
+        raise TypeError(f"{name}={values!r}: expected a tuple")
+    if not values:
+        raise ValueError(f"{name}=(): expected at least one value")
+    for i, v in enumerate(values):
+        check(f"{name}[{i}]", v)
+
+
+def _check_task(task, lengths: dict[str, object]) -> None:
+    """The task can make sequences of every length ({argument name: length or lengths}): one
+    one-example batch each, before anything trains (KeyValueTask accepts only some lengths)."""
+    check_type("task", task, (PasskeyTask, KeyValueTask))
+    for name, value in lengths.items():
+        for n in value if isinstance(value, (list, tuple)) else (value,):
+            try:
+                task.batch(n, 1, seed=0)
+            except ValueError as e:  # the task's message names seq_len; say which setting it came from
+                where = "" if name == "seq_len" else f"{name}: "
+                raise ValueError(f"{where}{e} ({type(task).__name__})") from e
+
 
 def answer_loss(model: Llama4Text, batch: RetrievalBatch) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean cross-entropy of the answers, and whether each greedy answer was right [b, q]."""
@@ -236,7 +274,9 @@ def answer_loss(model: Llama4Text, batch: RetrievalBatch) -> tuple[torch.Tensor,
 def train_retrieval(model: Llama4Text, cfg: ExperimentConfig, seed: int = 0, task: Task = PasskeyTask(),
                     progress: bool = False) -> dict[str, list[float]]:
     """Train in place on fresh batches at cfg.train_len (AdamW, warmup + cosine, clipping at 1);
-    returns the per-step loss and accuracy."""
+    returns the per-step loss and accuracy. Stops with FloatingPointError at a NaN/inf loss."""
+    check_type("cfg", cfg, ExperimentConfig)
+    _check_task(task, {"cfg.train_len": cfg.train_len})
     tc = TrainConfig(steps=cfg.steps, lr=cfg.lr, warmup=cfg.warmup, weight_decay=cfg.weight_decay)
     optimizer = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.lr, betas=tc.betas)
     g = torch.Generator().manual_seed(seed)
@@ -246,6 +286,7 @@ def train_retrieval(model: Llama4Text, cfg: ExperimentConfig, seed: int = 0, tas
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, tc)
         loss, right = answer_loss(model, task.batch(cfg.train_len, cfg.batch_size, g))
+        check_finite_loss(loss.item(), step)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
@@ -264,6 +305,10 @@ def train_retrieval(model: Llama4Text, cfg: ExperimentConfig, seed: int = 0, tas
 def retrieval_accuracy(model: Llama4Text, seq_len: int, n_examples: int = 1000, seed: int = 12345,
                        task: Task = PasskeyTask(), batch_size: int = 250) -> float:
     """Fraction of the answers of n seeded examples of `seq_len` input tokens that are right (greedy)."""
+    check_int("n_examples", n_examples, 1)  # 0 examples has no accuracy (it divided by zero)
+    check_int("batch_size", batch_size, 1)
+    check_int("seed", seed, 0)
+    _check_task(task, {"seq_len": seq_len})
     g = torch.Generator().manual_seed(seed)
     right, total = 0, 0
     was_training = model.training
@@ -310,6 +355,13 @@ def run_experiment(cfg: ExperimentConfig = ExperimentConfig(), task: Task = Pass
     JSON-able dict: the config, the task, and per variant and seed the accuracies, learning
     curves (means over cfg.curve_every steps) and seconds. checkpoint_dir: also save each
     variant's first-seed model there (save_pretrained into checkpoint_dir/<variant>)."""
+    # everything is checked before the first model trains (ExperimentConfig checks its own fields)
+    check_type("cfg", cfg, ExperimentConfig)
+    _check_task(task, {"train_len": cfg.train_len, "eval_lens": cfg.eval_lens})
+    for variant in cfg.variants:
+        variant_config(variant, chunk=cfg.chunk, floor_scale=cfg.floor_scale)
+    if checkpoint_dir is not None and Path(checkpoint_dir).exists() and not Path(checkpoint_dir).is_dir():
+        raise ValueError(f"checkpoint_dir={str(checkpoint_dir)!r} is a file, not a folder")
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
     results = {"config": dataclasses.asdict(cfg), "task": dataclasses.asdict(task),
@@ -364,6 +416,17 @@ def accuracy_table(results: dict) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------ attention read-outs
+def _layer(model: Llama4Text, layer) -> int:
+    """A layer index of the model (negative counts from the end), checked by name."""
+    check_type("model", model, Llama4Text, "the text model: Llama4Text (or a Llama4's .language_model)")
+    n = len(model.model.layers)
+    if not is_int(layer):
+        raise TypeError(f"layer={layer!r}: must be an integer")
+    if not -n <= layer < n:
+        raise ValueError(f"layer={layer}: the model has {n} layers, 0 to {n - 1}")
+    return layer % n
+
+
 class _Reached(Exception):
     """Stops a forward pass once the wanted layer input is seen (layer_input)."""
 
@@ -373,7 +436,7 @@ def layer_input(model: Llama4Text, ids: torch.Tensor, layer: int) -> torch.Tenso
     """The input [b, t, d] of layer `layer`'s attention (after its RMSNorm), from a forward pass
     that stops there. It depends only on the layers below, so attention settings of this layer
     (like the NoPE temperature) can be changed without recomputing it."""
-    seen = {}
+    layer, seen = _layer(model, layer), {}
 
     def grab(module, args):
         seen["x"] = args[0]
@@ -397,6 +460,7 @@ def attention_probs(model: Llama4Text, ids: torch.Tensor, layer: int, queries: t
     softmax(q k^T / sqrt(dh) + mask)      (Vaswani et al. 2017, eq. 1)
     queries: only these query positions (t = len(queries)), to keep long sequences small.
     x: the layer's input if already known (`layer_input`), which saves the forward pass."""
+    layer = _layer(model, layer)
     attn = model.model.layers[layer].self_attn
     x = layer_input(model, ids, layer) if x is None else x
     cfg = model.cfg
@@ -449,6 +513,8 @@ class KVMemory:
 def kv_bytes_per_token_per_layer(cfg: TextConfig | Llama4Config, bytes_per_value: float = 2) -> float:
     """One layer's cache for one token: keys and values, k kv heads of dh numbers each:
     2 * k * dh * bytes_per_value (Scout in bf16: 2 * 8 * 128 * 2 = 4,096 bytes)."""
+    check_type("cfg", cfg, (TextConfig, Llama4Config))
+    check_real("bytes_per_value", bytes_per_value, low=0, low_open=True)
     t = cfg.text if isinstance(cfg, Llama4Config) else cfg
     return 2 * t.num_key_value_heads * t.head_dim * bytes_per_value
 
@@ -461,6 +527,8 @@ def kv_cache_memory(cfg: TextConfig | Llama4Config, context: int, ring_buffer: b
     A chunked layer at position p reads only keys p - p % chunk .. p, at most `chunk` positions, so
     a ring buffer of one chunk per chunked layer loses nothing. The totals equal
     `plan.kv_cache_bytes` and, for a real cache, `model.new_cache(b, n, ring=...).nbytes()`."""
+    check_int("context", context, 1)  # 0 divided by zero in per_token, a negative gave negative bytes
+    check_int("batch", batch, 1)
     t = cfg.text if isinstance(cfg, Llama4Config) else cfg
     per = kv_bytes_per_token_per_layer(t, bytes_per_value) * batch
     chunked = sum(t.is_chunked(i) for i in range(t.num_hidden_layers))

@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from . import image as image_lib
+from .checks import check_choice, check_finite_loss, check_int, check_real, check_type
 from .config import VisionConfig
 from .tokenizer import ByteTokenizer
 
@@ -228,6 +229,7 @@ def image_text(vision: VisionConfig, image_size: int = 84) -> str:
 def prompt_ids(question: str, vision: VisionConfig, tokenizer: ByteTokenizer | None = None,
                image_size: int = 84) -> list[int]:
     """Token ids of <|begin_of_text|> + the expanded image + the question text."""
+    check_choice("question", question, QUESTIONS)
     tok = tokenizer or ByteTokenizer()
     return tok.encode("<|begin_of_text|>" + image_text(vision, image_size) + QUESTIONS[question])
 
@@ -340,6 +342,44 @@ class ShapesTrainConfig:
     seed: int = 0  # data and batch-order seed (the model's init has its own)
     log_every: int = 100  # print a line every this many steps (0 = silent)
 
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "n_train"):
+            check_int(name, getattr(self, name), 1)
+        for name in ("warmup", "seed", "log_every"):
+            check_int(name, getattr(self, name), 0)
+        check_real("lr", self.lr, low=0, low_open=True)
+        check_real("min_lr_ratio", self.min_lr_ratio, 0, 1)
+        # NaN coefficients used to pass `if cfg.switch_aux:` and train on NaN weights
+        for name in ("weight_decay", "grad_clip", "switch_aux"):
+            check_real(name, getattr(self, name), low=0)
+        if not isinstance(self.betas, (tuple, list)) or len(self.betas) != 2:
+            raise ValueError(f"betas={self.betas!r}: expected two numbers in [0, 1), e.g. (0.9, 0.95)")
+        for i, beta in enumerate(self.betas):
+            check_real(f"betas[{i}]", beta, 0, 1, high_open=True)
+        _check_questions(self.questions, QUESTIONS)
+
+
+def _check_questions(questions, valid) -> None:
+    """A non-empty list of question names, each one of `valid` (a KeyError used to name only the bad one)."""
+    if isinstance(questions, str) or not isinstance(questions, (tuple, list)):
+        raise TypeError(f"questions={questions!r}: expected a tuple of question names from {tuple(valid)}")
+    if not questions:
+        raise ValueError(f"questions=(): expected at least one of {tuple(valid)}")
+    for i, q in enumerate(questions):
+        check_choice(f"questions[{i}]", q, valid)
+
+
+def _check_model(model) -> None:
+    from .model import Llama4
+
+    check_type("model", model, Llama4, "a multimodal Llama4, e.g. Llama4.random(configs.tiny_multimodal())")
+
+
+def _check_data(data) -> None:
+    check_type("data", data, ShapesData, "make one with shapes.make_data(n, vision)")
+    if len(data) == 0:  # accuracies of 0 images read as 0.0, not as "nothing asked"
+        raise ValueError("data has 0 images: nothing to ask about (make_data(n, ...) with n >= 1)")
+
 
 @dataclass
 class ShapesHistory:
@@ -365,7 +405,14 @@ def train_shapes(model, cfg: ShapesTrainConfig | None = None, shapes_cfg: Shapes
     from .balance import balancing_losses
     from .train.loop import lr_at, param_groups
 
+    unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(ShapesTrainConfig)})
+    if unknown:
+        raise TypeError(f"train_shapes got unknown settings {unknown}: keyword overrides are ShapesTrainConfig fields")
+    if cfg is not None:
+        check_type("cfg", cfg, ShapesTrainConfig)
     cfg = dataclasses.replace(cfg or ShapesTrainConfig(), **overrides)
+    check_type("shapes_cfg", shapes_cfg, ShapesConfig)
+    _check_model(model)
     vision = model.config.vision
     tok = ByteTokenizer()
     data = make_data(cfg.n_train, vision, shapes_cfg, cfg.seed, "train")
@@ -386,6 +433,7 @@ def train_shapes(model, cfg: ShapesTrainConfig | None = None, shapes_cfg: Shapes
         total = loss
         if cfg.switch_aux:  # Switch Transformer auxiliary loss, mean over MoE layers (Fedus et al. 2021, eq. 4)
             total = loss + cfg.switch_aux * balancing_losses(router_outputs)["switch_aux"]
+        check_finite_loss(total.item(), step)
         optimizer.zero_grad(set_to_none=True)
         total.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
@@ -407,6 +455,9 @@ def ask(model, pixels: torch.Tensor, question: str, max_new_tokens: int = 32, ba
         tokenizer: ByteTokenizer | None = None) -> list[str]:
     """Greedy answers of the model to one question for each image (pixels [n, c, S, S], one tile
     each), decoded up to <|eot|>. Same-question prompts have the same length, so they batch."""
+    _check_model(model)
+    check_choice("question", question, QUESTIONS)
+    check_int("batch_size", batch_size, 1)
     tok = tokenizer or ByteTokenizer()
     prompt = prompt_ids(question, model.config.vision, tok, model.config.vision.image_size)
     was_training = model.training
@@ -438,6 +489,9 @@ def evaluate_attributes(model, data: ShapesData, questions=("colour", "shape", "
     "total": int, "accuracy": float, "chance": float}; for "caption" also the exact-match counts
     and per-attribute counts read from the caption (`parse_caption`); and "answers": {question:
     [model answer per image]} for inspection."""
+    _check_model(model)
+    _check_data(data)
+    _check_questions(questions, QUESTIONS)  # all of them, before the first (slow) round of questions
     result, answers = {}, {}
     for q in questions:
         said = ask(model, data.pixels, q)
@@ -474,6 +528,9 @@ def object_attention(model, data: ShapesData, question: str, layers: list[int] |
     cell holds the shape's centre. Spreading evenly over the 3 x 3 tokens gives 1/9."""
     from .attention_maps import record_attention
 
+    _check_model(model)
+    _check_data(data)
+    check_choice("question", question, QUESTIONS)
     ids = torch.tensor([prompt_ids(question, model.config.vision)] * len(data))
     maps = record_attention(model, ids, pixel_values=data.pixels, layers=layers)
     cell = torch.tensor([POSITIONS.index(sc.position(data.cfg)) for sc in data.scenes])  # [n]

@@ -124,6 +124,11 @@ def test_image_views():
     assert maps.is_image.sum() == 27 and maps.logits.shape == (1, ids.shape[1], model.cfg.vocab_size)
     with pytest.raises(IndexError):
         maps.to_image(0, query=ids.shape[1])
+    with pytest.raises(IndexError, match="batch=1: the recorded batch has 1 sequences"):
+        maps.to_image(3, batch=1)
+    some = record_attention(model, ids, pixel_values=pixels, layers=[0, 2])
+    with pytest.raises(ValueError, match=r"layer 3 was not recorded; recorded layers: \[0, 2\]"):
+        some.to_image(3)
 
 
 def test_text_model_and_errors():
@@ -136,5 +141,12 @@ def test_text_model_and_errors():
         maps.to_image(1)
     with pytest.raises(ValueError, match="pixel_values"):
         record_attention(model, ids, pixel_values=torch.zeros(1, 3, 84, 84))
+    with pytest.raises(ValueError, match=r"layer 0 was not recorded; recorded layers: \[1, 3\]"):
+        maps.image_share(0)
+    with pytest.raises(ValueError, match=r"layers=\[1, 99\]: \[99\] not a layer of this 4-layer model"):
+        record_attention(model, ids, layers=[1, 99])
+    with pytest.raises(TypeError, match="Llama4 or Llama4Text"):
+        record_attention(model.model, ids)
+    assert record_attention(model, ids, layers=[-1]).layers == [3]  # negative: counted from the end
     # hooks are removed afterwards, even after an error
     assert all(not layer.self_attn._forward_hooks for layer in model.model.layers)

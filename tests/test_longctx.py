@@ -64,6 +64,18 @@ def test_arithmetic_matches_the_real_cache(ring):
     assert cache.nbytes() == total(model.cfg, 64, ring, bytes_per_value=4, batch=2)  # fp32 model
 
 
+def test_kv_cache_refuses_empty_and_negative_contexts():
+    for bad in (0, -5):  # 0 divided by zero in per_token, -5 gave a negative byte count
+        with pytest.raises(ValueError, match=f"context={bad}: must be a positive integer"):
+            lc.kv_cache_memory(small_text(), bad)
+    with pytest.raises(TypeError, match="context=2.5"):
+        lc.kv_cache_memory(small_text(), 2.5)
+    with pytest.raises(ValueError, match="bytes_per_value=0"):
+        lc.kv_cache_memory(small_text(), 10, bytes_per_value=0)
+    with pytest.raises(ValueError, match="max_context=0"):
+        lviz.kv_cache_figure(small_text(), max_context=0)
+
+
 def test_format_bytes():
     assert lc.format_bytes(4096) == "4 KiB"
     assert lc.format_bytes(7.125 * lc.GIB) == "7.125 GiB"
@@ -198,6 +210,18 @@ def test_needle_attention_shape():
     assert not torch.allclose(reused, by_len[36])
 
 
+def test_readouts_refuse_layers_the_model_does_not_have():
+    model = ml4.Llama4Text.random(lc.variant_config("irope"), seed=0)
+    batch = lc.PasskeyTask().batch(32, 2, seed=0)
+    with pytest.raises(ValueError, match="layer=99: the model has 4 layers, 0 to 3"):
+        lc.needle_attention(model, batch, 99)
+    with pytest.raises(ValueError, match="layer=-5"):
+        lc.layer_input(model, batch.ids, -5)
+    with pytest.raises(TypeError, match="layer=1.0"):
+        lc.attention_probs(model, batch.ids, 1.0)
+    torch.testing.assert_close(lc.attention_probs(model, batch.ids, -1), lc.attention_probs(model, batch.ids, 3))
+
+
 def test_temperature_formula_in_the_readout():
     """The NoPE query scale used by attention_probs is the documented formula."""
     p = torch.arange(200)
@@ -244,6 +268,49 @@ def test_run_experiment_results_and_json(tmp_path):
     assert acc == res["runs"]["irope"]["0"]["accuracy"]["0"]["28"]
 
 
+def test_experiment_config_refuses_bad_fields():
+    for changes, error, match in [({"variants": ("irope", "allrope")}, ValueError, r"variants\[1\]='allrope'"),
+                                  ({"eval_examples": 0}, ValueError, "eval_examples=0"),
+                                  ({"curve_every": 0}, ValueError, "curve_every=0"),
+                                  ({"eval_lens": ()}, ValueError, r"eval_lens=\(\)"),
+                                  ({"attn_scales": (0.0, float("nan"))}, ValueError, r"attn_scales\[1\]=nan"),
+                                  ({"lr": 0}, ValueError, "lr=0"),
+                                  ({"steps": 2.5}, TypeError, "steps=2.5")]:
+        with pytest.raises(error, match=match):
+            dataclasses.replace(FAST, **changes)
+
+
+def test_run_experiment_checks_everything_before_training(tmp_path, monkeypatch):
+    def no_training(*args, **kwargs):
+        raise AssertionError("a model trained before every setting was checked")
+
+    monkeypatch.setattr(lc, "train_variant", no_training)
+    kv = dataclasses.replace(FAST, train_len=36, eval_lens=(36, 56))  # 56 tokens make no whole pairs
+    with pytest.raises(ValueError, match="eval_lens: seq_len=56: needs 12 [+] 3 n tokens"):
+        lc.run_experiment(kv, lc.KeyValueTask(), progress=False)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match="is a file"):
+        lc.run_experiment(FAST, SMALL_TASK, checkpoint_dir=tmp_path / "file", progress=False)
+    with pytest.raises(TypeError, match="task must be a PasskeyTask or KeyValueTask"):
+        lc.run_experiment(FAST, "passkey", progress=False)
+    model = ml4.Llama4Text.random(lc.variant_config("irope"), seed=0)
+    with pytest.raises(ValueError, match="n_examples=0"):
+        lc.retrieval_accuracy(model, 28, n_examples=0)
+    with pytest.raises(ValueError, match="^seq_len=3: too short"):
+        lc.retrieval_accuracy(model, 3, n_examples=4)
+
+
+def test_training_stops_at_a_nan_loss():
+    model = ml4.Llama4Text.random(lc.variant_config("irope"), seed=0)
+    with torch.no_grad():
+        model.lm_head.weight[0, 0] = float("nan")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(FloatingPointError, match="step 0"):
+        lc.train_retrieval(model, FAST, task=SMALL_TASK)
+    for n, p in model.named_parameters():  # no update was made
+        torch.testing.assert_close(p, before[n], rtol=0, atol=0, equal_nan=True)
+
+
 # ------------------------------------------------------------------------------ figures and widget
 def _fake_results():
     runs = {"all_rope": {"0": {"accuracy": {"0": {"32": 0.9, "64": 0.5}}, "train_accuracy": [0.2, 0.9]},
@@ -267,6 +334,13 @@ def test_extrapolation_and_training_figures():
     assert label.x == pytest.approx(np.log10(32))  # annotations on a log axis take log10
     curves = lviz.training_curves(_fake_results())
     assert len(curves.data) == 4 and list(curves.data[0].x) == [50, 100]
+
+
+def test_experiment_figures_refuse_empty_results():
+    with pytest.raises(ValueError, match=r"results lacks \['config', 'task', 'runs'\]"):
+        lviz.extrapolation_figure({})
+    with pytest.raises(ValueError, match="no runs to show"):
+        lviz.training_curves({**_fake_results(), "runs": {}})
 
 
 def test_kv_cache_figure_marks_scout_contexts():

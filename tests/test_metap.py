@@ -1,6 +1,7 @@
 """minillama4.train.metap (SP vs µP parameter groups, init, output multiplier, coordinate check,
 LR sweep) and its figures in minillama4.viz.metap. Small widths, few steps, fixed seeds."""
 
+import dataclasses
 import math
 
 import pytest
@@ -8,6 +9,7 @@ import torch
 
 from minillama4.data import load_corpus
 from minillama4.model import Llama4Text
+from minillama4.train import metap
 from minillama4.train.metap import (Parametrization, Readout, RunConfig, apply_parametrization, best_log2_lr,
                                     best_multiplier, build_model, coord_check, fold_output_multiplier, growth,
                                     loss_at_base_optimum, load_sweep, lr_sweep, mean_loss, merge_seeds,
@@ -259,6 +261,73 @@ def test_multiplier_search_on_the_proxy(corpus):
         multiplier_search("attention", train_data=train_data, val_data=val_data, cfg=cfg)
 
 
+# ------------------------------------------------------------------------------ refused settings
+def test_run_config_and_parametrization_refuse_bad_fields():
+    with pytest.raises(ValueError, match="eval_batches=0: must be a positive integer"):
+        RunConfig(eval_batches=0)  # scored every LR 0.0: the "best"
+    with pytest.raises(ValueError, match="min_lr_ratio=nan"):
+        RunConfig(min_lr_ratio=float("nan"))
+    with pytest.raises(ValueError, match=r"betas\[1\]=1.0"):
+        RunConfig(betas=(0.9, 1.0))
+    with pytest.raises(TypeError, match="steps=2.5"):
+        RunConfig(steps=2.5)
+    RunConfig(**{**dataclasses.asdict(RunConfig()), "betas": [0.9, 0.95]})  # as the cached JSON stores it
+    with pytest.raises(ValueError, match=r"lr_mult\['output'\]=nan"):
+        Parametrization(lr_mult={"output": float("nan")})
+    with pytest.raises(TypeError, match="base_width=32.0"):
+        Parametrization(base_width=32.0)
+
+
+def test_sweeps_check_every_setting_before_the_first_run(corpus, monkeypatch):
+    train_data, val_data = corpus
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a run started before every setting was checked")
+
+    monkeypatch.setattr(metap, "run", no_training)
+    good = dict(widths=(32, 64), train_data=train_data, val_data=val_data, progress=False)
+    for bad, error, match in [(dict(widths=(32, 40)), ValueError, "width 40 must be a multiple of head_dim"),
+                              (dict(widths=(32, 32)), ValueError, "repeated"),
+                              (dict(kinds=("sp", "MuP")), ValueError, r"kinds\[1\]='MuP': expected one of"),
+                              (dict(log2_lrs=(-6, float("nan"))), ValueError, r"log2_lrs\[1\]=nan"),
+                              (dict(seeds=(0, 1.5)), TypeError, r"seeds\[1\]=1.5"),
+                              (dict(multipliers={"init_mul": {"output": 2}}), ValueError, "unknown fields"),
+                              (dict(val_data=None), ValueError, "lr_sweep needs val_data"),
+                              (dict(val_data=val_data.ids[:10]), ValueError, "val_data has 10 tokens")]:
+        with pytest.raises(error, match=match):
+            lr_sweep(**{**good, **bad})
+    with pytest.raises(ValueError, match="multiplier_search needs val_data"):
+        multiplier_search(train_data=train_data, progress=False)
+    with pytest.raises(ValueError, match=r"mults\[1\]=-4"):
+        multiplier_search(mults=(1, -4), train_data=train_data, val_data=val_data, progress=False)
+    with pytest.raises(ValueError, match="width 40"):
+        coord_check(widths=(32, 40), train_data=train_data)
+    with pytest.raises(ValueError, match="coord_check needs train_data"):
+        coord_check(widths=(32,))
+    with pytest.raises(ValueError, match="lr=0"):
+        coord_check(widths=(32,), train_data=train_data, lr=0)
+
+
+def test_run_refuses_bad_arguments_before_training(corpus):
+    train_data, val_data = corpus
+    model = build_model(proxy_config(32), MUP)
+    with pytest.raises(ValueError, match="lr=nan"):
+        run(model, MUP, train_data, float("nan"))
+    with pytest.raises(TypeError, match="train_data must be a TokenCorpus or Tensor"):
+        run(model, MUP, None, 1e-3)
+    with pytest.raises(TypeError, match="spec must be a Parametrization"):
+        run(model, "mup", train_data, 1e-3)
+
+
+def test_no_best_without_a_finite_loss():
+    with pytest.raises(ValueError, match="no best multiplier"):
+        best_multiplier({"mults": [1, 4], "log2_lrs": [-8, -6], "val_loss": [[None, None], [None, None]]})
+    s = _fake_sweep()
+    s["val_loss"]["sp"]["64"] = [[None]] * 5  # every LR diverged at this width
+    with pytest.raises(ValueError, match="sp at width 64: no learning rate has a finite"):
+        best_log2_lr(s, "sp", 64)
+
+
 def _fake_sweep():
     lrs = [-10, -9, -8, -7, -6]
     def bowl(centre):
@@ -307,6 +376,29 @@ def test_figures():
     fig = multiplier_search_figure(search)
     assert list(fig.data[1].x) == [-7] and list(fig.data[1].y) == ["x4"]  # the star on the best cell
     assert math.isnan(fig.data[0].z[1][2])  # a diverged run is a gap
+
+
+def test_figures_refuse_empty_input_and_skip_widths_without_a_best():
+    pytest.importorskip("plotly")
+    from minillama4.viz.metap import coord_check_figure, lr_sweep_figure, multiplier_search_figure, optimum_figure
+
+    with pytest.raises(ValueError, match=r"coord lacks \['widths', 'kinds'.*metap.coord_check"):
+        coord_check_figure({})
+    with pytest.raises(ValueError, match="sweep lacks"):
+        lr_sweep_figure({})
+    with pytest.raises(TypeError, match="search must be a Mapping"):
+        multiplier_search_figure([])
+    search = {"role": "output", "what": "init_mult", "mults": [1], "log2_lrs": [-8], "width": 32, "val_loss": [[None]]}
+    with pytest.raises(ValueError, match="no run has a finite"):
+        multiplier_search_figure(search)
+    s = _fake_sweep()
+    s["val_loss"]["sp"]["64"] = [[None]] * 5  # every LR diverged: no best-LR dot, an x at each LR
+    fig = lr_sweep_figure(s)
+    assert len([t for t in fig.data if t.mode == "markers" and t.marker.size == 13]) == 5
+    assert list(optimum_figure(s).data[0].y) == [-7, None, -9]
+    from minillama4.viz.metap import sweep_explorer
+
+    assert "diverged" in sweep_explorer(s).table.value
 
 
 def test_sweep_explorer_widget():

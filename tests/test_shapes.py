@@ -1,6 +1,7 @@
 """minillama4.shapes: the synthetic image data set, its prompts, the answer-only loss, training
 and evaluation."""
 
+import dataclasses
 import math
 
 import pytest
@@ -164,6 +165,35 @@ def test_switch_aux_changes_the_update_not_the_recorded_loss():
     assert not torch.equal(runs[0][1], runs[1][1])
 
 
+def test_training_settings_are_checked_before_training():
+    with pytest.raises(ValueError, match=r"questions\[1\]='size': expected one of \('colour', 'shape'"):
+        shapes.ShapesTrainConfig(questions=("colour", "size"))
+    with pytest.raises(ValueError, match="switch_aux=nan"):
+        shapes.ShapesTrainConfig(switch_aux=float("nan"))  # NaN passed `if cfg.switch_aux:` and trained on
+    with pytest.raises(ValueError, match="lr=0"):
+        shapes.ShapesTrainConfig(lr=0)
+    with pytest.raises(TypeError, match="steps=2.5"):
+        shapes.ShapesTrainConfig(steps=2.5)
+    with pytest.raises(TypeError, match=r"unknown settings \['stpes'\]"):
+        shapes.train_shapes(None, stpes=3)
+    with pytest.raises(TypeError, match="model must be a Llama4"):
+        shapes.train_shapes(ml4.Llama4Text.random(ml4.configs.tiny(), seed=0), steps=1)
+    # the settings as history.json stores them (lists) are accepted
+    shapes.ShapesTrainConfig(**{**dataclasses.asdict(shapes.ShapesTrainConfig()), "betas": [0.9, 0.95],
+                                "questions": ["colour", "shape", "position"]})
+
+
+def test_training_stops_at_a_non_finite_loss():
+    model = Llama4.random(ml4.configs.tiny_multimodal(), seed=0)
+    with torch.no_grad():
+        model.language_model.lm_head.weight[0, 0] = float("nan")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(FloatingPointError, match="step 0"):
+        shapes.train_shapes(model, steps=3, batch_size=2, n_train=4, log_every=0)
+    for n, p in model.named_parameters():  # stopped before the update
+        torch.testing.assert_close(p, before[n], rtol=0, atol=0, equal_nan=True)
+
+
 def test_ask_and_evaluate_with_a_random_model():
     model = Llama4.random(ml4.configs.tiny_multimodal(), seed=0)
     data = shapes.make_data(5, VISION, CFG, seed=9)
@@ -195,6 +225,21 @@ def test_object_attention_measures_the_objects_token():
         row, col = divmod(shapes.POSITIONS.index(sc.position(CFG)), 3)
         expected.append(grid[:, row, col] / grid.sum((1, 2)))
     torch.testing.assert_close(share[2], torch.stack(expected).mean(0))
+
+
+def test_questions_layers_and_empty_data_are_refused_by_name():
+    model = Llama4.random(ml4.configs.tiny_multimodal(), seed=0)
+    data = shapes.make_data(2, VISION, CFG, seed=4)
+    with pytest.raises(ValueError, match=r"question='size': expected one of \('colour', 'shape', 'position'"):
+        shapes.prompt_ids("size", VISION)
+    with pytest.raises(ValueError, match="question='size'"):
+        shapes.object_attention(model, data, "size")
+    with pytest.raises(ValueError, match=r"layers=\[99\]: \[99\] not a layer"):
+        shapes.object_attention(model, data, "shape", layers=[99])
+    with pytest.raises(ValueError, match=r"questions\[1\]='size'"):
+        shapes.evaluate_attributes(model, data, ("colour", "size"))
+    with pytest.raises(ValueError, match="data has 0 images"):
+        shapes.evaluate_attributes(model, shapes.make_data(0, VISION, CFG))
 
 
 def test_routing_by_modality():

@@ -55,6 +55,8 @@ def test_load_heatmap_and_bar(traced):
     assert list(bar.data[0].marker.color) == viz.expert_colours(4)
     assert bar.layout.shapes[0].y0 == pytest.approx(trace.load(1).float().mean().item())
     assert "layer 1" in bar.layout.title.text and "max/mean" in bar.layout.title.text
+    with pytest.raises(ValueError, match=r"load must be one layer's tokens per expert \[experts\].*\(2, 4\)"):
+        viz.expert_load_bar(torch.ones(2, 4))  # drew 2 "experts"
 
 
 def test_token_colouring_figure(traced):
@@ -198,6 +200,14 @@ def test_load_over_training():
     assert [d.line.color for d in fig.data] == viz.expert_colours(4) and fig.layout.shapes[0].y0 == 0.25
     counts = viz.load_over_training([loads[i, 1] for i in range(3)][:1] * 2, normalise=False)
     assert list(counts.data[0].y) == [8, 8]  # a list of [e] tensors reads as [steps, e]
+    assert list(viz.load_over_training(loads, layer=1).data[0].y) == [1.0, 0.5, 0.25]  # a row index
+    with pytest.raises(ValueError, match=r"layer=5: not one of the recorded layers \[1, 3\]"):
+        viz.load_over_training(loads, layer=5, layers=[1, 3])
+    for bad in (5, -1):  # -1 used to pick the last row silently
+        with pytest.raises(ValueError, match=rf"layer={bad}: expected a row index in \[0, 2\)"):
+            viz.load_over_training(loads, layer=bad)
+    with pytest.raises(ValueError, match="3 layers given for 2 rows"):
+        viz.load_over_training(loads, layer=3, layers=[1, 3, 5])
 
 
 # ------------------------------------------------------------------------------ widgets
@@ -251,6 +261,8 @@ def test_routing_explorer_follows_layer(traced):
     assert f"layer {changed}" in shown(ex.output)["layout"]["title"]["text"]
     assert ex.html.value.count("<span ") == len(tokens) + trace.n_experts
     assert viz.routing_explorer(trace).tokens[1] == str(trace.token_ids()[1].item())  # no tokenizer: ids
+    with pytest.raises(TypeError, match="trace must be a RouterTrace, got Llama4Text; record one first"):
+        viz.routing_explorer(trace.model)
 
 
 def test_mask_explorer_follows_sliders():
@@ -278,3 +290,21 @@ def test_mask_explorer_follows_sliders():
 def test_mask_explorer_clamps_real_sizes():
     ex = viz.mask_explorer(ml4.configs.scout(), max_len=128)
     assert ex.chunk.value == 128 and ex.floor_scale.value == 128 and ex.seq_len.value == 128
+    with pytest.raises(ValueError, match="max_len=0: must be an integer >= 2"):
+        viz.mask_explorer(ml4.configs.scout(), max_len=0)
+
+
+# ------------------------------------------------------------------------------ post-training figures
+def test_posttrain_figures_refuse_empty_windows_and_fractions_outside_0_1():
+    from minillama4.viz import posttrain as pv
+
+    for bad in (0, -1):  # window 0 turned every point into NaN
+        with pytest.raises(ValueError, match=f"window={bad}: must be a positive integer"):
+            pv.smooth([1.0, 2.0], bad)
+        with pytest.raises(ValueError, match=f"window={bad}"):
+            pv.rl_curves({"step": [0], "reward": [1.0]}, window=bad)
+    with pytest.raises(ValueError, match=r"drop_fraction=1.5: must be a finite number in \[0, 1\]"):
+        pv.pruning_figure([0.9, 0.1], [1, 2], drop_fraction=1.5)
+    with pytest.raises(ValueError, match="same length"):
+        pv.pruning_figure([0.9, 0.1], [1], drop_fraction=0.5)
+    assert len(pv.pruning_figure([0.9, 0.1], [1, 2], drop_fraction=1.0).data) == 4  # 2 boxes, kept, dropped

@@ -75,6 +75,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checks import check_choice, check_int, check_real, check_type
 from ..config import Llama4Config, TextConfig
 from ..configs import tiny
 from ..data import TokenCorpus, random_batches
@@ -139,12 +140,16 @@ class Parametrization:
     init_mult: dict = field(default_factory=dict)  # role -> extra init-std factor (default 1; norms stay at 1)
 
     def __post_init__(self):
-        if self.kind not in PARAMETRIZATIONS:
-            raise ValueError(f"kind={self.kind!r}: expected one of {PARAMETRIZATIONS}")
+        check_choice("kind", self.kind, PARAMETRIZATIONS)
+        check_int("base_width", self.base_width, 1)
+        check_real("output_mult", self.output_mult)
         for name in ("lr_mult", "init_mult"):
+            check_type(name, getattr(self, name), dict, "e.g. {'output': 4.0}")
             unknown = set(getattr(self, name)) - set(ROLES)
             if unknown:
                 raise ValueError(f"{name} has unknown roles {sorted(unknown)}; roles are {ROLES}")
+            for role, value in getattr(self, name).items():
+                check_real(f"{name}[{role!r}]", value, low=0)  # 0 is allowed: a frozen or zero-init role
 
     @property
     def name(self) -> str:
@@ -314,6 +319,82 @@ class RunConfig:
     eval_batches: int = 8  # validation batches of b windows for the final loss
     diverged_loss: float = 100.0  # a training loss above this (or NaN / inf) stops the run: "diverged"
 
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "seq_len", "eval_batches"):  # eval_batches=0 gave val_loss 0.0
+            check_int(name, getattr(self, name), 1)
+        check_int("warmup", self.warmup, 0)
+        check_int("data_seed", self.data_seed, 0)
+        check_real("min_lr_ratio", self.min_lr_ratio, 0, 1)
+        check_real("weight_decay", self.weight_decay, low=0)
+        check_real("grad_clip", self.grad_clip, low=0)
+        check_real("diverged_loss", self.diverged_loss, low=0, low_open=True)
+        check_type("betas", self.betas, (tuple, list), "two numbers in [0, 1), e.g. (0.9, 0.95)")
+        if len(self.betas) != 2:
+            raise ValueError(f"betas={self.betas!r}: expected two numbers in [0, 1), e.g. (0.9, 0.95)")
+        for i, beta in enumerate(self.betas):
+            check_real(f"betas[{i}]", beta, 0, 1, high_open=True)
+
+
+def _token_ids(name: str, data, seq_len: int) -> torch.Tensor:
+    """The token ids [n] of a TokenCorpus or an integer tensor [n], with room for one window."""
+    check_type(name, data, (TokenCorpus, torch.Tensor), "e.g. data.load_corpus() gives (train, val) TokenCorpus")
+    ids = data.ids if isinstance(data, TokenCorpus) else data
+    if ids.dim() != 1 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
+        raise ValueError(f"{name}: expected token ids [n] (an integer tensor), got {ids.dtype} of shape "
+                         f"{tuple(ids.shape)}")
+    if len(ids) < seq_len + 1:
+        raise ValueError(f"{name} has {len(ids)} tokens: too few for one window of seq_len + 1 = {seq_len + 1}")
+    return ids
+
+
+def _items(name: str, values, check, unique: bool = False) -> list:
+    """A non-empty list, each item passed through check(f"{name}[{i}]", item). unique: refuse
+    repeats (widths and kinds are keys of the result: a repeat would overwrite a curve)."""
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+        raise TypeError(f"{name}={values!r}: expected a list or tuple")
+    values = list(values)
+    if not values:
+        raise ValueError(f"{name}=(): expected at least one value")
+    for i, v in enumerate(values):
+        check(f"{name}[{i}]", v)
+    if unique and len(set(values)) < len(values):
+        raise ValueError(f"{name}={tuple(values)!r}: has repeated values")
+    return values
+
+
+def _log2_lr(name: str, value) -> None:
+    check_real(name, value, -100, 100)  # 2 ** 1024 overflows a float
+
+
+def _specs(kinds, base_width: int, extra: dict) -> dict[str, "Parametrization"]:
+    """kind -> Parametrization, with the extra fields named as such when one is unknown."""
+    check_type("multipliers", extra, dict, "e.g. {'init_mult': {'output': 16}}")
+    fields = {f.name for f in dataclasses.fields(Parametrization)} - {"kind", "base_width"}
+    unknown = sorted(set(extra) - fields)
+    if unknown:
+        raise ValueError(f"multipliers has unknown fields {unknown}; fields are {sorted(fields)}")
+    return {kind: Parametrization(kind, base_width=base_width, **extra) for kind in kinds}
+
+
+def _check_widths(widths, spec: "Parametrization", layers: int) -> None:
+    """Every proxy width can be built and scaled to the base width (on the meta device: instant),
+    so a bad width stops the sweep before its first run, not after the others."""
+    check_int("layers", layers, 1)
+    for width in widths:
+        try:
+            rules_at_width(width, spec, layers)
+        except ValueError as e:
+            raise ValueError(f"widths={tuple(widths)}: {e}") from e
+
+
+def _need_data(train_data, val_data, cfg: RunConfig, what: str) -> None:
+    if train_data is None or val_data is None:
+        missing = " and ".join(n for n, d in (("train_data", train_data), ("val_data", val_data)) if d is None)
+        raise ValueError(f"{what} needs {missing}: without validation data every run would score None and "
+                         "no learning rate could be ranked (train_data, val_data = data.load_corpus())")
+    _token_ids("train_data", train_data, cfg.seq_len)
+    _token_ids("val_data", val_data, cfg.seq_len)
+
 
 def _schedule(step: int, cfg: RunConfig) -> float:
     """The course schedule (warmup + cosine) as a factor of the peak LR."""
@@ -327,9 +408,15 @@ def run(model: Llama4Text, spec: Parametrization, train_data, lr: float, cfg: Ru
     final validation loss (None without val_data, inf if diverged), "diverged": bool}.
     on_step(step, model) is called before each step's forward (the coordinate check uses it)."""
     cfg = cfg or RunConfig()
+    check_type("model", model, Llama4Text)
+    check_type("spec", spec, Parametrization)
+    check_type("cfg", cfg, RunConfig)
+    check_real("lr", lr, low=0, low_open=True)
+    ids = _token_ids("train_data", train_data, cfg.seq_len)
+    if val_data is not None:
+        _token_ids("val_data", val_data, cfg.seq_len)  # too short would fail only after the training
     groups = param_groups(model, spec, lr, cfg.weight_decay)
     opt = torch.optim.AdamW(groups, lr=lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-    ids = train_data.ids if isinstance(train_data, TokenCorpus) else train_data
     batches = random_batches(ids, cfg.batch_size, cfg.seq_len, generator=cfg.data_seed)
     losses, diverged = [], False
     model.train()
@@ -375,13 +462,24 @@ def coord_check(widths=(32, 64, 128, 256), kinds=PARAMETRIZATIONS, train_data=No
 
     Returns {"widths", "kinds", "steps", "lr", "seeds", "activations": [names],
              "l1": {kind: {name: [[mean over seeds, per width] per step]}}} (JSON-ready)."""
+    if cfg is not None:
+        check_type("cfg", cfg, RunConfig)
     cfg = dataclasses.replace(cfg or RunConfig(batch_size=8, seq_len=64), steps=steps, warmup=0,
                               min_lr_ratio=1.0)  # constant LR
-    widths, kinds, seeds = list(widths), list(kinds), list(seeds)
+    # everything is checked before the first model trains
+    widths = _items("widths", widths, lambda n, w: check_int(n, w, 1), unique=True)
+    kinds = _items("kinds", kinds, lambda n, k: check_choice(n, k, PARAMETRIZATIONS), unique=True)
+    seeds = _items("seeds", seeds, lambda n, s: check_int(n, s, 0))
+    check_real("lr", lr, low=0, low_open=True)
+    specs = _specs(kinds, base_width, {})
+    _check_widths(widths, specs[kinds[0]], layers)
+    if train_data is None:
+        raise ValueError("coord_check needs train_data (train_data, _ = data.load_corpus())")
+    _token_ids("train_data", train_data, cfg.seq_len)
     result = {"widths": widths, "kinds": kinds, "steps": steps, "lr": lr, "seeds": seeds, "base_width": base_width,
               "l1": {}}
     for kind in kinds:
-        spec = Parametrization(kind, base_width=base_width)
+        spec = specs[kind]
         table = defaultdict(lambda: [[0.0] * len(widths) for _ in range(steps)])
         for wi, width in enumerate(widths):
             for seed in seeds:
@@ -444,8 +542,9 @@ def lr_sweep(widths=(32, 64, 128, 256), log2_lrs=tuple(range(-13, -3)), kinds=PA
     """Train a proxy model for every (parametrization, width, LR = 2^log2_lr, seed) and record the
     final validation loss (inf = diverged) and a thinned training curve. `multipliers`: extra
     Parametrization fields shared by every run, e.g. {"init_mult": {"output": 16}} (the per-layer
-    knobs tuned at the base width). At the base width SP and µP are the same model, so those runs
-    are trained once and copied. Slow (tens of minutes on 2 CPU cores): the notebook loads the
+    knobs tuned at the base width). train_data and val_data are required (the ranking is by
+    validation loss); every setting is checked before the first run. At the base width SP and µP
+    are the same model, so those runs are trained once and copied. Slow (tens of minutes on 2 CPU cores): the notebook loads the
     cached result (save_sweep / load_sweep).
 
     Returns a JSON-ready dict: {"widths", "log2_lrs", "kinds", "seeds", "base_width", "layers",
@@ -453,14 +552,24 @@ def lr_sweep(widths=(32, 64, 128, 256), log2_lrs=tuple(range(-13, -3)), kinds=PA
     "curves": {kind: {str(width): [[training loss every 5 steps, first seed] per LR]}}, "seconds"}."""
     import time
 
-    cfg, multipliers = cfg or RunConfig(), dict(multipliers or {})
+    cfg, multipliers = cfg or RunConfig(), multipliers or {}
+    # every setting is checked before the first run: a bad last width or kind used to fail hours in
+    check_type("cfg", cfg, RunConfig)
+    widths = _items("widths", widths, lambda n, w: check_int(n, w, 1), unique=True)
+    log2_lrs = _items("log2_lrs", log2_lrs, _log2_lr)
+    kinds = _items("kinds", kinds, lambda n, k: check_choice(n, k, PARAMETRIZATIONS), unique=True)
+    seeds = _items("seeds", seeds, lambda n, s: check_int(n, s, 0))
+    specs = _specs(kinds, base_width, multipliers)
+    _check_widths(widths, specs[kinds[0]], layers)
+    _need_data(train_data, val_data, cfg, "lr_sweep")
+    multipliers = dict(multipliers)
     start = time.perf_counter()
     out = {"widths": list(widths), "log2_lrs": list(log2_lrs), "kinds": list(kinds), "seeds": list(seeds),
            "base_width": base_width, "layers": layers, "multipliers": multipliers,
            "config": dataclasses.asdict(cfg), "val_loss": {k: {} for k in kinds}, "curves": {k: {} for k in kinds}}
     total, done = len(kinds) * len(widths) * len(log2_lrs) * len(seeds), 0
     for kind in kinds:
-        spec = Parametrization(kind, base_width=base_width, **multipliers)
+        spec = specs[kind]
         for width in widths:
             if width == base_width and kind != kinds[0]:  # m = 1: identical model and optimizer
                 out["val_loss"][kind][str(width)] = out["val_loss"][kinds[0]][str(width)]
@@ -509,16 +618,24 @@ def multiplier_search(role: str = "output", mults=(1, 4, 16, 64), log2_lrs=tuple
                       cfg: RunConfig | None = None, layers: int = 2, progress: bool = True) -> dict:
     """The MetaP-style step on the small proxy: at the base width, sweep one per-role multiplier
     (`what` = "init_mult" or "lr_mult" of `role`) together with the LR. At the base width SP and
-    µP coincide, so the result serves both. Returns a JSON-ready dict {"role", "what", "mults",
+    µP coincide, so the result serves both. train_data and val_data are required. Returns a JSON-ready dict {"role", "what", "mults",
     "log2_lrs", "width", "val_loss": [[per LR] per multiplier], "seconds"}."""
     import time
 
     if what not in ("init_mult", "lr_mult") or role not in ROLES:
         raise ValueError(f"what={what!r} must be 'init_mult' or 'lr_mult' and role={role!r} one of {ROLES}")
-    cfg, start = cfg or RunConfig(), time.perf_counter()
-    table = []
-    for mult in mults:
-        spec = Parametrization("mup", base_width=width, **{what: {role: mult}})
+    cfg = cfg or RunConfig()
+    # every setting is checked before the first run
+    check_type("cfg", cfg, RunConfig)
+    mults = _items("mults", mults, lambda n, m: check_real(n, m, low=0))
+    log2_lrs = _items("log2_lrs", log2_lrs, _log2_lr)
+    check_int("width", width, 1)
+    check_int("seed", seed, 0)
+    specs = [Parametrization("mup", base_width=width, **{what: {role: mult}}) for mult in mults]
+    _check_widths([width], specs[0], layers)
+    _need_data(train_data, val_data, cfg, "multiplier_search")
+    start, table = time.perf_counter(), []
+    for mult, spec in zip(mults, specs):
         row = []
         for log2_lr in log2_lrs:
             r = run(build_model(proxy_config(width, layers=layers), spec, seed=seed), spec, train_data,
@@ -534,9 +651,13 @@ def multiplier_search(role: str = "output", mults=(1, 4, 16, 64), log2_lrs=tuple
 
 
 def best_multiplier(search: dict) -> tuple[float, int]:
-    """(multiplier, log2 LR) with the lowest validation loss in a multiplier_search result."""
+    """(multiplier, log2 LR) with the lowest validation loss in a multiplier_search result.
+    Raises ValueError if no run has a finite loss (all diverged, or no validation data)."""
     best = min(((v if v is not None else math.inf, i, j) for i, row in enumerate(search["val_loss"])
-                for j, v in enumerate(row)))
+                for j, v in enumerate(row)), default=(math.inf, 0, 0))
+    if not math.isfinite(best[0]):  # the first entry would be returned as "best"
+        raise ValueError("no run of the search has a finite validation loss (every run diverged or had no "
+                         "val_data): there is no best multiplier to pick")
     return search["mults"][best[1]], search["log2_lrs"][best[2]]
 
 
@@ -569,8 +690,12 @@ def mean_loss(sweep: dict, kind: str, width: int) -> list[float]:
 
 
 def best_log2_lr(sweep: dict, kind: str, width: int) -> int | float:
-    """The log2 LR with the lowest mean validation loss for this parametrization and width."""
+    """The log2 LR with the lowest mean validation loss for this parametrization and width.
+    Raises ValueError if every LR diverged (or has no loss): none of them is best."""
     losses = mean_loss(sweep, kind, width)
+    if not any(math.isfinite(v) for v in losses):
+        raise ValueError(f"{kind} at width {width}: no learning rate has a finite validation loss (all diverged "
+                         "or were run without val_data): there is no best one")
     return sweep["log2_lrs"][min(range(len(losses)), key=losses.__getitem__)]
 
 

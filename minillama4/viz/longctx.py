@@ -22,9 +22,10 @@ import ipywidgets as widgets
 import numpy as np
 import plotly.graph_objects as go
 
+from ..checks import check_int, check_real, check_type
 from ..config import Llama4Config, TextConfig
 from ..longctx import GIB, KVMemory, accuracy_table, format_bytes, kv_cache_memory
-from .plots import _array, _hline, _style
+from .plots import _array, _check_result, _hline, _style
 from .widgets import _Explorer, show_figure
 
 FULL_COLOUR, RING_COLOUR, ROPE_COLOUR = "#d9534f", "#3b6fb6", "#7f7f7f"
@@ -58,6 +59,10 @@ def kv_cache_figure(cfg: Llama4Config | TextConfig, *, max_context: int = 104857
     """KV-cache GiB of one sequence against context length (log-log): every layer keeping every
     position (full cache) vs chunked layers keeping one chunk (ring buffer), from
     `longctx.kv_cache_memory`. The marked contexts carry their sizes; a dashed line at one GPU."""
+    check_type("cfg", cfg, (Llama4Config, TextConfig))
+    check_int("max_context", max_context, 1)  # the axis is logarithmic: 0 tokens has no place on it
+    if gpu_gib is not None:
+        check_real("gpu_gib", gpu_gib, low=0)
     t = _text(cfg)
     xs = np.round(np.logspace(math.log10(1024), math.log10(max_context), 120)).astype(np.int64)
     extra = [m for m in marked if m <= max_context] + ([t.attention_chunk_size] if t.attention_chunk_size else [])
@@ -98,10 +103,17 @@ def _variant_name(variant: str, scale: float) -> str:
     return f"{variant}, attn_scale {scale:g}"
 
 
+def _check_runs(results) -> None:
+    _check_result("results", results, ("config", "task", "runs"), "longctx.run_experiment or load_results")
+    if not results["runs"] or not all(results["runs"].values()):
+        raise ValueError("results: no runs to show (results['runs'] is empty or has a variant without seeds)")
+
+
 def extrapolation_figure(results: Mapping, *, title: str | None = None) -> go.Figure:
     """Retrieval accuracy against evaluation length, one line per variant and evaluation
     temperature (mean over seeds; the bars span the seeds' min to max), with the training length
     and chance level (1 / number of values) marked. `results` is `longctx.run_experiment`'s dict."""
+    _check_runs(results)
     rows = accuracy_table(results)
     combos = list(dict.fromkeys((r["variant"], r["attn_scale"]) for r in rows))
     irope_scales = sorted({s for v, s in combos if v == "irope"})
@@ -140,6 +152,7 @@ def extrapolation_figure(results: Mapping, *, title: str | None = None) -> go.Fi
 
 def training_curves(results: Mapping, key: str = "train_accuracy", *, title: str | None = None) -> go.Figure:
     """The stored learning curves (means over `every`-step windows), one line per variant and seed."""
+    _check_runs(results)
     every = results.get("curve_every", 50)
     traces = []
     for variant, runs in results["runs"].items():

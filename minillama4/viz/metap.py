@@ -23,7 +23,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from ..train.metap import NAMES, ROLES, best_log2_lr, loss_at_base_optimum, mean_loss
-from .plots import _style
+from .plots import _check_result, _style
 from .widgets import _Explorer, show_figure
 
 ROLE_COLOURS = {"input": "#1f77b4", "hidden": "#d62728", "output": "#2ca02c", "vector": "#7f7f7f"}
@@ -34,6 +34,11 @@ def width_colours(widths) -> dict[int, str]:
     n = len(widths)
     scale = pcolors.sample_colorscale("Viridis", [0.85 - 0.85 * i / max(1, n - 1) for i in range(n)])
     return {int(w): c for w, c in zip(widths, scale)}
+
+
+def _best(sweep: dict, kind: str, width: int):
+    """best_log2_lr, or None where every LR of that width diverged (nothing to mark)."""
+    return best_log2_lr(sweep, kind, width) if any(map(math.isfinite, mean_loss(sweep, kind, width))) else None
 
 
 def _activation_colour(name: str, names: list[str]) -> str:
@@ -76,6 +81,7 @@ def coord_check_figure(coord: dict, steps=None, activations=None, *, title: str 
     at init), x = width (log), y = mean |x| (log), one line per activation. Flat lines: the
     activation's size does not depend on width. steps: which recorded steps (default first,
     second and last); activations: which names (default all)."""
+    _check_result("coord", coord, ("widths", "kinds", "lr", "activations", "l1"), "metap.coord_check")
     kinds, widths = coord["kinds"], coord["widths"]
     n_steps = len(next(iter(coord["l1"][kinds[0]].values())))
     steps = sorted({s % n_steps for s in (steps if steps is not None else (0, 1, n_steps - 1))})
@@ -108,6 +114,7 @@ def lr_sweep_figure(sweep: dict, kinds=None, widths=None, *, y_max: float | None
     """Validation loss against log2(learning rate), one column per parametrization, one line per
     width (light = narrow, dark = wide), each width's best LR marked with a large dot. Diverged
     runs (loss None / inf) are left out of the lines and marked with an x at the top."""
+    _check_result("sweep", sweep, ("widths", "log2_lrs", "kinds", "val_loss"), "metap.lr_sweep or load_sweep")
     kinds = list(kinds or sweep["kinds"])
     widths = [int(w) for w in (widths or sweep["widths"])]
     colours = width_colours(sweep["widths"])
@@ -126,10 +133,12 @@ def lr_sweep_figure(sweep: dict, kinds=None, widths=None, *, y_max: float | None
                                      showlegend=c == 1, line=dict(color=colour), marker=dict(size=5),
                                      hovertemplate=f"d = {w}<br>log2 LR %{{x}}<br>val loss %{{y:.3f}}<extra></extra>"),
                           row=1, col=c)
-            best = best_log2_lr(sweep, kind, w)
-            fig.add_trace(go.Scatter(x=[best], y=[y[x.index(best)]], mode="markers", legendgroup=str(w),
-                                     showlegend=False, marker=dict(size=13, color=colour, line=dict(color="black", width=1)),
-                                     hovertemplate=f"d = {w}: best log2 LR %{{x}}<extra></extra>"), row=1, col=c)
+            best = _best(sweep, kind, w)
+            if best is not None:
+                fig.add_trace(go.Scatter(x=[best], y=[y[x.index(best)]], mode="markers", legendgroup=str(w),
+                                         showlegend=False,
+                                         marker=dict(size=13, color=colour, line=dict(color="black", width=1)),
+                                         hovertemplate=f"d = {w}: best log2 LR %{{x}}<extra></extra>"), row=1, col=c)
             bad = [lr for lr, v in zip(x, y) if not math.isfinite(v)]
             if bad:
                 fig.add_trace(go.Scatter(x=bad, y=[top] * len(bad), mode="markers", legendgroup=str(w),
@@ -146,10 +155,11 @@ def lr_sweep_figure(sweep: dict, kinds=None, widths=None, *, y_max: float | None
 def optimum_figure(sweep: dict, kinds=None) -> go.Figure:
     """Best log2 LR against width, one line per parametrization: falling = the optimum drifts
     (it must be re-tuned at every width), flat = it transfers."""
+    _check_result("sweep", sweep, ("widths", "log2_lrs", "kinds", "val_loss"), "metap.lr_sweep or load_sweep")
     kinds = list(kinds or sweep["kinds"])
     fig = go.Figure()
     for kind, colour in zip(kinds, ("#d62728", "#1f77b4", "#2ca02c")):
-        fig.add_trace(go.Scatter(x=sweep["widths"], y=[best_log2_lr(sweep, kind, w) for w in sweep["widths"]],
+        fig.add_trace(go.Scatter(x=sweep["widths"], y=[_best(sweep, kind, w) for w in sweep["widths"]],
                                  mode="lines+markers", name=NAMES[kind], line=dict(color=colour), marker=dict(size=9)))
     fig.update_xaxes(type="log", tickvals=sweep["widths"])
     fig.update_yaxes(dtick=1)
@@ -159,9 +169,14 @@ def optimum_figure(sweep: dict, kinds=None) -> go.Figure:
 def multiplier_search_figure(search: dict) -> go.Figure:
     """Heatmap of the base-width validation loss over (per-role multiplier, log2 LR), the best cell
     marked with a star: the MetaP-style tuning step on the small proxy."""
+    _check_result("search", search, ("role", "what", "mults", "log2_lrs", "width", "val_loss"),
+                  "metap.multiplier_search")
     z = [[v if v is not None else float("nan") for v in row] for row in search["val_loss"]]
     rows = [f"x{m:g}" for m in search["mults"]]
     finite = [v for row in z for v in row if math.isfinite(v)]
+    if not finite:
+        raise ValueError("search: no run has a finite validation loss (all diverged or had no val_data): "
+                         "nothing to draw")
     fig = go.Figure(go.Heatmap(z=z, x=search["log2_lrs"], y=rows, colorscale="Viridis_r",
                                zmin=min(finite), zmax=min(max(finite), min(finite) + 1.0),
                                colorbar=dict(title="val loss"), texttemplate="%{z:.2f}",
@@ -192,13 +207,16 @@ def _sweep_table(sweep: dict, kinds: list[str], widths: list[int]) -> str:
     head = "".join(f"<th style='padding:2px 10px'>d = {w}</th>" for w in widths)
     rows = []
     for kind in kinds:
-        transfer = loss_at_base_optimum(sweep, kind)
+        # a width where every LR diverged has no best LR: its cells say so
+        transfer = loss_at_base_optimum(sweep, kind) if _best(sweep, kind, sweep["widths"][0]) is not None else {}
         best = {w: min(mean_loss(sweep, kind, w)) for w in widths}
-        cells = "".join(f"<td style='padding:2px 10px;text-align:right'>2^{best_log2_lr(sweep, kind, w)}</td>"
+        cells = "".join(f"<td style='padding:2px 10px;text-align:right'>"
+                        f"{'diverged' if _best(sweep, kind, w) is None else f'2^{_best(sweep, kind, w)}'}</td>"
                         for w in widths)
         rows.append(f"<tr><td style='padding:2px 10px'>{html.escape(NAMES[kind])}: best LR</td>{cells}</tr>")
-        cells = "".join(f"<td style='padding:2px 10px;text-align:right'>{transfer[w] - best[w]:+.3f}</td>"
-                        for w in widths)
+        lost = {w: transfer[w] - best[w] if w in transfer and math.isfinite(best[w]) else None for w in widths}
+        cells = "".join(f"<td style='padding:2px 10px;text-align:right'>"
+                        f"{'–' if lost[w] is None else f'{lost[w]:+.3f}'}</td>" for w in widths)
         rows.append(f"<tr><td style='padding:2px 10px'>loss lost by reusing d = {sweep['widths'][0]}'s best LR</td>"
                     f"{cells}</tr>")
     return f"<table><tr><th></th>{head}</tr>{''.join(rows)}</table>"
@@ -221,6 +239,7 @@ def sweep_explorer(sweep: dict) -> SweepExplorer:
     """A parametrization dropdown (SP, µP, both) and a checkbox per width: the loss-vs-LR curves
     of the chosen runs, and a table of each width's best LR and of how much loss reusing the
     narrowest width's best LR costs (0 = the tuned LR transferred perfectly)."""
+    _check_result("sweep", sweep, ("widths", "log2_lrs", "kinds", "val_loss"), "metap.lr_sweep or load_sweep")
     options = [(NAMES[k], k) for k in sweep["kinds"]] + [("both, side by side", "both")]
     kind = widgets.Dropdown(options=options, value="both", description="parametrization",
                             style={"description_width": "initial"})

@@ -27,6 +27,7 @@ import torch
 from plotly.subplots import make_subplots
 
 from ..attention import attention_mask, nope_temperature
+from ..checks import check_type, is_int
 from ..config import Llama4Config, TextConfig
 from ..layers import rope_inv_freq
 from ..params import ParamCount, count_params
@@ -60,6 +61,16 @@ def _array(x) -> np.ndarray:
     if isinstance(x, (list, tuple)) and x and isinstance(x[0], torch.Tensor):
         return np.stack([t.detach().cpu().numpy() for t in x])
     return np.asarray(x)
+
+
+def _check_result(name: str, value, keys, made_by: str) -> None:
+    """A figure's input dict holds `keys` (what `made_by` returns); an empty or foreign dict is
+    refused by name instead of failing as a KeyError deep in the figure."""
+    check_type(name, value, Mapping, f"pass what {made_by} returns")
+    missing = [k for k in keys if k not in value]
+    if missing:
+        raise ValueError(f"{name} lacks {missing}: expected what {made_by} returns "
+                         f"(got {'an empty dict' if not value else f'keys {list(value)[:8]}'})")
 
 
 def _text_cfg(cfg: Llama4Config | TextConfig) -> TextConfig:
@@ -143,6 +154,9 @@ def expert_load_bar(load, *, layer: int | None = None, title: str | None = None)
     """Tokens per expert for one layer (`trace.load(layer)`), one bar per expert in its colour,
     with a dashed line at the mean (perfect balance); the title gives max/mean and CV."""
     load_np = _array(load).astype(float)
+    if load_np.ndim != 1:  # a [layers, e] matrix would be drawn as `layers` experts
+        raise ValueError(f"load must be one layer's tokens per expert [experts] (trace.load(layer)), got shape "
+                         f"{load_np.shape}; for [layers, experts] use expert_load_heatmap")
     n_experts = len(load_np)
     stats = load_stats(torch.as_tensor(load_np))
     colours = expert_colours(n_experts)
@@ -482,6 +496,23 @@ def loss_curves(histories: Mapping, *, key: str = "loss", log_y: bool = False,
     return _style(fig, title or f"Training {key}", "step", key, height=360)
 
 
+def _load_row(layer, layers, n_rows: int) -> int:
+    """The row of axis 1 of loads [steps, layers, e] that `layer` names (see load_over_training)."""
+    if not is_int(layer):
+        raise TypeError(f"layer={layer!r}: must be an integer")
+    if layers is None:
+        if not 0 <= layer < n_rows:  # -1 used to pick the last row silently
+            raise ValueError(f"layer={layer}: expected a row index in [0, {n_rows}) of loads; pass layers= "
+                             "(e.g. trace.moe_layers) to name rows by model layer")
+        return layer
+    layers = [int(i) for i in layers]
+    if len(layers) != n_rows:
+        raise ValueError(f"{len(layers)} layers given for {n_rows} rows of loads")
+    if layer not in layers:
+        raise ValueError(f"layer={layer}: not one of the recorded layers {layers}")
+    return layers.index(layer)
+
+
 def load_over_training(loads, layer: int = 0, *, steps=None, layers=None, normalise: bool = True) -> go.Figure:
     """Each expert's share of the tokens (normalise=True) or token count, against training step,
     one line per expert in its colour, with a dashed line at perfect balance.
@@ -490,7 +521,7 @@ def load_over_training(loads, layer: int = 0, *, steps=None, layers=None, normal
     `layer` is a model layer index; otherwise it is a row index."""
     a = _array(loads).astype(float)
     if a.ndim == 3:
-        a = a[:, list(layers).index(layer) if layers is not None else layer]
+        a = a[:, _load_row(layer, layers, a.shape[1])]
     elif a.ndim != 2:
         raise ValueError(f"loads must be [steps, layers, experts] or [steps, experts], got shape {a.shape}")
     n_steps, n_experts = a.shape

@@ -23,6 +23,7 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from ..checks import check_int, check_real
 from .plots import _style
 from .widgets import _Explorer, show_figure
 
@@ -46,6 +47,7 @@ def _levels(rates: Mapping) -> dict[int, float]:
 
 def smooth(values: Sequence[float], window: int = 5) -> np.ndarray:
     """Trailing moving average (NaNs ignored), same length as values."""
+    check_int("window", window, 1)  # window 0 averaged empty slices: every point NaN
     x = np.asarray(values, dtype=float)
     out = np.empty_like(x)
     for i in range(len(x)):
@@ -80,7 +82,11 @@ def pass_rate_by_level(rates: Mapping[str, Mapping], *, title: str = "Pass rate 
 def pruning_figure(scores, levels, drop_fraction: float, *, title: str | None = None) -> go.Figure:
     """Left: the judge's p_solve per example by level (box plots) and the cut above which examples
     are dropped; right: kept vs dropped examples per level."""
+    check_real("drop_fraction", drop_fraction, 0, 1)
     scores, levels = np.asarray(scores, dtype=float), np.asarray(levels)
+    if scores.ndim != 1 or scores.shape != levels.shape:
+        raise ValueError(f"scores and levels must be two lists of the same length, one entry per example; got "
+                         f"shapes {scores.shape} and {levels.shape}")
     n_drop = round(drop_fraction * len(scores))
     order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
     dropped = np.zeros(len(scores), dtype=bool)
@@ -144,6 +150,7 @@ def sft_variants_figure(variants: Mapping, *, title: str = "SFT on judge-pruned 
 def rl_curves(history, *, window: int = 5, title: str = "Online RL (GRPO)") -> go.Figure:
     """Four panels against RL steps: mean sampled reward; reward per active level (smoothed);
     fraction of zero-advantage groups filtered out; k3 KL to the reference (per token)."""
+    check_int("window", window, 1)
     steps = np.asarray(_get(history, "step")) + 1
     fig = make_subplots(rows=2, cols=2, subplot_titles=(
         "mean reward of the samples", "reward per level (levels the curriculum draws)",
@@ -190,6 +197,7 @@ def curriculum_figure(history, *, title: str = "Curriculum: which levels RL draw
 def rl_variants_figure(variants: Mapping[str, object], *, window: int = 5,
                        title: str = "RL settings compared (held-out accuracy before -> after)") -> go.Figure:
     """Smoothed mean reward of several RL runs; the legend holds each run's held-out accuracy."""
+    check_int("window", window, 1)
     fig = go.Figure()
     for i, (name, h) in enumerate(variants.items()):
         acc = _get(h, "eval_accuracy")

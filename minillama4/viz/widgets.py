@@ -25,8 +25,10 @@ from dataclasses import dataclass, field
 import ipywidgets as widgets
 import plotly.graph_objects as go
 
+from ..checks import check_int, check_type
 from ..config import Llama4Config, TextConfig
 from ..params import ParamCount, count_params
+from ..trace import RouterTrace
 from .plots import (FORMATS, attention_mask_figure, expert_load_bar, human, param_breakdown,
                     memory_by_format, temperature_curve, token_expert_html)
 
@@ -170,6 +172,7 @@ def routing_explorer(trace, tokenizer=None) -> RoutingExplorer:
     """A dropdown over the trace's MoE layers: the traced text coloured by each token's top-1
     expert (hover for gates and router scores) and that layer's load per expert.
     tokenizer: anything with token_strings(ids) (ByteTokenizer, HFTokenizer); None shows ids."""
+    check_type("trace", trace, RouterTrace, "record one first: `with RouterTrace(model) as trace: model(ids)`")
     if not trace.moe_layers:
         raise ValueError("the trace has no MoE layers to show")
     ids = trace.token_ids().tolist()
@@ -213,6 +216,8 @@ def mask_explorer(cfg: Llama4Config | TextConfig, max_len: int = 256) -> MaskExp
     """Sliders for the chunk size (0 = none), sequence length, floor_scale and attn_scale: the
     RoPE (chunked) and NoPE (full causal) masks and the NoPE query temperature over the sequence
     redraw. Sliders stop at `max_len` tokens, so Scout's 8,192 shows as `max_len`."""
+    check_type("cfg", cfg, (Llama4Config, TextConfig))
+    check_int("max_len", max_len, 2)  # the sequence-length slider starts at 2 tokens
     t = cfg.text if isinstance(cfg, Llama4Config) else cfg
     chunk0 = t.attention_chunk_size or 0
     chunk = _slider("chunk size (0 = none)", chunk0, 0, max_len)
