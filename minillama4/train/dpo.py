@@ -50,7 +50,7 @@ from ..checks import check_finite_loss, check_int, check_real, check_type
 from ..tokenizer import ByteTokenizer
 from .loop import param_groups
 from .posttrain_task import (Problem, check_items, check_model, check_optimizer_fields, check_tokenizer, complete,
-                             encode_chat, pad_batch, token_logprobs)
+                             encode_chat, pad_batch, stage_config, token_logprobs)
 
 
 @dataclass(frozen=True)
@@ -153,14 +153,6 @@ def _check_config(cfg: DPOConfig) -> None:
     check_optimizer_fields(cfg)
 
 
-def _dpo_config(cfg) -> DPOConfig:
-    if cfg is None:
-        return DPOConfig()
-    check_type("cfg", cfg, DPOConfig, "DPO takes a DPOConfig (e.g. DPOConfig(beta=0.1, steps=40))")
-    _check_config(cfg)  # again: a field may have been set after the config was built
-    return cfg
-
-
 def check_pairs(name: str, pairs) -> list:
     """A non-empty list of PreferencePairs (SFT examples have no rejected response)."""
     return check_items(name, pairs, PreferencePair, "make them with build_pairs")
@@ -229,7 +221,7 @@ def train_dpo(policy, pairs, cfg: DPOConfig | None = None, reference=None, eval_
     as it starts. Reference log-probabilities are computed once, before training."""
     check_model("policy", policy)
     pairs = check_pairs("pairs", pairs)
-    cfg = _dpo_config(cfg)
+    cfg = stage_config(cfg, DPOConfig, "DPO", "DPOConfig(beta=0.1, steps=40)")
     if reference is not None:
         check_model("reference", reference)
     if eval_pairs is not None:  # None: no evaluation

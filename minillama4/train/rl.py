@@ -55,7 +55,7 @@ from ..tokenizer import ByteTokenizer
 from .loop import param_groups
 from .posttrain_task import (LEVELS, MAX_DIGITS, Problem, check_eval_problems, check_group_size, check_items,
                              check_levels, check_model, check_optimizer_fields, check_tokenizer, complete,
-                             completion_batch, record_eval, problem_at_level, token_logprobs)
+                             completion_batch, problem_at_level, record_eval, stage_config, token_logprobs)
 
 
 # ------------------------------------------------------------------------------ the pieces
@@ -245,14 +245,6 @@ def _check_config(cfg: RLConfig) -> None:
     check_optimizer_fields(cfg)
 
 
-def _rl_config(cfg) -> RLConfig:
-    if cfg is None:
-        return RLConfig()
-    check_type("cfg", cfg, RLConfig, "GRPO takes an RLConfig (e.g. RLConfig(steps=40, group_size=8))")
-    _check_config(cfg)  # again: a field may have been set after the config was built
-    return cfg
-
-
 @dataclass
 class RLHistory:
     step: list[int] = field(default_factory=list)
@@ -283,7 +275,7 @@ def train_rl(policy, cfg: RLConfig | None = None, eval_problems=None, reference=
     """GRPO on the addition task, in place. `reference` (frozen) defaults to a copy of the
     policy as it starts; the KL to it is always measured and penalised with cfg.kl_coef."""
     check_model("policy", policy)
-    cfg = _rl_config(cfg)
+    cfg = stage_config(cfg, RLConfig, "GRPO", "RLConfig(steps=40, group_size=8)")
     eval_problems = check_eval_problems("eval_problems", eval_problems)
     if reference is not None:
         check_model("reference", reference)

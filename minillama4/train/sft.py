@@ -43,8 +43,8 @@ from ..checks import check_choice, check_finite_loss, check_int, check_real, che
 from ..tokenizer import ByteTokenizer
 from .loop import TrainConfig, lr_at, param_groups
 from .posttrain_task import (LEVELS, Problem, check_eval_problems, check_items, check_model, check_optimizer_fields,
-                             check_tokenizer, encode_chat, record_eval, format_response, make_problems, pad_batch,
-                             raw_prompt_ids, token_logprobs)
+                             check_tokenizer, encode_chat, format_response, make_problems, pad_batch, raw_prompt_ids,
+                             record_eval, stage_config, token_logprobs)
 
 
 @dataclass(frozen=True)
@@ -196,22 +196,13 @@ def sft_steps(n_examples: int, cfg: SFTConfig) -> int:
     return cfg.steps if cfg.steps is not None else max(1, math.ceil(cfg.epochs * n_examples / cfg.batch_size))
 
 
-def _sft_config(cfg) -> SFTConfig:
-    if cfg is None:
-        return SFTConfig()
-    # pre-training's TrainConfig has other fields and a 6x higher lr: it must not pass for an SFTConfig
-    check_type("cfg", cfg, SFTConfig, "SFT takes an SFTConfig (e.g. SFTConfig(steps=100))")
-    _check_config(cfg)  # again: a field may have been set after the config was built
-    return cfg
-
-
 def train_sft(model, examples, cfg: SFTConfig | None = None, eval_problems=None,
               tokenizer: ByteTokenizer | None = None) -> SFTHistory:
     """Masked SFT of `model` in place on `examples`; greedy evaluation on eval_problems every
     cfg.eval_every steps and at the end."""
     check_model("model", model)
     examples = check_items("examples", examples, SFTExample, "make them with make_sft_dataset")
-    cfg = _sft_config(cfg)
+    cfg = stage_config(cfg, SFTConfig, "SFT", "SFTConfig(steps=100)")
     eval_problems = check_eval_problems("eval_problems", eval_problems)
     check_tokenizer(tokenizer)
     was_training = model.training
