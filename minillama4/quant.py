@@ -421,7 +421,8 @@ def _check_quantizable(module: nn.Module, path: str, group: int) -> None:
         weights = {"gate_up_proj": module.gate_up_proj, "down_proj": module.down_proj}
         ins = [w.shape[1] for w in weights.values()]
     if any(k % group or k % 2 for k in ins):
-        raise ValueError(f"{path}: int4 needs input dims {ins} to be multiples of group={group}")
+        raise ValueError(f"{path}: int4 needs input dims {ins} to be multiples of group={group} (configs.tiny() is "
+                         "too narrow for int4; configs.small() and the published shapes fit)")
     for name, w in weights.items():
         if not w.is_meta and not _is_finite(w.detach()):
             raise ValueError(f"{path}.{name} has NaN or inf values: int4 would turn each of their groups of "
