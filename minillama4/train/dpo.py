@@ -46,11 +46,11 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ..checks import check_finite_loss, check_int, check_real, check_type
+from ..checks import check_finite_loss, check_int, check_real
 from ..tokenizer import ByteTokenizer
 from .loop import param_groups
 from .posttrain_task import (Problem, check_items, check_model, check_optimizer_fields, check_tokenizer, complete,
-                             encode_chat, pad_batch, stage_config, token_logprobs)
+                             encode_chat, keeping_mode, pad_batch, stage_config, token_logprobs)
 
 
 @dataclass(frozen=True)
@@ -227,11 +227,8 @@ def train_dpo(policy, pairs, cfg: DPOConfig | None = None, reference=None, eval_
     if eval_pairs is not None:  # None: no evaluation
         eval_pairs = check_pairs("eval_pairs", eval_pairs)
     check_tokenizer(tokenizer)
-    was_training = policy.training
-    try:
+    with keeping_mode(policy):
         return _train_dpo(policy, pairs, cfg, reference, eval_pairs, tokenizer or ByteTokenizer())
-    finally:
-        policy.train(was_training)  # also when a non-finite loss stops it
 
 
 def _train_dpo(policy, pairs, cfg: DPOConfig, reference, eval_pairs, tok: ByteTokenizer) -> DPOHistory:
@@ -239,7 +236,7 @@ def _train_dpo(policy, pairs, cfg: DPOConfig, reference, eval_pairs, tok: ByteTo
     ref_chosen, ref_rejected = _logps(reference, pairs, tok)
     optimizer = torch.optim.AdamW(param_groups(policy, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
     history = DPOHistory()
-    start, was_training = time.perf_counter(), policy.training
+    start = time.perf_counter()
     rng = random.Random(cfg.seed)
 
     def evaluate(step):
@@ -283,6 +280,5 @@ def _train_dpo(policy, pairs, cfg: DPOConfig, reference, eval_pairs, tok: ByteTo
         history.rejected_reward.append(float(cl.mean()))
         if eval_pairs and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step + 1 == cfg.steps):
             evaluate(step)
-    policy.train(was_training)
     history.seconds = time.perf_counter() - start
     return history

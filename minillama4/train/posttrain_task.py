@@ -47,6 +47,7 @@ Axes: b batch (sequences), t tokens.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import random
@@ -195,6 +196,16 @@ def check_eval_problems(name: str, problems):
     if problems is None:
         return None
     return check_items(name, problems, Problem, "make them with make_problems or eval_problems (None: no evaluation)")
+
+
+@contextlib.contextmanager
+def keeping_mode(model):
+    """Restore the model's train/eval mode on the way out, also when a non-finite loss stops a loop."""
+    was_training = model.training
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 def stage_config(cfg, cls, stage: str, example: str):

@@ -50,12 +50,13 @@ from dataclasses import dataclass, field
 import torch
 from einops import rearrange
 
-from ..checks import check_finite_loss, check_int, check_real, check_type
+from ..checks import check_finite_loss, check_int, check_real
 from ..tokenizer import ByteTokenizer
 from .loop import param_groups
 from .posttrain_task import (LEVELS, MAX_DIGITS, Problem, check_eval_problems, check_group_size, check_items,
                              check_levels, check_model, check_optimizer_fields, check_tokenizer, complete,
-                             completion_batch, problem_at_level, record_eval, stage_config, token_logprobs)
+                             completion_batch, keeping_mode, problem_at_level, record_eval, stage_config,
+                             token_logprobs)
 
 
 # ------------------------------------------------------------------------------ the pieces
@@ -280,11 +281,8 @@ def train_rl(policy, cfg: RLConfig | None = None, eval_problems=None, reference=
     if reference is not None:
         check_model("reference", reference)
     check_tokenizer(tokenizer)
-    was_training = policy.training
-    try:
+    with keeping_mode(policy):
         return _train_rl(policy, cfg, eval_problems, reference, tokenizer or ByteTokenizer())
-    finally:
-        policy.train(was_training)  # also when a non-finite loss stops it
 
 
 def _train_rl(policy, cfg: RLConfig, eval_problems, reference, tok: ByteTokenizer) -> RLHistory:
@@ -292,7 +290,7 @@ def _train_rl(policy, cfg: RLConfig, eval_problems, reference, tok: ByteTokenize
     reference = reference if reference is not None else copy.deepcopy(policy)  # used under no_grad only
     optimizer = torch.optim.AdamW(param_groups(policy, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
     history = RLHistory()
-    start, was_training = time.perf_counter(), policy.training
+    start = time.perf_counter()
 
     def evaluate(step):
         record_eval(history, policy, eval_problems, step, tok)
@@ -366,7 +364,6 @@ def _train_rl(policy, cfg: RLConfig, eval_problems, reference, tok: ByteTokenize
             evaluate(step)
     if eval_problems is not None:
         evaluate(cfg.steps - 1)
-    policy.train(was_training)
     history.seconds = time.perf_counter() - start
     return history
 

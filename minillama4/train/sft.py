@@ -39,12 +39,12 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from ..checks import check_choice, check_finite_loss, check_int, check_real, check_type
+from ..checks import check_choice, check_finite_loss, check_int, check_real
 from ..tokenizer import ByteTokenizer
 from .loop import TrainConfig, lr_at, param_groups
 from .posttrain_task import (LEVELS, Problem, check_eval_problems, check_items, check_model, check_optimizer_fields,
-                             check_tokenizer, encode_chat, format_response, make_problems, pad_batch, raw_prompt_ids,
-                             record_eval, stage_config, token_logprobs)
+                             check_tokenizer, encode_chat, format_response, keeping_mode, make_problems, pad_batch,
+                             raw_prompt_ids, record_eval, stage_config, token_logprobs)
 
 
 @dataclass(frozen=True)
@@ -205,11 +205,8 @@ def train_sft(model, examples, cfg: SFTConfig | None = None, eval_problems=None,
     cfg = stage_config(cfg, SFTConfig, "SFT", "SFTConfig(steps=100)")
     eval_problems = check_eval_problems("eval_problems", eval_problems)
     check_tokenizer(tokenizer)
-    was_training = model.training
-    try:
+    with keeping_mode(model):
         return _train_sft(model, examples, cfg, eval_problems, tokenizer or ByteTokenizer())
-    finally:
-        model.train(was_training)  # also when a non-finite loss stops it
 
 
 def _train_sft(model, examples, cfg: SFTConfig, eval_problems, tok: ByteTokenizer) -> SFTHistory:
@@ -217,7 +214,7 @@ def _train_sft(model, examples, cfg: SFTConfig, eval_problems, tok: ByteTokenize
     lr_cfg = TrainConfig(steps=steps, lr=cfg.lr, warmup=cfg.warmup, min_lr_ratio=cfg.min_lr_ratio)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
     history = SFTHistory(n_examples=len(examples))
-    start, was_training = time.perf_counter(), model.training
+    start = time.perf_counter()
 
     def evaluate(step):
         record_eval(history, model, eval_problems, step, tok)
@@ -243,6 +240,5 @@ def _train_sft(model, examples, cfg: SFTConfig, eval_problems, tok: ByteTokenize
             evaluate(step)
     if eval_problems is not None:
         evaluate(steps - 1)
-    model.train(was_training)
     history.seconds = time.perf_counter() - start
     return history
