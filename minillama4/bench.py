@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import importlib.util
 import json
 import os
 import platform
@@ -499,9 +500,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.warmup < 0:
         raise SystemExit(f"--warmup {args.warmup}: must be >= 0")
     check_args(args.device, args.json)
-    try:
-        import transformers  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("transformers") is None:
         raise SystemExit("minillama4 bench compares against Hugging Face transformers: pip install 'minillama4[dev]'")
     from .plan import MemoryPlanError, check_weights_fit
 

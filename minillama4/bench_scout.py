@@ -284,7 +284,7 @@ def run(preset="scout", device="cuda", int4=True, which="all", contexts=(128, 40
         emit("\n".join(_profile_lines(r["profile"])))
     if cuda:
         _section(r, "profile", profile_part, emit)
-    del model
+    model = None  # frees the full model (the closures above hold it through this name) before the slice
     if cuda:
         torch.cuda.empty_cache()
         r["peak_allocated_GiB"] = torch.cuda.max_memory_allocated(device) / 2**30

@@ -27,7 +27,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .config import from_hf_dict, to_hf_dict
+from .config import Llama4Config, from_hf_dict, to_hf_dict
 from .devices import as_device, as_dtype
 from .model import Llama4, Llama4Text
 
@@ -157,7 +157,7 @@ def _param_name(key: str, multimodal: bool) -> str | None:
     return key.removeprefix("language_model.")
 
 
-def read_config(path) -> "Llama4Config":  # noqa: F821
+def read_config(path) -> Llama4Config:
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: not a directory (expected a Hugging Face checkpoint folder)")
@@ -257,7 +257,6 @@ def random_model(config, quantize: str | None = None, which: str = "ffn", dtype=
     int4: no full-precision detour), for benchmarks without a checkpoint. Text-only for a
     TextConfig or a config without vision, else the multimodal Llama4. The memory plan is checked
     first, like from_pretrained."""
-    from .config import Llama4Config
     from .quant import randomize_int4
 
     cfg = config if isinstance(config, Llama4Config) else Llama4Config(text=config, vision=None)

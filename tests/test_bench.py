@@ -66,6 +66,13 @@ def test_main_writes_json_and_table(tmp_path, capsys):
     assert r["decode"]["results"]["transformers"]["end_to_end_tokens_per_s"] > 0
 
 
+def test_main_without_transformers_says_how_to_install_it(monkeypatch):
+    real = bench.importlib.util.find_spec
+    monkeypatch.setattr(bench.importlib.util, "find_spec", lambda name, *a: None if name == "transformers" else real(name, *a))
+    with pytest.raises(SystemExit, match=r"compares against Hugging Face transformers: pip install 'minillama4\[dev\]'"):
+        bench.main(["--preset", "tiny"])
+
+
 def test_ratio_phrase():
     assert bench.ratio_phrase(32.0, 10.0) == "ours is 3.2x faster than transformers"
     assert bench.ratio_phrase(10.0, 20.0) == "ours is 2.0x slower than transformers"

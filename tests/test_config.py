@@ -9,7 +9,7 @@ import torch
 from helpers import small_text
 
 from minillama4 import configs
-from minillama4.config import TextConfig, VisionConfig, from_hf_dict, to_hf_dict
+from minillama4.config import VisionConfig, from_hf_dict, to_hf_dict
 from minillama4.layers import rope_inv_freq
 
 

@@ -25,7 +25,7 @@ import ipywidgets as widgets
 import numpy as np
 import plotly.graph_objects as go
 
-from ..train.sweeps import (CAPACITY_FACTORS, METHOD_KEYS, dropped_fractions, record_loads, run_method,
+from ..train.sweeps import (CAPACITY_FACTORS, METHOD_KEYS, dropped_fractions, record_loads,
                             sweep_index)
 from .plots import _array, _hline, _style, load_over_training, loss_curves
 from .widgets import _Explorer, show_figure
