@@ -252,6 +252,11 @@ class Llama4(nn.Module):
         _check_config(type(self), config, multimodal=True)
         if config.vision is None:
             raise ValueError("Llama4 needs config.vision; use Llama4Text for a text-only model")
+        for name in ("boi_token_index", "eoi_token_index", "image_token_index"):  # (config.py checks >= 0)
+            if getattr(config, name) >= config.text.vocab_size:  # no prompt could ever carry an image
+                raise ValueError(f"Llama4Config.{name}={getattr(config, name)} is not a row of the "
+                                 f"{config.text.vocab_size}-token embedding table (text.vocab_size); a text-only "
+                                 "model (Llama4Text, or from_pretrained(..., text_only=True)) does not read it")
         self.config, self.cfg = config, config.text
         self.vision_model = VisionModel(config.vision)
         self.multi_modal_projector = Projector(config)

@@ -6,6 +6,7 @@ transformers 5.24's top-level Llama4ForConditionalGeneration.forward raises Attr
 uses: get_image_features -> multi_modal_projector -> masked_scatter at <|patch|> -> language_model.
 """
 
+import dataclasses
 import warnings
 
 import pytest
@@ -124,6 +125,15 @@ def test_trace_marks_image_tokens(tmp_path):
     assert torch.equal(trace.is_image(), (ids == tok.patch_id).flatten())
     assert int(trace.is_image().sum()) == 3 * 9  # 1x2 tiles + thumbnail, 9 tokens each
     assert trace.load(0, mask=trace.is_image()).sum() == 27
+
+
+def test_image_token_ids_outside_the_vocabulary_are_refused_by_the_multimodal_model():
+    cfg = dataclasses.replace(ml4.configs.tiny_multimodal(), boi_token_index=ml4.configs.tiny_multimodal().text.vocab_size)
+    for build in (lambda: Llama4(cfg), lambda: Llama4.random(cfg)):
+        with pytest.raises(ValueError, match=r"Llama4Config\.boi_token_index=\d+ is not a row of the \d+-token embedding"):
+            build()
+    # a text-only model does not read the image ids (test_parity loads such a checkpoint text_only=True)
+    assert ml4.Llama4Text.random(cfg)(torch.tensor([[1, 2, 3]])).shape == (1, 3, cfg.text.vocab_size)
 
 
 def test_count_params_includes_vision():
