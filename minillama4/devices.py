@@ -45,3 +45,16 @@ def as_device(device) -> torch.device:
     elif d.type != "cpu" and not (d.type == "mps" and torch.backends.mps.is_available()):
         raise ValueError(f"device={device!r}: not available here; use 'cpu' or 'cuda'")
     return d
+
+
+_MULTIPROCESSORS: dict = {}
+
+
+def multiprocessors(device: torch.device) -> int | None:
+    """Streaming multiprocessors of a CUDA device (asked once per device), None elsewhere: the
+    Triton launchers size their grids by it and pick their own stand-in under the interpreter."""
+    if device.type != "cuda":
+        return None
+    if device not in _MULTIPROCESSORS:
+        _MULTIPROCESSORS[device] = torch.cuda.get_device_properties(device).multi_processor_count
+    return _MULTIPROCESSORS[device]

@@ -43,6 +43,8 @@ try:
 except ImportError:  # optional: without Triton layers.py runs the readable version
     triton = None
 
+from .devices import multiprocessors
+
 MAX_DIM = 16384
 # the kernels below, by the name layers.fused_ok asks for ("linears_together": w4a16.linears_matmul)
 NAMES = ("rms_norm", "add_rms_norm", "rope", "qk_prepare", "attention_mask", "decode_attention", "silu_mul",
@@ -408,11 +410,6 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     return out
 
 
-_SMS: dict = {}
-
-
 def _sms(device) -> int:
     """Multiprocessors of a CUDA device (4 under the interpreter: a few splits, quick to run)."""
-    if device not in _SMS:
-        _SMS[device] = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-    return _SMS[device]
+    return multiprocessors(device) or 4

@@ -65,6 +65,8 @@ try:
 except ImportError:  # optional: without Triton the gather dispatch dequantizes instead
     triton = None
 
+from .devices import multiprocessors
+
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # int4 tiles (BLOCK_N outputs, GROUPS groups of k per trip, warps: a [BLOCK_N, 64]-byte tile per
 # group gives 16-byte loads per thread when BLOCK_N = 8 * warps) and dense tiles (BLOCK_N, BLOCK_K),
@@ -277,9 +279,6 @@ if triton is not None:
         tl.store(out + (g * GROUP + 2 * j + 1)[None, :] * stride_ok, lo.to(out_ptr.dtype.element_ty), mask=n_ok[:, None])
 
 
-_SMS: dict = {}
-
-
 def dequantize(packed: torch.Tensor, scales: torch.Tensor, dtype, out: torch.Tensor | None = None,
                transpose: bool = False) -> torch.Tensor:
     """quant.dequantize_int4 in one kernel: packed [e, n, k/2], scales [e, k/group, n] ->
@@ -320,9 +319,8 @@ def _even(n: int, block_n: int, groups: int, per_split: int, groups_per_iter: in
 
 def _splits(programs: int, steps: int, device, per_sm: int = 2) -> int:
     """Splits of k that give about `per_sm` programs per multiprocessor (at most one per step of k)."""
-    if device not in _SMS:
-        _SMS[device] = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
-    return max(1, min(steps, triton.cdiv(per_sm * _SMS[device], programs)))
+    sms = multiprocessors(device) or 132  # under the interpreter: as many as an H100, so tests split as there
+    return max(1, min(steps, triton.cdiv(per_sm * sms, programs)))
 
 
 def _finish(y: torch.Tensor, dtype) -> torch.Tensor:
