@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
+from einops import einsum, rearrange
 from torch import nn
 
 from .checks import check_int
@@ -193,9 +193,9 @@ class Attention(nn.Module):
         """The attention weights themselves, for inspection (forward never forms them: SDPA fuses
         them): q [b, t, h, dh], k [b, s, k, dh] -> [b, h, t, s], fp32, this layer's mask."""
         q = rearrange(q.float(), "b t (k g) dh -> b k g t dh", k=self.n_kv)  # query heads i*g.. share kv head i
-        scores = torch.einsum("bkgtd,bskd->bkgts", q, k.float()) * self.dh**-0.5
-        scores = scores.masked_fill(~attention_mask(q_pos, k_pos, self.chunk), float("-inf"))
         # softmax(q k^T / sqrt(dh) + mask)      (Vaswani et al. 2017, eq. 1)
+        scores = einsum(q, k.float(), "b k g t dh, b s k dh -> b k g t s") * self.dh**-0.5
+        scores = scores.masked_fill(~attention_mask(q_pos, k_pos, self.chunk), float("-inf"))
         return rearrange(scores.softmax(-1), "b k g t s -> b (k g) t s")
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, freqs_cis: torch.Tensor,

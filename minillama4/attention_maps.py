@@ -23,7 +23,8 @@ Simplifications: a single forward without a KV cache (prefill only); q and k com
 model's dtype, the scores and softmax are computed in fp32.
 
 Axes: b batch, t query tokens, s key tokens, h query heads, k kv heads, g query heads per kv
-head (h = k * g), dh head dim, n image tokens, side = tokens along one side of a tile.
+head (h = k * g), dh head dim, n image tokens, side = tokens along one side of a tile,
+tiles image tiles, y and x a token's row and column in its tile (side of each).
 """
 
 from __future__ import annotations

@@ -96,6 +96,7 @@ class TextConfig:
     max_position_embeddings: int = 10485760  # advertised context; not used by the math
     initializer_range: float = 0.02  # std of the normal init for random weights
     bos_token_id: int | None = 200000  # <|begin_of_text|>
+    # generation stops at any of these: <|end_of_text|>, <|eom|>, <|eot|> (hub configs give one id or a list)
     eos_token_id: int | list[int] | None = field(default_factory=lambda: [200001, 200007, 200008])
     pad_token_id: int | None = 200018  # <|finetune_right_pad|>
 

@@ -6,6 +6,10 @@ padded with their stop token). The decode steps run the ordinary forward ("eager
 static-shape step with no host sync ("static"), replayed as a CUDA graph on a GPU ("graph");
 see decode.py. Every argument is checked before the prefill, the KV cache's room and memory
 included: a refused call leaves the model, the cache and a RouterTrace as they were.
+
+Simplifications: the prompts of a batch have equal length (no padding or attention mask, unlike
+transformers' generate); no beam search, top-k sampling, repetition penalty or streaming.
+
 Axes: b batch, t tokens, v vocab.
 """
 

@@ -33,7 +33,7 @@ KV-cache arithmetic counts keys and values only (no paging, no quantization scal
 
 Axes (einops names used in this file): b batch, t query tokens, s key tokens, h query heads,
 k kv heads, g query heads per kv head (h = k * g), dh head dim, n pairs or haystack tokens,
-q queries per sequence, p tokens per pair, v vocab.
+q queries per sequence, p tokens per pair, three the 3 tokens of a query (?, key, value), v vocab.
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ class PasskeyTask:
     marker: str = "#"  # the token right before the passkey
     query: str = "?"  # the last input token: the answer comes next
     bos: bool = True  # start with <|begin_of_text|> (an attention sink)
-    name: str = "passkey"
+    name: str = "passkey"  # for plots and saved runs
 
     def haystack_len(self, seq_len: int) -> int:
         """Haystack tokens (marker and passkey included) of a seq_len-token input."""
@@ -123,7 +123,7 @@ class KeyValueTask:
     sep: str = ""  # between a key and its value: "" gives pairs "a3 ", "=" gives "a=3 "
     n_queries: int = 4  # queries "?k" after the pairs, distinct keys, each followed by its answer
     bos: bool = True  # start with <|begin_of_text|>
-    name: str = "key_value"
+    name: str = "key_value"  # for plots and saved runs
 
     @property
     def pair_tokens(self) -> int:

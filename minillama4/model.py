@@ -95,7 +95,9 @@ class Llama4Text(nn.Module):
     # ----------------------------------------------------------------- construction
     @classmethod
     def random(cls, config, seed: int = 0, dtype=torch.float32, device="cpu") -> "Llama4Text":
-        """Random weights like Hugging Face's init: normal(0, initializer_range), norms at 1.
+        """Random weights like Hugging Face's init: normal(0, initializer_range), norms at 1
+        (Hugging Face also zeroes the pad token's embedding row; we do not, which only changes what
+        a random model says after a pad token).
         dtype: a torch.dtype or a name ("bf16", "float32", ...: devices.DTYPES). Refused up front
         (MemoryPlanError, saying how much is needed) if the weights do not fit on the device."""
         _check_config(cls, config)

@@ -21,7 +21,8 @@ Three dispatch paths give the same result (tests/test_moe.py):
 every call and padded every expert to the busiest one; see docs/benchmarks.md.)
 
 Axes (einops names used in this file):
-  n tokens (batch and time flattened), d model dim, e experts, f expert hidden dim, k top-k slot
+  b batch, t tokens, n tokens (b and t flattened), d model dim, e experts, f expert hidden dim,
+  k top-k slot
 """
 
 from __future__ import annotations

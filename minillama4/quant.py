@@ -22,7 +22,8 @@ every expert into one bf16 scratch buffer reused by all layers, then a grouped m
 sync: a Triton W4A16 kernel on CUDA (`chosen`, w4a16.py), else a gathered dequantized copy
 (`gathered`).
 
-Axes: n output features, k input features, g groups along k, e experts, m rows (gathered experts).
+Axes: n output features, k input features, g groups along k, i an input within its group (k = g * i),
+half packed bytes along k (k / 2), two the nibbles of a byte, e experts, m rows (gathered experts).
 """
 
 from __future__ import annotations
@@ -77,11 +78,11 @@ def _check_weight(w, group) -> None:
 
 def _quantize_rows(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
     """w [n, k] -> (packed uint8 [n, k/2], scales bf16 [k/group, n])."""
-    wg = rearrange(w.to(torch.float32, copy=True), "n (g k) -> n g k", k=group)  # a copy: changed in place below
+    wg = rearrange(w.to(torch.float32, copy=True), "n (g i) -> n g i", i=group)  # a copy: changed in place below
     # scale = absmax / 8, one per (output row, group), rounded to bf16 first so that quantizing and
     # dequantizing use the same scale; q = round(w / scale) in [-8, 7], stored as q + 8
     scale = (wg.abs().amax(-1, keepdim=True) / 8).clamp(min=1e-12).to(torch.bfloat16).float()
-    q = rearrange(wg.div_(scale).round_().clamp_(-8, 7).add_(8).to(torch.uint8), "n g k -> n (g k)")
+    q = rearrange(wg.div_(scale).round_().clamp_(-8, 7).add_(8).to(torch.uint8), "n g i -> n (g i)")
     packed = (q[:, 0::2] << 4) | q[:, 1::2]
     return packed, rearrange(scale[..., 0], "n g -> g n").to(torch.bfloat16)
 
@@ -89,7 +90,7 @@ def _quantize_rows(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Ten
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     """uint8 [..., n, k/2] -> int values q + 8 in [0, 15], [..., n, k] (int32)."""
     hi, lo = (packed >> 4).to(torch.int32), (packed & 0xF).to(torch.int32)
-    return rearrange(torch.stack([hi, lo], dim=-1), "... n k two -> ... n (k two)")
+    return rearrange(torch.stack([hi, lo], dim=-1), "... n half two -> ... n (half two)")
 
 
 def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
@@ -97,8 +98,8 @@ def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor, dtype=torch.floa
     q = unpack_int4(packed).to(torch.float32) - 8
     group = q.shape[-1] // scales.shape[-2]
     per_weight = rearrange(scales.float(), "... g n -> ... n g 1")
-    w = rearrange(q, "... n (g k) -> ... n g k", k=group) * per_weight
-    return rearrange(w, "... n g k -> ... n (g k)").to(dtype)
+    w = rearrange(q, "... n (g i) -> ... n g i", i=group) * per_weight
+    return rearrange(w, "... n g i -> ... n (g i)").to(dtype)
 
 
 def dequantize_on_device(packed: torch.Tensor, scales: torch.Tensor, dtype=torch.float32,

@@ -27,7 +27,9 @@ from .config import VisionConfig
 def vision_rope_angles(cfg: VisionConfig, device=None) -> torch.Tensor:
     """2D RoPE as unit complex numbers [p + 1, dh / 2]: for patch (row y, column x), 1-based,
     pairs j < dh/4 rotate by (x + 1) * f_j and pairs j >= dh/4 by (y + 1) * f_j, with
-    f_j = theta^(-2j / (dh/2)). The CLS token (last) gets angle 0: it is not rotated."""
+    f_j = theta^(-2j / (dh/2)). The CLS token (last) gets angle 0: it is not rotated.
+    (as transformers' Llama4VisionRotaryEmbedding: the vision tower's parity tests in tests/test_vision.py
+    go through these angles)"""
     side = cfg.image_size // cfg.patch_size
     dh = cfg.hidden_size // cfg.num_attention_heads
     quarter = dh // 4

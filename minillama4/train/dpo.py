@@ -55,7 +55,7 @@ from .posttrain_task import (Problem, check_items, check_model, check_optimizer_
 
 @dataclass(frozen=True)
 class PreferencePair:
-    problem: Problem
+    problem: Problem  # the prompt both responses answer
     chosen: str  # a correct, concise response (the bare number)
     rejected: str  # a wrong response, or a correct but verbose one
     kind: str  # "wrong" or "verbose": why the rejected response lost
@@ -160,19 +160,19 @@ def check_pairs(name: str, pairs) -> list:
 
 @dataclass
 class DPOHistory:
-    step: list[int] = field(default_factory=list)
+    step: list[int] = field(default_factory=list)  # optimizer step, from 0
     loss: list[float] = field(default_factory=list)  # DPO loss of the batch
     margin: list[float] = field(default_factory=list)  # mean r(y_w) - r(y_l) of the batch
     accuracy: list[float] = field(default_factory=list)  # fraction of the batch with margin > 0 (ties: 1/2)
     chosen_reward: list[float] = field(default_factory=list)  # mean r(y_w) of the batch
     rejected_reward: list[float] = field(default_factory=list)  # mean r(y_l) of the batch
     eval_step: list[int] = field(default_factory=list)  # -1 = before DPO
-    eval_loss: list[float] = field(default_factory=list)
-    eval_margin: list[float] = field(default_factory=list)
+    eval_loss: list[float] = field(default_factory=list)  # mean DPO loss on eval_pairs
+    eval_margin: list[float] = field(default_factory=list)  # mean r(y_w) - r(y_l) on eval_pairs
     eval_accuracy: list[float] = field(default_factory=list)  # reward accuracy on eval_pairs (ties: 1/2)
     eval_preference: list[float] = field(default_factory=list)  # fraction with log pi(y_w) > log pi(y_l)
     eval_margin_by_kind: list[dict] = field(default_factory=list)  # "wrong"/"verbose" -> mean margin
-    seconds: float = 0.0
+    seconds: float = 0.0  # wall-clock time of the whole run
 
     def to_dict(self) -> dict:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}

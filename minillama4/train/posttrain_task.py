@@ -312,7 +312,7 @@ def is_verbose(response: str) -> bool:
 # ------------------------------------------------------------------------------ sampling
 @dataclass
 class Completion:
-    problem: Problem
+    problem: Problem  # what was asked
     text: str  # the response, decoded, without the <|eot|>
     finished: bool  # ended with <|eot|> within the token limit
     prompt_ids: list[int]  # the chat prompt's token ids
@@ -392,7 +392,7 @@ class Evaluation:
     verbose_rate: dict[int, float]  # level -> fraction of responses that are not a bare number
     accuracy: float  # over all problems
     verbose: float  # over all problems
-    completions: list[Completion]
+    completions: list[Completion]  # one per problem, in order
 
     def summary(self) -> dict:
         return {"pass_rate": self.pass_rate, "verbose_rate": self.verbose_rate,

@@ -248,7 +248,7 @@ def _check_config(cfg: RLConfig) -> None:
 
 @dataclass
 class RLHistory:
-    step: list[int] = field(default_factory=list)
+    step: list[int] = field(default_factory=list)  # RL step (one batch of groups sampled), from 0
     reward: list[float] = field(default_factory=list)  # mean reward of all sampled responses
     frac_filtered: list[float] = field(default_factory=list)  # fraction of groups with zero advantage
     kl: list[float] = field(default_factory=list)  # mean per-token k3 KL to the reference (kept responses)
@@ -262,10 +262,10 @@ class RLHistory:
     probe: dict = field(default_factory=dict)  # the initial pass@1 probe, level -> rate
     reprobes: list[tuple[int, dict]] = field(default_factory=list)  # (after step, probe) during RL
     eval_step: list[int] = field(default_factory=list)  # -1 = before RL
-    eval_accuracy: list[float] = field(default_factory=list)
-    eval_pass_rate: list[dict] = field(default_factory=list)
-    eval_verbose: list[float] = field(default_factory=list)
-    seconds: float = 0.0
+    eval_accuracy: list[float] = field(default_factory=list)  # greedy exact-answer rate on eval_problems
+    eval_pass_rate: list[dict] = field(default_factory=list)  # level -> greedy pass rate
+    eval_verbose: list[float] = field(default_factory=list)  # fraction of verbose answers
+    seconds: float = 0.0  # wall-clock time of the whole run
 
     def to_dict(self) -> dict:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}

@@ -169,13 +169,13 @@ def _check_config(cfg: SFTConfig) -> None:
 class SFTHistory:
     step: list[int] = field(default_factory=list)  # optimizer step, from 0
     loss: list[float] = field(default_factory=list)  # masked SFT loss of the batch (nats / assistant token)
-    lr: list[float] = field(default_factory=list)
+    lr: list[float] = field(default_factory=list)  # learning rate of that step (warmup, then cosine)
     eval_step: list[int] = field(default_factory=list)  # steps after which eval_problems were answered
     eval_accuracy: list[float] = field(default_factory=list)  # greedy exact-answer rate
     eval_pass_rate: list[dict] = field(default_factory=list)  # level -> greedy pass rate
     eval_verbose: list[float] = field(default_factory=list)  # fraction of verbose answers
     n_examples: int = 0  # training examples (after pruning)
-    seconds: float = 0.0
+    seconds: float = 0.0  # wall-clock time of the whole run
 
     def to_dict(self) -> dict:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}

@@ -47,7 +47,7 @@ halves for predictability are split by window order, not
 by document.
 
 Axes: w windows, t tokens per window, n tokens (w and t flattened), e experts, k top-k slot,
-g groups (domains, token classes, token ids).
+g groups (domains, token classes, token ids), d model dim.
 """
 
 from __future__ import annotations
@@ -309,7 +309,7 @@ def moe_inputs(model, ids: torch.Tensor, layer: int) -> torch.Tensor:
         model(ids.to(model.device))
     finally:
         handle.remove()
-    return rearrange(captured[0], "b t d -> (b t) d")
+    return rearrange(captured[0], "w t d -> (w t) d")
 
 
 @torch.no_grad()
