@@ -74,6 +74,7 @@ if not INTERPRETED:
         assert run.stdout.strip() == "[]", run.stderr[-2000:]
 
 else:
+    import collections
     from contextlib import contextmanager
 
     from minillama4 import fused, w4a16
@@ -88,6 +89,22 @@ else:
             yield
         finally:
             fused.ENABLED = True
+
+    def spy_on_kernels(monkeypatch) -> collections.Counter:
+        """Count the calls of every fused kernel (fused.NAMES; linears_together is w4a16.linears_matmul),
+        so a test can check they ran and did not silently fall back to the readable code."""
+        calls = collections.Counter()
+
+        def counted(module, attr, name):
+            kernel = getattr(module, attr)
+
+            def call(*args, **kwargs):
+                calls[name] += 1
+                return kernel(*args, **kwargs)
+            monkeypatch.setattr(module, attr, call)
+        for name in fused.NAMES:
+            counted(*((w4a16, "linears_matmul") if name == "linears_together" else (fused, name)), name)
+        return calls
 
     @pytest.mark.parametrize("experts, n, k, rows", [(4, 96, 256, 5), (1, 64, 128, 1), (16, 200, 384, 3)])
     def test_kernel_matches_the_dequantized_reference(experts, n, k, rows):
@@ -426,12 +443,14 @@ else:
         with readable():
             ref = model.generate(ids, 6, decode="static")
         monkeypatch.setattr(fused, "KERNELS", set(fused.NAMES) - {"decode_attention", "qk_prepare", "top_k_gates"})
+        calls = spy_on_kernels(monkeypatch)
         for name in ("decode_attention", "qk_prepare", "top_k_gates"):
             monkeypatch.setattr(fused, name, refuse)
         assert torch.equal(model.generate(ids, 6, decode="static"), ref)
+        assert calls["rope"] > 0 and calls["cache_write"] > 0  # without qk_prepare, RoPE runs on its own
 
     @pytest.mark.parametrize("int4", [False, True])
-    def test_the_fused_model_matches_the_readable_model(int4):
+    def test_the_fused_model_matches_the_readable_model(int4, monkeypatch):
         """The fused kernels of fused.py in place (norms, the residual add with its norm, RoPE, mask, SwiGLU
         activation, cache write, top-k, decode attention, q/k/v and gate/up side by side, q/k
         preparation)
@@ -452,8 +471,12 @@ else:
                     logits.append(step(logits[-1].argmax(-1, keepdim=True)))
             return torch.stack(logits)
 
+        calls = spy_on_kernels(monkeypatch)
         with readable():
             ref = run()
+        assert not calls  # the reference really is the readable code
         got = run()
         assert rel_err(got, ref) < 1e-5
         assert torch.equal(got.argmax(-1), ref.argmax(-1))
+        # every kernel ran (q/k preparation does RoPE here; q/k/v in one launch needs int4 linears)
+        assert set(calls) == set(fused.NAMES) - {"rope"} - ({"linears_together"} if not int4 else set()), calls
