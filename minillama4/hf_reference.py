@@ -24,8 +24,10 @@ def hf_text_config(cfg, attn_implementation: str = "sdpa"):
     return hcfg
 
 
-def to_transformers(model, attn_implementation: str = "sdpa"):
-    """A transformers Llama4ForCausalLM holding exactly our model's weights (same dtype, device)."""
+def to_transformers(model, attn_implementation: str = "sdpa", copy: bool = True):
+    """A transformers Llama4ForCausalLM holding exactly our model's weights (same dtype, device).
+    copy=True gives it its own tensors, so a forward that wrote into a weight in place could not
+    hide by changing both models alike; copy=False shares ours (half the memory: benchmarks)."""
     import torch
     from transformers import Llama4ForCausalLM
     from transformers.models.llama4.modeling_llama4 import Llama4TextRotaryEmbedding
@@ -33,7 +35,8 @@ def to_transformers(model, attn_implementation: str = "sdpa"):
     hcfg = hf_text_config(model.config, attn_implementation)
     with torch.device("meta"):  # no random init: every weight comes from our model
         hf = Llama4ForCausalLM(hcfg)
-    hf.load_state_dict(model.state_dict(), strict=True, assign=True)
+    state = {name: t.clone() for name, t in model.state_dict().items()} if copy else model.state_dict()
+    hf.load_state_dict(state, strict=True, assign=True)
     with torch.device(model.device):  # the one non-persistent buffer (inv_freq), rebuilt for real
         hf.model.rotary_emb = Llama4TextRotaryEmbedding(hcfg)
     hf.generation_config.eos_token_id = None  # generate exactly max_new_tokens, like ours without stops

@@ -34,12 +34,28 @@ CASES = {
     "mqa": small_text(num_attention_heads=4, num_key_value_heads=1),
     "mha_no_temperature": small_text(num_key_value_heads=4, attn_temperature_tuning=False),
     "explicit_nope_layers": small_text(no_rope_layers=[0, 1, 0, 1], num_hidden_layers=4),
+    # q/k/v/o with biases (attention_bias: False in every published Llama 4, accepted by both)
+    "attention_bias": small_text(attention_bias=True),
 }
 
 
 def pair(cfg, dtype=torch.float32, seed=0):
     ours = ml4.Llama4Text.random(cfg, seed=seed, dtype=dtype)
+    biases = [p for name, p in ours.named_parameters() if name.endswith(".bias")]
+    with torch.no_grad():  # random init zeroes biases, which would test nothing
+        for p in biases:
+            p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(seed + p.numel())) * 0.1)
+    assert bool(biases) == cfg.attention_bias
     return ours, to_transformers(ours)
+
+
+def test_the_reference_holds_its_own_copy_of_the_weights():
+    """Shared tensors would hide a forward that wrote into a weight: both models would change alike."""
+    ours, hf = pair(CASES["scout_like"])
+    ptrs = {t.data_ptr() for t in ours.state_dict().values()}
+    assert not ptrs & {t.data_ptr() for t in hf.state_dict().values()}
+    for name, t in ours.state_dict().items():
+        assert torch.equal(t, hf.state_dict()[name]), name
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
