@@ -135,15 +135,26 @@ class KVCache:
             values.index_copy_(2, slot, v)
             slot_pos.index_copy_(0, slot, positions)
             return keys, values, slot_pos  # empty slots hold -1 and are masked out
+        # the forward passes positions = length, length + 1, ...: bounds come from `length` (a Python
+        # int), never from the device tensor (no host sync per layer)
         if slots == self.max_len:  # full cache: position p in slot p
-            end = int(positions[-1]) + 1
+            end = self.length + k.shape[2]
             keys[:, :, self.length:end], values[:, :, self.length:end] = k, v
             slot_pos[self.length:end] = positions
             return keys[:, :, :end], values[:, :, :end], slot_pos[:end]
-        kept = slot_pos >= 0  # ring: what is cached, plus the new tokens (the mask drops old chunks)
-        k_all = torch.cat([keys[:, :, kept], k], dim=2)
-        v_all = torch.cat([values[:, :, kept], v], dim=2)
-        pos_all = torch.cat([slot_pos[kept], positions])
+        if k.shape[2] == 1:  # ring, one token (decode): into its slot first, then the filled slots.
+            # The slot's old occupant, position p - slots, lies in an earlier chunk: never needed now.
+            slot = self.length % slots
+            keys[:, :, slot:slot + 1], values[:, :, slot:slot + 1] = k, v
+            slot_pos[slot:slot + 1] = positions
+            held = min(self.length + 1, slots)
+            return keys[:, :, :held], values[:, :, :held], slot_pos[:held]
+        # ring, several tokens: what is cached, plus the new tokens (the mask drops old chunks). Slots
+        # fill in order (position p in slot p % slots), so the cached ones are the first min(length, slots).
+        held = min(self.length, slots)
+        k_all = torch.cat([keys[:, :, :held], k], dim=2)
+        v_all = torch.cat([values[:, :, :held], v], dim=2)
+        pos_all = torch.cat([slot_pos[:held], positions])
         last = positions[-slots:]  # only the newest `slots` tokens can still be needed later
         keys[:, :, last % slots], values[:, :, last % slots] = k[:, :, -slots:], v[:, :, -slots:]
         slot_pos[last % slots] = last
