@@ -1,5 +1,5 @@
 # Two commands for a newcomer (see README):
-#   make lab    create .venv, install minillama4 with the course extras, open JupyterLab on notebooks/
+#   make lab    create .venv, install minillama4 with the course and test extras, open JupyterLab on notebooks/
 #   make test   create .venv, install everything the tests need, run the whole test suite
 #
 # torch: if the Python that creates the venv already has torch (say, a CUDA build), the venv

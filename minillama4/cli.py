@@ -8,7 +8,7 @@
 
 `main(argv)` returns the exit code, so tests call it in-process. Bad input prints one
 `error: ...` line to stderr and returns 2. Notebook and test packages (transformers, plotly,
-ipywidgets, jupyterlab) are imported only inside `doctor`.
+ipywidgets, jupyterlab) are imported only inside `doctor` and `bench` (transformers).
 """
 
 from __future__ import annotations

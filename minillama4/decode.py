@@ -30,7 +30,8 @@ It checks their range (0 <= id < vocab_size) only when they are on the CPU: on a
 host sync every token. generate() feeds it sampled ids, which are in range by construction.
 
 Simplifications: full-attention layers attend over all `max_len` slots of the cache (masked)
-rather than the filled ones, so a cache much longer than the context costs attention reads.
+rather than the filled ones, so off CUDA a cache much longer than the context costs attention
+reads (on CUDA fused.decode_attention skips blocks with no visible key).
 
 Axes: b batch, v vocab.
 """

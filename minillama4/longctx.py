@@ -4,7 +4,7 @@ NoPE attention read-outs, and KV-cache memory arithmetic (full cache vs a chunk 
     from minillama4 import longctx
     batch = longctx.PasskeyTask().batch(seq_len=32, batch=4, seed=0)     # "k3x#7b0q...?" -> "7"
     longctx.kv_cache_memory(configs.scout(), 1, ring_buffer=False).total  # 196,608 = 192 KiB per token
-    results = longctx.run_experiment(longctx.ExperimentConfig())         # minutes on CPU: cached as JSON
+    results = longctx.run_experiment(longctx.ExperimentConfig())         # about an hour on 2 CPU cores: cached as JSON
 
 Two retrieval tasks, in the course's byte tokens (one character = one token):
 

@@ -5,11 +5,12 @@
     check_fits(plan, available_bytes("cuda"))   # raises MemoryPlanError saying by how much
 
 Weights come from `count_params` (exact); the feed-forward weights are int4 (4 bits + one bf16
-scale per 128 weights) when quantize="int4", or every decoder linear with which="all"; the rest
-stays in `dtype`. KV cache: 2 (k, v) x kv_heads x head_dim x bytes per position per layer, with
+scale per 128 weights) when quantize="int4", and the attention projections too with which="all";
+the rest (embeddings, routers, norms, lm_head) stays in `dtype`. KV cache: 2 (k, v) x kv_heads x head_dim x bytes per position per layer, with
 chunked layers capped at one chunk when the ring buffer is on. Activations are an estimate for a
-prefill of `prefill_tokens` tokens: a few residual-stream copies, one expert's dequantized
-scratch, the attention scores of one layer, and the logits. With cuda=True and int4, tinygemm's
+prefill of `prefill_tokens` tokens: a few residual-stream copies, the dequantized scratch of
+one layer's experts (all of them up to 16, as quant.Int4Experts does; else one), the attention
+scores of one layer, and the logits. With cuda=True and int4, tinygemm's
 second copy of the int4 linears (the decode kernel those linears use on a GPU). Loading needs
 less than the activations on top of the weights: one stored tensor and a block of quantization
 scratch at a time (checkpoint.from_pretrained, quant.quantize_int4).
@@ -74,6 +75,20 @@ def kv_cache_bytes(cfg: TextConfig, context: int, batch: int = 1, bytes_per_valu
     return total
 
 
+def _plan_dtype(dtype) -> str:
+    """A PLAN_DTYPES name from one of them, or from anything devices.as_dtype takes (torch.bfloat16, "float16")."""
+    if isinstance(dtype, str) and dtype in PLAN_DTYPES:
+        return dtype
+    import torch
+
+    from .devices import as_dtype
+
+    try:
+        return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[as_dtype(dtype)]
+    except ValueError:
+        raise ValueError(f"dtype={dtype!r}: expected one of {sorted(PLAN_DTYPES)} or a float torch.dtype") from None
+
+
 def plan_memory(config: Llama4Config | TextConfig, context: int = 8192, batch: int = 1, quantize: str | None = None,
                 which: str = "ffn", dtype: str = "bf16", ring: bool = True, prefill_tokens: int = 2048,
                 cuda: bool = False) -> MemoryPlan:
@@ -83,8 +98,7 @@ def plan_memory(config: Llama4Config | TextConfig, context: int = 8192, batch: i
         raise ValueError(f"quantize={quantize!r}: expected None or 'int4'")
     if which not in WHICH:
         raise ValueError(f"which={which!r}: expected one of {WHICH}")
-    if dtype not in PLAN_DTYPES:
-        raise ValueError(f"dtype={dtype!r}: expected one of {sorted(PLAN_DTYPES)}")
+    dtype = _plan_dtype(dtype)
     for name, value in (("context", context), ("batch", batch), ("prefill_tokens", prefill_tokens)):
         check_int(name, value, 1)
     full = config if isinstance(config, Llama4Config) else Llama4Config(text=config, vision=None)

@@ -18,9 +18,9 @@ batches the faster (timed once per shape) of torch's tinygemm and the Triton W4A
 dequantizes (the readable reference, also used for prefill).
 `Int4Experts` dequantizes one expert at a time (reference path and few tokens); for prefill
 every expert into one bf16 scratch buffer reused by all layers, then a grouped matmul
-(`dequantized_all`); for static decode, the experts chosen by a device index tensor, no host
-sync: a Triton W4A16 kernel on CUDA (`chosen`, w4a16.py), else a gathered dequantized copy
-(`gathered`).
+(`dequantized_all`; up to `max_scratch_experts` = 16 experts: Maverick's 128 go one at a time);
+for static decode, the experts chosen by a device index tensor, no host sync: a Triton W4A16
+kernel on CUDA (`chosen`, w4a16.py), else a gathered dequantized copy (`gathered`).
 
 Axes: n output features, k input features, g groups along k, i an input within its group (k = g * i),
 half packed bytes along k (k / 2), two the nibbles of a byte, e experts, m rows (gathered experts).

@@ -26,8 +26,8 @@ Two kernels read the same bytes (quant.py's layout, byte j: k = 2j in the high n
   Why two: compiled for sm_90 (Triton's compiler, no GPU needed; tools in docs/benchmarks.md),
   the byte kernel's loop runs 12-22 instructions per weight byte (address arithmetic, byte
   extracts, a quarter-rate conversion per nibble), the word kernel's 8.5 (no spills). A GPU issues
-  about 4 x 32 instructions per cycle per multiprocessor, so 20 per byte caps an H100 near 1.1 TB/s
-  (what was measured) and 8.5 near 2.7 TB/s. Both stay, timed against each other per shape.
+  about 4 x 32 instructions per cycle per multiprocessor, so 20 per byte caps an H100 (132 of them,
+  ~1.75 GHz) near 1.5 TB/s (1.0-1.1 TB/s was measured) and 8.5 near 3.5 TB/s. Both stay, timed against each other per shape.
   Both have an unmasked path (EVEN: whole tiles, every split of k the same whole trips), which
   the tuner's splits aim for (`_even_split`); it saves up to 3 instructions per byte.
 dense: one program computes BLOCK_N outputs over one SPLIT-th of k, BLOCK_K inputs at a time,
@@ -43,8 +43,8 @@ experts at about 1 TB/s, a third of the copy bandwidth; torch's tinygemm (1.3 TB
 linear shape. The word kernel has not run on a GPU yet (its interpreter twin is tested on CPU).
 
 Simplifications: a GEMV per row (good for the few rows of decode, not for prefill, which
-dequantizes and uses a grouped matmul); no pipelining-stage search; gate/up and SwiGLU are not
-fused. Runs on CUDA, or on the CPU under Triton's interpreter
+dequantizes and uses a grouped matmul); no pipelining-stage search; SwiGLU's activation is not fused
+into the GEMV (q/k/v or gate/up can share one launch: `linears_matmul`). Runs on CUDA, or on the CPU under Triton's interpreter
 (TRITON_INTERPRET=1, how the tests check it without a GPU).
 
 Axes: m rows (token copies), n outputs, k inputs, e experts, g groups along k, s splits of k,

@@ -17,7 +17,8 @@ from minillama4.devices import as_device, as_dtype
     ({"batch": True}, "batch=True"),
     ({"prefill_tokens": 0}, "prefill_tokens=0"),
     ({"which": "bogus"}, "which='bogus': expected one of"),  # was silently "ffn"
-    ({"dtype": "float16"}, "dtype='float16': expected one of"),  # was KeyError: 'float16'
+    ({"dtype": "int8"}, "dtype='int8': expected one of ['bf16', 'fp16', 'fp32', 'fp8'] or a float torch.dtype"),
+    ({"dtype": torch.int8}, "dtype=torch.int8: expected one of"),
     ({"quantize": "int8"}, "quantize='int8'"),
 ])
 def test_plan_refuses_bad_arguments_by_name(kwargs, says):
@@ -68,3 +69,11 @@ def test_dtypes_by_name_or_torch_dtype_and_only_floats():
         with pytest.raises(ValueError, match=says):
             as_dtype(bad)
     assert ml4.configs.tiny()  # the package still imports and builds configs
+
+
+def test_plan_takes_torch_dtypes_and_their_long_names():
+    """The same plan for "bf16", "bfloat16" and torch.bfloat16 (a KeyError and a refusal before)."""
+    scout = configs.scout()
+    for same in ("bfloat16", torch.bfloat16):
+        assert plan.plan_memory(scout, dtype=same).total == plan.plan_memory(scout, dtype="bf16").total
+    assert plan.plan_memory(scout, dtype=torch.float32).total == plan.plan_memory(scout, dtype="fp32").total
