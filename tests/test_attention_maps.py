@@ -122,7 +122,7 @@ def test_image_views():
     # a query before the image puts no weight on it
     assert share[0, :, 0].abs().max() == 0
     assert maps.is_image.sum() == 27 and maps.logits.shape == (1, ids.shape[1], model.cfg.vocab_size)
-    with pytest.raises(IndexError):
+    with pytest.raises(IndexError, match=rf"query {ids.shape[1]} is outside the {ids.shape[1]}-token prompt"):
         maps.to_image(0, query=ids.shape[1])
     with pytest.raises(IndexError, match="batch=1: the recorded batch has 1 sequences"):
         maps.to_image(3, batch=1)

@@ -8,6 +8,7 @@ import types
 from pathlib import Path
 
 import pytest
+import torch
 
 import minillama4
 from minillama4.cli import main
@@ -72,6 +73,44 @@ def test_generate_deterministic_with_seed(capsys):
     first = run(capsys, *argv)
     assert first[0] == 0
     assert run(capsys, *argv) == first
+
+
+def test_generate_prints_what_the_library_generates(capsys):
+    """The CLI's sampled text and routing counts are those of a direct library call with the same
+    preset, seed, temperature and top-p (so no flag can be silently dropped)."""
+    argv = ["generate", "--preset", "tiny", "--prompt", "hello", "--max-new-tokens", "6",
+            "--temperature", "0.8", "--top-p", "0.9", "--seed", "7"]
+    code, out, err = run(capsys, *argv)
+    assert code == 0, err
+    from minillama4.cli import _printable
+    from minillama4.tokenizer import load_tokenizer
+
+    model = minillama4.Llama4Text.random(minillama4.configs.tiny(), seed=7).eval()
+    tok = load_tokenizer(None)
+    ids = tok.encode("hello", bos=True)
+    with minillama4.RouterTrace(model) as trace:
+        new = model.generate(torch.tensor([ids]), 6, temperature=0.8, top_p=0.9, seed=7,
+                             stop_tokens=model.cfg.eos_token_id)[0, len(ids):].tolist()
+    lines = out.splitlines()
+    assert lines[lines.index(next(x for x in lines if x.startswith("generated"))) + 1] == _printable(tok.decode(new))
+    assert [int(r[1]) for r in _routing_rows(out)] == [s["tokens"] for s in trace.summary()]
+    greedy = run(capsys, "generate", "--preset", "tiny", "--prompt", "hello", "--max-new-tokens", "6", "--seed", "7")
+    assert greedy[1] != out  # temperature, top-p and seed reached the sampler
+
+
+def test_trace_prints_the_routers_choices(capsys):
+    code, out, err = run(capsys, "trace", "--preset", "tiny", "--prompt", "abc")
+    assert code == 0, err
+    lines = out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("pos"))
+    printed = [[int(x) for x in line.split()[2:]] for line in lines[header + 2:] if line.strip()]
+    model = minillama4.Llama4Text.random(minillama4.configs.tiny(), seed=0).eval()
+    from minillama4.tokenizer import load_tokenizer
+
+    with minillama4.RouterTrace(model) as trace, torch.no_grad():
+        model(torch.tensor([load_tokenizer(None).encode("abc", bos=True)]))
+    expected = torch.stack([trace.expert_ids(layer=i)[:, 0] for i in trace.moe_layers], dim=1)
+    assert printed == expected.tolist()
 
 
 def test_trace_one_row_per_token(capsys):

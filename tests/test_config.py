@@ -209,20 +209,16 @@ def test_hub_config_with_a_vision_field_no_implementation_reads_is_refused():
         from_hf_dict(d)
 
 
-def test_presets_build_and_tiny_is_fast():
-    import time
-
+def test_presets_build_and_run_a_forward():
     import minillama4 as ml4
 
     for name in ("tiny", "small"):
         cfg = configs.get(name)
         model = ml4.Llama4Text.random(cfg)
         ids = torch.randint(0, cfg.text.vocab_size, (1, 32))
-        t0 = time.perf_counter()
         with torch.no_grad():
             logits = model(ids)
-        assert logits.shape == (1, 32, cfg.text.vocab_size)
-    assert time.perf_counter() - t0 < 5  # generous: the point is "a forward, not a training run"
+        assert logits.shape == (1, 32, cfg.text.vocab_size) and torch.isfinite(logits).all()
     with pytest.raises(ValueError, match="unknown preset"):
         configs.get("llama5")
     assert "guess" in configs.behemoth().name

@@ -84,7 +84,7 @@ def test_split_keeps_the_stream():
     assert torch.equal(torch.cat([train.ids, val.ids]), whole.ids)
     assert torch.equal(torch.cat([train.domain, val.domain]), whole.domain)
     assert len(val) == int(len(whole) * 0.2)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"held_out=1.5 must be in \(0, 1\)"):
         whole.split(held_out=1.5)
 
 

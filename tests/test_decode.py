@@ -115,9 +115,11 @@ def test_static_generate_reads_the_host_only_for_the_prefill():
             model.generate(ids, new, decode="static", temperature=0.8, top_p=0.9, seed=1)
         counts.append(sum(reads.values()))
     assert counts[0] == counts[1] > 0
+    stop = [cfg.vocab_size - 1]
     with host_reads() as reads:  # with a stop token, one read per token decides whether to stop
-        model.generate(ids, 25, decode="static", stop_tokens=[cfg.vocab_size - 1])
+        static = model.generate(ids, 25, decode="static", stop_tokens=stop)
     assert sum(reads.values()) == counts[0] + 24
+    assert torch.equal(static, model.generate(ids, 25, decode="eager", stop_tokens=stop))
 
 
 def test_router_trace_records_static_decode_like_eager():
@@ -177,8 +179,10 @@ def test_bad_decode_requests_are_refused_clearly():
     with torch.no_grad():
         model(ids, cache=cache)
     step = DecodeStep(model, cache)
+    before = (cache.length, [k.clone() for k in cache.keys])
     with pytest.raises(ValueError, match="shape"):
         step(torch.zeros(1, 1, dtype=torch.long))
+    assert cache.length == before[0] and all(torch.equal(a, b) for a, b in zip(cache.keys, before[1]))
     step(torch.zeros(2, 1, dtype=torch.long))
     with pytest.raises(ValueError, match="longer than the KV cache"):
         step(torch.zeros(2, 1, dtype=torch.long))

@@ -51,6 +51,33 @@ def test_top_p_keeps_only_the_nucleus():
     assert draws == {0, 1}  # 0.5 < 0.7 needs the second token; the rest is cut
 
 
+@pytest.mark.parametrize("temperature", [0.5, 2.0])
+def test_sampling_follows_softmax_of_logits_over_temperature(temperature):
+    """Frequencies of 4,000 draws match softmax(logits / T) (a chi-square bound far from the
+    other temperature's distribution: T = 0.5 gives [.70 .26 .03 .00], T = 2 gives [.42 .33 .16 .09])."""
+    from minillama4.generate import sample_next
+
+    logits = torch.tensor([[2.0, 1.5, 0.5, -0.5]]).repeat(4000, 1)
+    draws = sample_next(logits, temperature, 1.0, torch.Generator().manual_seed(0))
+    freq = torch.bincount(draws, minlength=4).double() / 4000
+    expected = torch.softmax(logits[0].double() / temperature, -1)
+    chi2 = 4000 * ((freq - expected) ** 2 / expected).sum()
+    assert chi2 < 16.3, (freq, expected)  # p = 0.001 for 3 degrees of freedom
+
+
+def test_a_finished_row_repeats_its_stop_token_while_the_others_go_on(model):
+    prompt = torch.tensor([[5, 6, 7], [9, 10, 11]])
+    free = model.generate(prompt, 10)
+    stop = int(free[0, 4])  # row 0's second new token; row 1 must not produce it
+    assert stop not in free[1, 3:].tolist()
+    out = model.generate(prompt, 10, stop_tokens=[stop])
+    assert out.shape == free.shape  # row 1 never stops, so all 10 tokens are made
+    first = 3 + (free[0, 3:] == stop).nonzero()[0].item()
+    assert torch.equal(out[0, :first + 1], free[0, :first + 1])
+    assert (out[0, first:] == stop).all()  # padded with its stop token after finishing
+    assert torch.equal(out[1], free[1])  # the running row is unaffected
+
+
 def test_stop_tokens_end_generation(model):
     prompt = torch.tensor([[5, 6, 7]])
     free = model.generate(prompt, 8)
