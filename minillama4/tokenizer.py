@@ -67,11 +67,22 @@ class HFTokenizer:
             from tokenizers import Tokenizer
         except ImportError as e:  # pragma: no cover - depends on the environment
             raise ImportError("reading tokenizer.json needs `pip install tokenizers`") from e
-        self.tok = Tokenizer.from_file(str(path))
+        try:
+            self.tok = Tokenizer.from_file(str(path))
+        except Exception as e:  # the library raises a bare Exception with the parse error only
+            raise ValueError(f"{path}: not a valid tokenizer.json ({e})") from None
         self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
+        self.bos_id = self.tok.token_to_id("<|begin_of_text|>")  # None if this vocabulary has none
 
     def encode(self, text: str, bos: bool = False) -> list[int]:
-        return self.tok.encode(text, add_special_tokens=bos).ids
+        """Token ids of `text`; bos=True puts <|begin_of_text|> first (itself, not through the file's
+        post-processor, which may add nothing or other tokens too)."""
+        ids = self.tok.encode(text, add_special_tokens=False).ids
+        if not bos:
+            return ids
+        if self.bos_id is None:
+            raise ValueError("this tokenizer.json has no <|begin_of_text|> token; encode with bos=False")
+        return [self.bos_id] + ids
 
     def decode(self, ids, skip_special: bool = False) -> str:
         return self.tok.decode([int(i) for i in ids], skip_special_tokens=skip_special)
@@ -81,7 +92,15 @@ class HFTokenizer:
 
 
 def load_tokenizer(checkpoint_dir: str | Path | None = None):
-    """tokenizer.json of a checkpoint if there is one, else the course's byte tokenizer."""
-    if checkpoint_dir is not None and (Path(checkpoint_dir) / "tokenizer.json").exists():
-        return HFTokenizer(Path(checkpoint_dir) / "tokenizer.json")
+    """tokenizer.json of a checkpoint folder if it has one (or that file itself), else the course's
+    byte tokenizer (None, or a folder without one: the checkpoints this course saves)."""
+    if checkpoint_dir is None:
+        return ByteTokenizer()
+    path = Path(checkpoint_dir)
+    if path.is_file() and path.suffix == ".json":
+        return HFTokenizer(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such checkpoint folder (or tokenizer.json file)")
+    if (path / "tokenizer.json").exists():
+        return HFTokenizer(path / "tokenizer.json")
     return ByteTokenizer()

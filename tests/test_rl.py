@@ -3,6 +3,7 @@ constructed groups, the clipped loss and k3 KL, the curriculum, and a learning t
 the mean reward on held-out prompts over its starting point."""
 
 import copy
+import dataclasses
 import random
 
 import pytest
@@ -113,6 +114,85 @@ def test_rl_raises_held_out_reward(warm_model):
     assert any(f > 0 for f in history.frac_filtered)  # some all-right / all-wrong groups were dropped
     assert all(k >= 0 for k in history.kl if k == k) and history.kl[-1] > 0  # drifted from the reference
     assert history.eval_step == [-1, 39]
+
+
+def test_rl_curriculum_probes_reprobes_and_moves_levels(warm_model):
+    """train_rl with the curriculum on (the default) and a fresh probe after every step: the probes
+    are the policy's real pass rates, and the levels drawn each step follow the documented rule
+    (retire a level at pass rate >= easy_above, unlock the next one past advance_at, a reprobe
+    resets retirements, unlocked levels stay unlocked). The warm model solves about a quarter of
+    level 1 and no harder sums, so advance_at=0.1 unlocks level 2 at the start and easy_above=0.27
+    lies between level 1's pass rates before and after a little RL: the levels move."""
+    levels, steps, samples = (1, 2, 3), 3, 4  # samples: probe_pass_rates' default, which train_rl uses
+    cfg = rl.RLConfig(steps=steps, prompts_per_step=8, group_size=4, lr=2e-3, kl_coef=0.0, levels=levels,
+                      curriculum=True, easy_above=0.27, advance_at=0.1, probe_problems=8, reprobe_every=1, seed=0)
+    expected_probe = rl.probe_pass_rates(copy.deepcopy(warm_model), levels, problems_per_level=cfg.probe_problems,
+                                         seed=cfg.seed + 7)
+    policy = copy.deepcopy(warm_model)
+    history = rl.train_rl(policy, cfg)
+
+    # the initial probe: level -> pass rate of the untrained policy, from real samples
+    assert history.probe == expected_probe
+    n = cfg.probe_problems * samples
+    for probe in [history.probe] + [p for _, p in history.reprobes]:
+        assert list(probe) == list(levels)
+        assert all(0 <= r <= 1 and abs(r * n - round(r * n)) < 1e-9 for r in probe.values())  # k right of n
+    assert history.probe[1] > max(history.probe[2], history.probe[3])  # SFT on level 1 solves level 1 best
+
+    # a reprobe after every step but the last, tagged with its step; each is the probe of the policy
+    # as it was after that step (a shorter run of the same config stops there; train_rl seeds the
+    # probe after step s with cfg.seed + 7 + s)
+    assert [s for s, _ in history.reprobes] == list(range(steps - 1))
+    for s, fresh in history.reprobes:
+        shorter = copy.deepcopy(warm_model)
+        prefix = rl.train_rl(shorter, dataclasses.replace(cfg, steps=s + 1))
+        assert prefix.active_levels == history.active_levels[: s + 1]  # same run up to there
+        assert rl.probe_pass_rates(shorter, levels, problems_per_level=cfg.probe_problems,
+                                   seed=cfg.seed + 7 + s) == fresh
+
+    # every step draws its prompts from its active levels, the hardest of them recorded as max_level
+    assert len(history.active_levels) == len(history.max_level) == len(history.level_reward) == steps
+    for active, top, rewards in zip(history.active_levels, history.max_level, history.level_reward):
+        assert active == sorted(active) and set(active) <= set(levels) and top == max(active)
+        assert rewards and set(rewards) <= set(active)
+
+    # the rule, on the recorded probes. Start: retire what the probe passes at >= easy_above and
+    # unlock from the easiest level up to the first one the probe fails at both thresholds
+    low = min(cfg.easy_above, cfg.advance_at)
+    start_top = next((lv for lv in levels if history.probe[lv] < low), levels[-1])
+    assert history.max_level[0] == start_top
+    assert history.active_levels[0] == ([lv for lv in levels if lv <= start_top
+                                         and history.probe[lv] < cfg.easy_above] or [start_top])
+    # after step s: running rates ema * probe + (1 - ema) * this step's reward, then the fresh probe
+    # retires exactly the levels it passes (never the hardest) and the unlocking goes on from there
+    ema = rl.Curriculum().ema  # train_rl uses the Curriculum's default
+    previous = history.probe
+    for s, fresh in history.reprobes:
+        top, new_top = history.max_level[s], history.max_level[s + 1]
+        assert new_top >= top  # unlocked levels stay unlocked
+        assert new_top == levels[-1] or fresh[new_top] < low
+        for lv in levels[levels.index(top):levels.index(new_top)]:  # the levels it walked past
+            running = ema * previous[lv] + (1 - ema) * history.level_reward[s].get(lv, previous[lv])
+            assert max(running, fresh[lv]) >= low
+        assert history.active_levels[s + 1] == [lv for lv in levels if lv <= new_top
+                                                and (fresh[lv] < cfg.easy_above or lv == levels[-1])]
+        previous = fresh
+    # the same, step by step, through the Curriculum the unit test above checks
+    cur = rl.Curriculum(levels=levels, easy_above=cfg.easy_above, advance_at=cfg.advance_at)
+    cur.start(history.probe)
+    replayed = [cur.active()]
+    for rewards, (_, fresh) in zip(history.level_reward, history.reprobes):
+        cur.update(rewards)
+        cur.reprobe(fresh)
+        replayed.append(cur.active())
+    assert replayed == history.active_levels
+
+    # and the run exercised the rule: a level unlocked at the start, one retired later by a reprobe
+    assert history.max_level[0] > levels[0]
+    assert any(active != list(range(levels[0], top + 1))
+               for active, top in zip(history.active_levels[1:], history.max_level[1:]))
+    assert any(loss == loss for loss in history.loss)  # some groups had mixed rewards: the policy was updated
+    assert any(not torch.equal(a, b) for a, b in zip(policy.parameters(), warm_model.parameters()))
 
 
 # ------------------------------------------------------------------------------ bad input: refused by name, nothing lost
