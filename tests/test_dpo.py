@@ -68,6 +68,16 @@ def test_sequence_logps_sum_the_response_tokens_only():
         full = T.token_logprobs(model, ids)
     n0 = len(T.encode_chat(TOK, pair.problem, "7")[0])
     assert float(lp[0]) == pytest.approx(float(full[0, n0 - 3:n0 - 1].sum().detach()), abs=1e-5)  # "7" and <|eot|>
+    # the rejected row by hand, from its own unpadded ids: log-softmax of the logits before each
+    # response token ("8\n3+4=8" and <|eot|>), summed
+    ids1 = T.encode_chat(TOK, pair.problem, "8\n3+4=8")[0]
+    n1, k = len(ids1), len("8\n3+4=8") + 1
+    assert ids.shape[1] == n1 and ids[1].tolist() == ids1 and TOK.decode(ids1[n1 - k:]) == "8\n3+4=8<|eot|>"
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([ids1]))[0].float(), -1)
+    by_hand = sum(float(logp[j - 1, ids1[j]]) for j in range(n1 - k, n1))
+    assert float(lp[1]) == pytest.approx(by_hand, abs=1e-5)
+    assert float(lp[1]) > float(full[1].sum()) + 10  # the prompt's tokens (about -5.6 each) are not in it
 
 
 def test_build_pairs_prefers_correct_and_concise(monkeypatch):

@@ -3,6 +3,7 @@ arithmetic) and minillama4.viz.longctx (figures and the KV-memory explorer). Sma
 
 import dataclasses
 import json
+import math
 
 import numpy as np
 import pytest
@@ -261,11 +262,87 @@ def test_run_experiment_results_and_json(tmp_path):
     assert set(res["runs"]["all_rope"]["0"]["accuracy"]) == {"0"}  # no NoPE layer: nothing to tune
     assert len(res["runs"]["irope"]["0"]["train_loss"]) == 1  # one 25-step window over 10 steps
     rows = lc.accuracy_table(res)
-    assert len(rows) == 2 * 2 + 2 and all(0 <= r["mean"] <= 1 for r in rows)
+    assert len(rows) == 2 * 2 + 2
+    for r in rows:  # one seed: the mean is that seed's accuracy, read from the results
+        acc = res["runs"][r["variant"]]["0"]["accuracy"][f"{r['attn_scale']:g}"][str(r["seq_len"])]
+        assert r["seeds"] == [acc] and r["mean"] == acc
+    assert {(r["variant"], r["attn_scale"], r["seq_len"]) for r in rows} == {
+        ("all_rope", 0.0, 28), ("all_rope", 0.0, 56), ("irope", 0.0, 28), ("irope", 0.0, 56),
+        ("irope", 0.5, 28), ("irope", 0.5, 56)}
     loaded = ml4.from_pretrained(tmp_path / "ckpt" / "irope")
     assert loaded.cfg.attention_chunk_size == 8 and loaded.cfg.no_rope_layers == [1, 1, 1, 0]
     acc = lc.retrieval_accuracy(loaded, 28, cfg.eval_examples, cfg.eval_seed, SMALL_TASK)
     assert acc == res["runs"]["irope"]["0"]["accuracy"]["0"]["28"]
+
+
+def test_accuracy_table_averages_over_seeds():
+    results = {"runs": {
+        "irope": {"0": {"accuracy": {"0": {"28": 0.5, "56": 0.25}, "0.5": {"28": 1.0, "56": 0.75}}},
+                  "1": {"accuracy": {"0": {"28": 0.75, "56": 0.0}, "0.5": {"28": 0.5, "56": 0.25}}}},
+        "all_rope": {"0": {"accuracy": {"0": {"28": 1.0, "56": 0.5}}},
+                     "1": {"accuracy": {"0": {"28": 0.0, "56": 0.25}}}}}}
+    assert lc.accuracy_table(results) == [
+        {"variant": "irope", "attn_scale": 0.0, "seq_len": 28, "mean": 0.625, "seeds": [0.5, 0.75]},
+        {"variant": "irope", "attn_scale": 0.0, "seq_len": 56, "mean": 0.125, "seeds": [0.25, 0.0]},
+        {"variant": "irope", "attn_scale": 0.5, "seq_len": 28, "mean": 0.75, "seeds": [1.0, 0.5]},
+        {"variant": "irope", "attn_scale": 0.5, "seq_len": 56, "mean": 0.5, "seeds": [0.75, 0.25]},
+        {"variant": "all_rope", "attn_scale": 0.0, "seq_len": 28, "mean": 0.5, "seeds": [1.0, 0.0]},
+        {"variant": "all_rope", "attn_scale": 0.0, "seq_len": 56, "mean": 0.375, "seeds": [0.5, 0.25]}]
+
+
+class _Retriever(torch.nn.Module):
+    """A stub whose greedy answers are known. At every position it puts `logit` on one token (the
+    rest 0): the passkey after "#", or for a key-value query "?k" the value stored after key k
+    ("right"); "?" there instead ("wrong"); or nothing (all logits 0, "uniform"). `wrong_query`:
+    the query (0-based, per row) answered with "?" anyway. `seen` records every true answer."""
+
+    def __init__(self, mode="right", logit=30.0, wrong_query=None, only_below=None):
+        super().__init__()
+        self.mode, self.logit, self.wrong_query, self.only_below, self.seen = mode, logit, wrong_query, only_below, []
+
+    def forward(self, ids):
+        b, t = ids.shape
+        logits = torch.zeros(b, t, TOK.vocab_size)
+        if self.mode == "uniform":
+            return logits
+        mark, qmark = TOK.encode("#")[0], TOK.encode("?")[0]
+        for r, row in enumerate(ids.tolist()):
+            if mark in row:  # passkey: one answer, predicted at every position
+                key = row[row.index(mark) + 1]
+                self.seen.append(key)
+                right = self.mode == "right" and (self.only_below is None or key < self.only_below)
+                logits[r, :, key if right else qmark] = self.logit
+                continue
+            queries = [i for i in range(1, t) if row[i - 1] == qmark]
+            for q, i in enumerate(queries):  # key-value: the value after the key's first (its only) pair
+                value = row[row.index(row[i]) + 1]
+                right = self.mode == "right" and q != self.wrong_query
+                logits[r, i, value if right else qmark] = self.logit
+        return logits
+
+
+def test_retrieval_accuracy_and_answer_loss_with_known_answers():
+    n = 20  # batches of 7, 7 and 6
+    assert lc.retrieval_accuracy(_Retriever("right"), 28, n, seed=3, task=SMALL_TASK, batch_size=7) == 1.0
+    assert lc.retrieval_accuracy(_Retriever("wrong"), 28, n, seed=3, task=SMALL_TASK, batch_size=7) == 0.0
+    stub = _Retriever("right", only_below=TOK.encode("5")[0])  # right on passkeys 0-4 only
+    acc = lc.retrieval_accuracy(stub, 28, n, seed=3, task=SMALL_TASK, batch_size=7)
+    below = sum(k < TOK.encode("5")[0] for k in stub.seen)
+    assert len(stub.seen) == n and 0 < below < n and acc == below / n
+    kv = lc.KeyValueTask()  # 4 queries per example: every answer counts
+    assert lc.retrieval_accuracy(_Retriever("right"), 36, 10, seed=0, task=kv) == 1.0
+    assert lc.retrieval_accuracy(_Retriever("right", wrong_query=1), 36, 10, seed=0, task=kv) == 0.75
+    # answer_loss by hand: all logits 0 -> log(vocab); logit L on the answer -> log(1 + (V - 1) e^-L)
+    batch = kv.batch(36, 3, seed=0)
+    loss, right = lc.answer_loss(_Retriever("uniform"), batch)
+    assert float(loss) == pytest.approx(math.log(TOK.vocab_size)) and right.shape == (3, 4) and not right.any()
+    loss, right = lc.answer_loss(_Retriever("right", logit=2.0), batch)
+    assert float(loss) == pytest.approx(math.log(1 + (TOK.vocab_size - 1) * math.exp(-2.0)), rel=1e-6)
+    assert right.all()
+    loss, right = lc.answer_loss(_Retriever("right", logit=2.0, wrong_query=3), batch)
+    assert right[:, :3].all() and not right[:, 3].any()
+    assert float(loss) == pytest.approx(math.log(1 + (TOK.vocab_size - 1) * math.exp(-2.0)) * 3 / 4
+                                        + (math.log(TOK.vocab_size - 1 + math.exp(2.0))) / 4, rel=1e-6)
 
 
 def test_experiment_config_refuses_bad_fields():

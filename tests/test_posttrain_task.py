@@ -63,7 +63,7 @@ def test_verifier_and_styles():
     assert T.reward(p, "552", finished=False) == 0.0  # no <|eot|>: unfinished, no reward
     assert T.parse_answer("552, not 12.") == "552" and T.parse_answer("none") is None
     assert not T.is_verbose("552") and T.is_verbose("552\n487+65=552") and T.is_verbose("552 552")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="style='poetic': expected 'concise' or 'verbose'"):
         T.format_response(p, "poetic")
 
 
@@ -99,6 +99,40 @@ def test_complete_samples_groups_and_stops_at_eot():
     assert all(row[0].response_ids == row[1].response_ids for row in greedy)
 
 
+def _greedy_alone(model, prompt_ids, max_new_tokens):
+    """One prompt's greedy continuation by a direct model.generate, cut after its first <|eot|>."""
+    new = model.generate(torch.tensor([prompt_ids]), max_new_tokens, stop_tokens=[TOK.eot_id])[0, len(prompt_ids):]
+    new = new.tolist()
+    return new[: new.index(TOK.eot_id) + 1] if TOK.eot_id in new else new
+
+
+def test_complete_answers_each_prompt_from_its_own_prompt():
+    model = small_model()
+    with torch.no_grad():  # <|eot|> wins where byte 19 would: some greedy answers end early, some do not
+        model.lm_head.weight[TOK.eot_id] = 1.5 * model.lm_head.weight[19]
+    problems = [T.Problem(3, 4), T.Problem(12, 345), T.Problem(5, 6), T.Problem(98, 7), T.Problem(7, 8)]
+    prompts = [TOK.encode(T.chat_prompt(p.question)) for p in problems]  # lengths 4, 7, 4, 5, 4 (+ the template)
+    greedy = T.complete(model, problems, n_samples=2, temperature=0.0, max_new_tokens=6)
+    alone = [_greedy_alone(model, ids, 6) for ids in prompts]
+    assert [[c.response_ids for c in row] for row in greedy] == [[a, a] for a in alone]
+    assert [row[0].finished for row in greedy] == [a[-1:] == [TOK.eot_id] for a in alone]
+    assert any(a[-1:] == [TOK.eot_id] for a in alone) and not all(a[-1:] == [TOK.eot_id] for a in alone)
+    assert len({tuple(a) for a in alone}) >= 3  # different prompts answer differently: a swap would show
+    assert [row[0].text for row in greedy] == [TOK.decode(a[:-1] if a[-1:] == [TOK.eot_id] else a) for a in alone]
+    # sampled: a prompt's samples do not depend on which other lengths are in the list
+    full = T.complete(model, problems, n_samples=3, temperature=1.0, seed=0, max_new_tokens=6)
+    samples = [[c.response_ids for c in row] for row in full]
+    fours = T.complete(model, [problems[0], problems[2], problems[4]], n_samples=3, temperature=1.0, seed=0,
+                       max_new_tokens=6)
+    assert [[c.response_ids for c in row] for row in fours] == [samples[0], samples[2], samples[4]]
+    for i in (1, 3):  # the only prompt of its length
+        alone_sampled = T.complete(model, [problems[i]], n_samples=3, temperature=1.0, seed=0, max_new_tokens=6)
+        assert [c.response_ids for c in alone_sampled[0]] == samples[i]
+    assert len({tuple(x) for row in samples for x in row}) == 15  # every sample differs
+    reseeded = T.complete(model, problems, n_samples=3, temperature=1.0, seed=1, max_new_tokens=6)
+    assert [[c.response_ids for c in row] for row in reseeded] != samples
+
+
 def test_completion_batch_masks_the_response():
     c = T.Completion(T.Problem(3, 4), "7", True, [1, 2, 3], [55, TOK.eot_id])
     ids, mask = T.completion_batch([c], TOK.pad_id)
@@ -108,12 +142,54 @@ def test_completion_batch_masks_the_response():
     assert not c.correct and c.verbose  # unfinished
 
 
+class _ChatStub(torch.nn.Module):
+    """A 'model' whose greedy chat responses are known: responses[question] = (text, finished).
+    It reads the question back from the chat prompt it is given; an unfinished response fills
+    the token limit without <|eot|>, and finished rows are padded with <|eot|> as generate does."""
+
+    def __init__(self, responses):
+        super().__init__()
+        self.responses = responses
+
+    def generate(self, ids, max_new_tokens, temperature=0.0, seed=None, stop_tokens=None):
+        assert temperature == 0.0 and list(stop_tokens) == [TOK.eot_id]
+        news = []
+        for row in ids.tolist():
+            prompt = TOK.decode(row)
+            question = prompt.split("user<|header_end|>\n\n")[1].split("<|eot|>")[0]
+            assert prompt == T.chat_prompt(question)
+            text, finished = self.responses[question]
+            new = TOK.encode(text) + [TOK.eot_id] if finished else TOK.encode(text.ljust(max_new_tokens))
+            assert len(new) <= max_new_tokens
+            news.append(new)
+        width = max(len(n) for n in news)
+        return torch.cat([ids, torch.tensor([n + [TOK.eot_id] * (width - len(n)) for n in news])], 1)
+
+
 def test_evaluate_chat_reports_per_level():
-    model = small_model()
-    problems = T.make_problems(12, seed=0)
-    ev = T.evaluate_chat(model, problems)
+    responses = {"3+4=": ("7", True),  # level 1: right
+                 "15+16=": ("31", True),  # level 3: right
+                 "2+5=": ("8", True),  # level 1: wrong
+                 "27+14=": ("41 41", True),  # level 3: right, verbose
+                 "1+1=": ("2\n1+1=2", True),  # level 1: right, verbose
+                 "4+4=": ("8", False),  # level 1: the right number, but never ended: wrong, not verbose
+                 "38+45=": ("84\n38+45=83", True)}  # level 3: wrong (the first number counts), verbose
+    problems = [T.Problem(*map(int, q[:-1].split("+"))) for q in responses]
+    assert [p.level for p in problems] == [1, 3, 1, 3, 1, 1, 3]
+    ev = T.evaluate_chat(_ChatStub(responses), problems)
+    assert ev.pass_rate == {1: 2 / 4, 3: 2 / 3}
+    assert ev.verbose_rate == {1: 1 / 4, 3: 2 / 3}
+    assert ev.accuracy == pytest.approx(4 / 7) and ev.verbose == pytest.approx(3 / 7)
+    assert [c.problem for c in ev.completions] == problems
+    assert [c.text for c in ev.completions] == ["7", "31", "8", "41 41", "2\n1+1=2", "8" + " " * (T.MAX_NEW_TOKENS - 1),
+                                                 "84\n38+45=83"]
+    assert [c.finished for c in ev.completions] == [True] * 5 + [False, True]
+    assert [c.correct for c in ev.completions] == [True, True, False, True, True, False, False]
+    assert ev.summary() == {"pass_rate": ev.pass_rate, "verbose_rate": ev.verbose_rate, "accuracy": ev.accuracy,
+                            "verbose": ev.verbose}
+    # a real model: every problem answered, every level reported
+    ev = T.evaluate_chat(small_model(), T.make_problems(12, seed=0))
     assert set(ev.pass_rate) == set(T.LEVELS) and len(ev.completions) == 12
-    assert 0.0 <= ev.accuracy <= 1.0 and set(ev.summary()) == {"pass_rate", "verbose_rate", "accuracy", "verbose"}
 
 
 def test_pass_at_k():

@@ -78,7 +78,18 @@ def test_judge_scores_are_exact_answer_probabilities():
         probs = torch.softmax(model(ids)[0].float(), -1)
     manual = probs[4, ids[0, 5]] * probs[5, ids[0, 6]]
     assert float(sft.judge_scores(model, problems[:1], fmt="raw")[0]) == pytest.approx(float(manual), rel=1e-5)
-    with pytest.raises(ValueError):
+    # by hand, chat format: the probabilities of the concise answer's bytes and <|eot|> after the chat
+    # prompt, each sequence on its own (in the batched call the shorter one is right-padded)
+    chat = sft.judge_scores(model, problems, fmt="chat")
+    for i, (p, answer) in enumerate([(problems[0], "7"), (problems[1], "357")]):
+        prompt = TOK.encode(T.chat_prompt(p.question))
+        ids = prompt + TOK.encode(answer) + [TOK.eot_id]
+        with torch.no_grad():
+            probs = torch.softmax(model(torch.tensor([ids]))[0].float(), -1)
+        manual = math.prod(float(probs[j - 1, ids[j]]) for j in range(len(prompt), len(ids)))
+        assert len(ids) - len(prompt) == len(answer) + 1
+        assert float(chat[i]) == pytest.approx(manual, rel=1e-5)
+    with pytest.raises(ValueError, match=r"fmt='xml': expected one of \('raw', 'chat'\)"):
         sft.judge_scores(model, problems, fmt="xml")
 
 
@@ -89,7 +100,7 @@ def test_prune_easy_drops_the_highest_scores():
     assert sft.prune_easy(data, scores, 0.25) == ["b", "c", "e", "f", "g", "h"]
     assert sft.prune_easy(data, scores, 0.125) == ["b", "c", "d", "e", "f", "g", "h"]  # tie: the first goes
     assert sft.prune_easy(data, scores, 0.0) == data
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"drop_fraction=1.0: must be a finite number in \[0, 1\)"):
         sft.prune_easy(data, scores, 1.0)
 
 

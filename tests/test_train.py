@@ -117,7 +117,51 @@ def test_arithmetic_predictions_shape_and_answers():
     assert len(rows) == 12
     for prompt, expected, predicted in rows:
         assert prompt.endswith("=") and eval(prompt[:-1]) == int(expected) and "\n" not in predicted
-    assert 0.0 <= arithmetic_accuracy(tiny(), n=12, seed=3, max_digits=2) <= 1.0
+
+
+class _ArithmeticStub(torch.nn.Module):
+    """A 'model' whose greedy answers are known: the true sum of the prompt it is given, plus one
+    for the prompts in `wrong`. Records every prompt, and checks the call arithmetic_predictions makes."""
+
+    def __init__(self, wrong=(), max_digits=2):
+        super().__init__()
+        self.wrong, self.max_digits, self.seen, self.tok = set(wrong), max_digits, [], ml4.ByteTokenizer()
+
+    def generate(self, ids, max_new_tokens, stop_tokens=None, **kwargs):
+        newline = self.tok.encode("\n")[0]
+        assert max_new_tokens == 2 * self.max_digits + 1 and list(stop_tokens) == [newline] and not kwargs
+        rows = []
+        for row in ids.tolist():
+            assert row[0] == self.tok.eos_id and len(row) == ids.shape[1]  # <|end_of_text|> then the problem
+            prompt = self.tok.decode(row[1:])
+            self.seen.append(prompt)
+            a, b = prompt.removesuffix("=").split("+")
+            answer = int(a) + int(b) + (prompt in self.wrong)
+            new = self.tok.encode(f"{answer}\n")
+            rows.append(row + new + [newline] * (max_new_tokens - len(new)))  # padded with the stop token
+        return torch.tensor(rows)
+
+
+def test_arithmetic_accuracy_counts_exact_answers():
+    import random
+
+    from minillama4.data import arithmetic_problem
+
+    rng = random.Random(3)  # the seeded problems, drawn again here
+    problems = [arithmetic_problem(rng, 2) for _ in range(12)]
+    assert problems[1] == ("7+4=", "11") and problems[6] == ("83+66=", "149") and problems[10] == ("0+45=", "45")
+    wrong = {"7+4=", "83+66=", "0+45="}  # 3 of the 12 answered one too high
+    stub = _ArithmeticStub(wrong)
+    assert arithmetic_accuracy(stub, n=12, seed=3, max_digits=2) == 0.75
+    assert sorted(stub.seen) == sorted(p for p, _ in problems)  # each problem asked once
+    stub = _ArithmeticStub(wrong)
+    rows = arithmetic_predictions(stub, n=12, seed=3, max_digits=2)
+    assert [(p, a) for p, a, _ in rows] == problems  # in the seeded order, not grouped by length
+    assert [got for _, _, got in rows] == [str(int(a) + (p in wrong)) for p, a in problems]
+    assert rows[1] == ("7+4=", "11", "12") and rows[0] == ("5+9=", "14", "14")
+    assert arithmetic_accuracy(_ArithmeticStub(), n=12, seed=3, max_digits=2) == 1.0
+    assert arithmetic_accuracy(_ArithmeticStub({p for p, _ in problems}), n=12, seed=3, max_digits=2) == 0.0
+    assert arithmetic_accuracy(_ArithmeticStub({"5+9="}), n=4, seed=3, max_digits=2) == 0.75  # n=4: the first 4
 
 
 def test_bad_schedule_and_config_fields_are_refused_where_built():
