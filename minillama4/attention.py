@@ -119,7 +119,8 @@ class KVCache:
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor):
         """Store k, v ([b, k, t, dh]) for `positions` [t]; return the keys, values and absolute
-        positions this layer can attend to now (cached ones first, then the new ones)."""
+        positions this layer can attend to now (in no particular order, with masked-out slots
+        among them: the attention mask is built from the positions returned)."""
         keys, values, slot_pos = self.keys[layer], self.values[layer], self.slot_pos[layer]
         slots = keys.shape[2]
         if self.static:  # one decode token at a device position: slot = p % slots (= p in a full cache)

@@ -125,7 +125,7 @@ def build_models(preset: str = "small", dtype: torch.dtype = torch.float32, devi
     cfg = configs.get(preset)
     ours = Llama4Text.random(cfg, seed=seed, dtype=dtype, device=device).eval()
     with _quiet_transformers():
-        hf = to_transformers(ours)
+        hf = to_transformers(ours, copy=False)  # the same weight tensors (docs/benchmarks.md)
     return ours, hf
 
 

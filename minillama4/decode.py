@@ -2,8 +2,9 @@
 
 Eager decode (`generate`'s default off CUDA) runs the ordinary forward for each new token. On a
 GPU at batch 1 that is slow for reasons that have nothing to do with arithmetic: Python launches
-a couple of thousand small kernels per token, and the KV cache update (and, without the W4A16
-kernel, the MoE dispatch) asks the host for values: a device-to-host sync per layer. Measured on an H100 80GB with full Scout in int4: about 10 ms of
+a couple of thousand small kernels per token, and the MoE dispatch (without the W4A16 kernel)
+and the id check ask the host for values: a device-to-host sync each (the eager KV cache update
+asked too, once per layer, until 2026-11-28). Measured on an H100 80GB with full Scout in int4: about 10 ms of
 GPU work per token, but eager decode ran at 8-9 tokens/s; the replayed graph below at 97
 (docs/benchmarks.md).
 

@@ -77,8 +77,8 @@ def kv_cache_bytes(cfg: TextConfig, context: int, batch: int = 1, bytes_per_valu
 
 def _plan_dtype(dtype) -> str:
     """A PLAN_DTYPES name from one of them, or from anything devices.as_dtype takes (torch.bfloat16, "float16")."""
-    if isinstance(dtype, str) and dtype in PLAN_DTYPES:
-        return dtype
+    if isinstance(dtype, str) and dtype.lower() in PLAN_DTYPES:
+        return dtype.lower()
     import torch
 
     from .devices import as_dtype

@@ -67,6 +67,8 @@ class HFTokenizer:
             from tokenizers import Tokenizer
         except ImportError as e:  # pragma: no cover - depends on the environment
             raise ImportError("reading tokenizer.json needs `pip install tokenizers`") from e
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"{path}: no such tokenizer.json")
         try:
             self.tok = Tokenizer.from_file(str(path))
         except Exception as e:  # the library raises a bare Exception with the parse error only
@@ -100,7 +102,7 @@ def load_tokenizer(checkpoint_dir: str | Path | None = None):
     if path.is_file() and path.suffix == ".json":
         return HFTokenizer(path)
     if not path.is_dir():
-        raise FileNotFoundError(f"{path}: no such checkpoint folder (or tokenizer.json file)")
+        raise FileNotFoundError(f"{path}: not a checkpoint folder or a tokenizer.json file")
     if (path / "tokenizer.json").exists():
         return HFTokenizer(path / "tokenizer.json")
     return ByteTokenizer()

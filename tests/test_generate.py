@@ -221,6 +221,32 @@ def test_forward_refuses_extras_that_do_not_match_the_ids(model):
     assert cache.length == 0
 
 
+def test_ring_cache_mixing_single_tokens_and_chunks_of_tokens_equals_a_full_forward(model):
+    """One-token updates (slot written first), several-token updates (cached slots + the new ones),
+    and static steps in between, across several 8-token chunks of a ring: the logits of every
+    position equal one forward over the whole sequence."""
+    from minillama4.decode import DecodeStep
+
+    ids = torch.randint(0, 320, (2, 41), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        full = model(ids)
+        cache = model.new_cache(2, 41)
+        assert cache.keys[0].shape[2] == 8 < cache.max_len  # layer 0 is a chunked ring of 8 slots
+        got, i = [], 0
+        for n in (3, 1, 1, 5, 1, 9, 1, 1, 1, 6, 2, 1, 1):  # ends at 33
+            got.append(model(ids[:, i:i + n], cache=cache))
+            i += n
+        step = DecodeStep(model, cache)
+        for _ in range(3):
+            got.append(step(ids[:, i:i + 1])[:, None])
+            i += 1
+        for n in (1, 4):
+            got.append(model(ids[:, i:i + n], cache=cache))
+            i += n
+    assert i == 41 and cache.length == 41
+    torch.testing.assert_close(torch.cat(got, 1), full, rtol=1e-5, atol=1e-5)
+
+
 def test_bad_model_construction_is_refused_before_allocating(monkeypatch):
     from minillama4 import plan
     from minillama4.model import Llama4

@@ -145,5 +145,5 @@ def test_bos_does_not_depend_on_the_files_post_processor(tmp_path):
 
 def test_load_tokenizer_takes_the_file_and_refuses_a_missing_folder(checkpoint, tmp_path):
     assert isinstance(load_tokenizer(checkpoint / "tokenizer.json"), HFTokenizer)
-    with pytest.raises(FileNotFoundError, match="no such checkpoint folder"):
+    with pytest.raises(FileNotFoundError, match="not a checkpoint folder or a tokenizer.json file"):
         load_tokenizer(tmp_path / "not_here")  # was the byte tokenizer, silently
