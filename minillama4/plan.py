@@ -6,14 +6,14 @@
 
 Weights come from `count_params` (exact); the feed-forward weights are int4 (4 bits + one bf16
 scale per 128 weights) when quantize="int4", and the attention projections too with which="all";
-the rest (embeddings, routers, norms, lm_head) stays in `dtype`. KV cache: 2 (k, v) x kv_heads x head_dim x bytes per position per layer, with
-chunked layers capped at one chunk when the ring buffer is on. Activations are an estimate for a
-prefill of `prefill_tokens` tokens: a few residual-stream copies, the dequantized scratch of
-one layer's experts (all of them up to 16, as quant.Int4Experts does; else one), the attention
-scores of one layer, and the logits. With cuda=True and int4, tinygemm's
-second copy of the int4 linears (the decode kernel those linears use on a GPU). Loading needs
-less than the activations on top of the weights: one stored tensor and a block of quantization
-scratch at a time (checkpoint.from_pretrained, quant.quantize_int4).
+the rest (embeddings, routers, norms, lm_head) stays in `dtype`. KV cache: 2 (k, v) x kv_heads x
+head_dim x bytes per position per layer, with chunked layers capped at one chunk when the ring
+buffer is on. Activations are an estimate for a prefill of `prefill_tokens` tokens: a few
+residual-stream copies, the dequantized scratch of one layer's experts (all of them up to 16, as
+quant.Int4Experts does; else one), the attention scores of one layer, and the logits. With
+cuda=True and int4, tinygemm's second copy of the int4 linears (the decode kernel those linears
+use on a GPU). Loading needs less than the activations on top of the weights: one stored tensor
+and a block of quantization scratch at a time (checkpoint.from_pretrained, quant.quantize_int4).
 """
 
 from __future__ import annotations
