@@ -74,7 +74,12 @@ class HFTokenizer:
         except Exception as e:  # the library raises a bare Exception with the parse error only
             raise ValueError(f"{path}: not a valid tokenizer.json ({e})") from None
         self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
-        self.bos_id = self.tok.token_to_id("<|begin_of_text|>")  # None if this vocabulary has none
+        # the special ids ByteTokenizer has, by the same names; each is None if this vocabulary lacks it
+        self.bos_id = self.tok.token_to_id("<|begin_of_text|>")
+        self.eos_id = self.tok.token_to_id("<|end_of_text|>")
+        self.eot_id = self.tok.token_to_id("<|eot|>")
+        self.pad_id = self.tok.token_to_id("<|finetune_right_pad|>")
+        self.patch_id = self.tok.token_to_id("<|patch|>")
 
     def encode(self, text: str, bos: bool = False) -> list[int]:
         """Token ids of `text`; bos=True puts <|begin_of_text|> first (itself, not through the file's

@@ -9,7 +9,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 
 from minillama4.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
 
-SPECIALS = ["<unk>", "<|begin_of_text|>", "<|end_of_text|>", "<|eot|>"]
+SPECIALS = ["<unk>", "<|begin_of_text|>", "<|end_of_text|>", "<|eot|>", "<|finetune_right_pad|>"]
 CORPUS = ["the cat sat on the mat", "the dog ate the cat food", "llama four is a mixture of experts model",
           "two plus two is four", "experts route tokens"] * 3
 TEXTS = ["the cat ate the llama's food", "  two  spaces, a tab\tand\nnew lines\n",
@@ -147,3 +147,17 @@ def test_load_tokenizer_takes_the_file_and_refuses_a_missing_folder(checkpoint, 
     assert isinstance(load_tokenizer(checkpoint / "tokenizer.json"), HFTokenizer)
     with pytest.raises(FileNotFoundError, match="not a checkpoint folder or a tokenizer.json file"):
         load_tokenizer(tmp_path / "not_here")  # was the byte tokenizer, silently
+
+
+def test_special_ids_have_byte_tokenizers_names(checkpoint):
+    """bos/eos/eot/pad/patch ids, as ByteTokenizer names them (code written for one runs on the other);
+    a token this vocabulary lacks (<|patch|> here) is None."""
+    tok, ref = load_tokenizer(checkpoint), _reference(checkpoint)
+    names = {"bos_id": "<|begin_of_text|>", "eos_id": "<|end_of_text|>", "eot_id": "<|eot|>",
+             "pad_id": "<|finetune_right_pad|>", "patch_id": "<|patch|>"}
+    byte = ByteTokenizer()
+    for attr, token in names.items():
+        assert getattr(tok, attr) == ref.token_to_id(token)
+        assert byte.decode([getattr(byte, attr)]) == token  # the same token under the same name
+    assert tok.patch_id is None
+    assert len({tok.bos_id, tok.eos_id, tok.eot_id, tok.pad_id}) == 4
