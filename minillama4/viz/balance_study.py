@@ -98,20 +98,20 @@ def final_load_heatmap(records: Mapping, layer: int, *, key: str = "tail_load", 
 # ------------------------------------------------------------------------------ explorer
 @dataclass(repr=False, eq=False)
 class BalanceExplorer(_Explorer):
-    ui: widgets.VBox
+    ui: widgets.VBox  # the controls above the summary and both plots
     method: widgets.Dropdown  # switch_aux, z_loss or bias_update_rate
     coefficient: widgets.SelectionSlider  # the coefficients this sweep holds for that method (0 = none)
     layer: widgets.Dropdown  # the MoE layer shown
     summary: widgets.HTML  # final loss, max/mean and dropping of the chosen run vs no balancing
     load_output: widgets.Output  # shows load_figure
     curves_output: widgets.Output  # shows loss_figure and imbalance_figure
-    sweep: dict
-    index: dict
+    sweep: dict  # the balancing sweep: {"runs": run name -> record} (train/sweeps.py)
+    index: dict  # sweep_index(sweep): method -> coefficient -> run name
     run_name: str = ""  # the run shown
-    load_figure: go.Figure | None = None
-    loss_figure: go.Figure | None = None
-    imbalance_figure: go.Figure | None = None
-    _updating: bool = False
+    load_figure: go.Figure | None = None  # tokens per expert in the chosen layer, chosen run vs none
+    loss_figure: go.Figure | None = None  # training loss of both runs
+    imbalance_figure: go.Figure | None = None  # max/mean expert load of both runs over training
+    _updating: bool = False  # True while a method change refills the coefficient slider (no refresh)
 
 
 def _coefficient_options(index: dict, method: str) -> list[tuple[str, float]]:

@@ -342,18 +342,18 @@ def confusion_figure(matrix, options: list[str], *, title: str = "Confusion") ->
 # ------------------------------------------------------------------------------ widget
 @dataclass(repr=False, eq=False)
 class FusionExplorer(_Explorer):
-    ui: widgets.VBox
-    colour: widgets.Dropdown
-    shape: widgets.Dropdown
+    ui: widgets.VBox  # the controls, the answer table and the attention plot
+    colour: widgets.Dropdown  # the drawn shape's colour
+    shape: widgets.Dropdown  # the drawn shape's kind
     x: widgets.IntSlider  # the shape's centre column in pixels
     y: widgets.IntSlider  # the shape's centre row in pixels
-    size: widgets.IntSlider
+    size: widgets.IntSlider  # the shape's size in pixels
     question: widgets.Dropdown  # the question whose attention is shown
-    layer: widgets.Dropdown
+    layer: widgets.Dropdown  # the decoder layer whose attention is shown
     answers: widgets.HTML  # the model's answers to every question, against the truth
     output: widgets.Output  # shows `figure`
-    model: object
-    shapes_cfg: object
+    model: object  # the trained image+text model (Llama4)
+    shapes_cfg: object  # shapes.ShapesConfig: image size, colours and shapes it was trained on
     questions: tuple  # the questions answered in the table
     max_new_tokens: int  # longest answer decoded
     image: torch.Tensor | None = None  # the drawn image [c, y, x] uint8

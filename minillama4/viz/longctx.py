@@ -225,18 +225,18 @@ def attention_row_figure(weights, tokens: Sequence[str], highlight: Mapping[str,
 # ------------------------------------------------------------------------------ KV memory explorer
 @dataclass(repr=False, eq=False)
 class KVMemoryExplorer(_Explorer):
-    ui: widgets.VBox
+    ui: widgets.VBox  # the sliders, the table and the plot
     chunk: widgets.SelectionSlider  # attention_chunk_size of the RoPE layers
     interval: widgets.IntSlider  # every n-th layer is NoPE with full attention (0 = no NoPE layer)
     context: widgets.SelectionSlider  # tokens in the sequence
     number_format: widgets.Dropdown  # bytes per cached number
-    table: widgets.HTML
+    table: widgets.HTML  # KV-cache bytes, full vs ring, at the chosen context
     output: widgets.Output  # shows `figure`
-    base: Llama4Config | TextConfig
+    base: Llama4Config | TextConfig  # the config the sliders start from
     config: TextConfig | None = None  # base text config with the sliders' values
     full: KVMemory | None = None  # at the chosen context, every layer keeping every position
     ring: KVMemory | None = None  # the same with chunked layers keeping one chunk
-    figure: go.Figure | None = None
+    figure: go.Figure | None = None  # cache size against context, full vs ring
 
 
 def _kv_table(ex: KVMemoryExplorer) -> str:

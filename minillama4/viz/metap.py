@@ -194,13 +194,13 @@ def multiplier_search_figure(search: dict) -> go.Figure:
 # ------------------------------------------------------------------------------ widget
 @dataclass(repr=False, eq=False)
 class SweepExplorer(_Explorer):
-    ui: widgets.VBox
+    ui: widgets.VBox  # the controls, the table and the plot
     kind: widgets.Dropdown  # "sp", "mup" or "both"
     widths: list  # one Checkbox per width
     table: widgets.HTML  # best LR per width and the loss at the base width's best LR
     output: widgets.Output  # shows `figure`
-    sweep: dict
-    figure: go.Figure | None = None
+    sweep: dict  # metap.lr_sweep's result: validation loss per kind, width and log2 learning rate
+    figure: go.Figure | None = None  # lr_sweep_figure: loss against log2(lr), one line per width
 
 
 def _sweep_table(sweep: dict, kinds: list[str], widths: list[int]) -> str:

@@ -382,7 +382,7 @@ def gate_histogram(gates: dict[str, torch.Tensor], nbins: int = 40) -> go.Figure
 # ------------------------------------------------------------------------------ widget
 @dataclass(repr=False, eq=False)
 class SnippetExplorer(_Explorer):
-    ui: widgets.VBox
+    ui: widgets.VBox  # the controls, the coloured snippet and the plot
     text: widgets.Dropdown  # which snippet
     layer: widgets.Dropdown  # which MoE layer
     html: widgets.HTML  # the snippet coloured by top-1 expert, hover titles with router scores

@@ -62,21 +62,21 @@ def _slider(description: str, value: int, lo: int, hi: int, step: int = 1) -> wi
 # ------------------------------------------------------------------------------ config explorer
 @dataclass(repr=False, eq=False)
 class ConfigExplorer(_Explorer):
-    ui: widgets.VBox
-    experts: widgets.IntSlider
-    top_k: widgets.IntSlider
-    interleave: widgets.IntSlider
-    hidden: widgets.IntSlider
-    layers: widgets.IntSlider
+    ui: widgets.VBox  # the sliders, the table and both plots
+    experts: widgets.IntSlider  # num_local_experts
+    top_k: widgets.IntSlider  # num_experts_per_tok
+    interleave: widgets.IntSlider  # interleave_moe_layer_step (1 = every layer MoE)
+    hidden: widgets.IntSlider  # hidden_size
+    layers: widgets.IntSlider  # num_hidden_layers
     table: widgets.HTML  # totals and memory per format, or the ValueError of an invalid combination
     output: widgets.Output  # shows `figure`
     memory_output: widgets.Output  # shows `memory_figure`
-    base: Llama4Config | TextConfig
-    base_params: ParamCount
-    gpu_gib: float
+    base: Llama4Config | TextConfig  # the config the sliders start from
+    base_params: ParamCount  # count_params(base)
+    gpu_gib: float  # the GPU memory the table's "(fits)" compares with
     config: Llama4Config | TextConfig | None = None  # None while the sliders are invalid
-    params: ParamCount | None = None
-    error: str | None = None
+    params: ParamCount | None = None  # count_params(config)
+    error: str | None = None  # the ValueError's message while the sliders are invalid
     figure: go.Figure | None = None  # total vs active per component (last valid config)
     memory_figure: go.Figure | None = None  # base vs this config at bf16 / fp8 / int4
 
@@ -150,12 +150,12 @@ def config_explorer(base_cfg: Llama4Config | TextConfig, gpu_gib: float = 80.0) 
 # ------------------------------------------------------------------------------ routing explorer
 @dataclass(repr=False, eq=False)
 class RoutingExplorer(_Explorer):
-    ui: widgets.VBox
+    ui: widgets.VBox  # the layer control, the coloured tokens and the plot
     layer: widgets.Dropdown  # the MoE layer shown
     html: widgets.HTML  # token colouring (token_expert_html)
     output: widgets.Output  # shows `figure`
-    trace: object
-    tokens: list[str] = field(default_factory=list)
+    trace: object  # the RouterTrace of one forward
+    tokens: list[str] = field(default_factory=list)  # one printable string per traced token
     figure: go.Figure | None = None  # load bar of the chosen layer
 
 
@@ -189,17 +189,17 @@ def routing_explorer(trace, tokenizer=None) -> RoutingExplorer:
 # ------------------------------------------------------------------------------ mask explorer
 @dataclass(repr=False, eq=False)
 class MaskExplorer(_Explorer):
-    ui: widgets.VBox
+    ui: widgets.VBox  # the sliders and both plots
     chunk: widgets.IntSlider  # attention_chunk_size; 0 = no chunking
-    seq_len: widgets.IntSlider
-    floor_scale: widgets.IntSlider
-    attn_scale: widgets.FloatSlider
-    mask_output: widgets.Output
-    temperature_output: widgets.Output
-    base: Llama4Config | TextConfig
+    seq_len: widgets.IntSlider  # tokens shown
+    floor_scale: widgets.IntSlider  # NoPE temperature: positions per step of the log
+    attn_scale: widgets.FloatSlider  # NoPE temperature: the log's coefficient
+    mask_output: widgets.Output  # shows `mask_figure`
+    temperature_output: widgets.Output  # shows `temperature_figure`
+    base: Llama4Config | TextConfig  # the config the sliders start from
     config: TextConfig | None = None  # base text config with the sliders' values
-    mask_figure: go.Figure | None = None
-    temperature_figure: go.Figure | None = None
+    mask_figure: go.Figure | None = None  # which keys each query sees, chunked and NoPE layers
+    temperature_figure: go.Figure | None = None  # the NoPE query scale against position
 
 
 def _refresh_masks(ex: MaskExplorer) -> None:
