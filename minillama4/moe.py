@@ -174,11 +174,14 @@ _GROUPED_MM_PROBE: dict = {}
 
 def grouped_mm_supported(x: torch.Tensor, *weights: torch.Tensor) -> bool:
     """torch._grouped_mm exists in recent torch, on CPU (fp32, bf16) and on recent GPUs (bf16);
-    rows must be 16-byte aligned. Probed once per device type and dtype with a tiny call."""
+    rows must be 16-byte aligned: x's, each weight's, and each weight's input rows (the second
+    matmul's input is the [n, f] activation, so intermediate_size counts too). Probed once per
+    device type and dtype with a tiny call."""
     if not hasattr(torch, "_grouped_mm"):
         return False
-    if any(w.stride(-2) * w.element_size() % 16 or w.shape[-1] * w.element_size() % 16 or not w.is_contiguous()
-           for w in weights) or x.shape[-1] * x.element_size() % 16:
+    if any((w.stride(-2) * w.element_size() % 16 or w.shape[-1] * w.element_size() % 16
+            or w.shape[-2] * w.element_size() % 16 or not w.is_contiguous()) for w in weights) \
+            or x.shape[-1] * x.element_size() % 16:
         return False
     key = (x.device.type, x.dtype)
     if key not in _GROUPED_MM_PROBE:

@@ -115,6 +115,23 @@ def test_both_fast_variants_agree_with_reference(monkeypatch):
     assert variants[False] is not None
 
 
+@pytest.mark.parametrize("dtype, intermediate", [(torch.float32, 6), (torch.float32, 10), (torch.bfloat16, 12)],
+                         ids=["fp32-6", "fp32-10", "bf16-12"])
+def test_fast_path_with_rows_grouped_mm_cannot_take(dtype, intermediate):
+    """torch._grouped_mm needs 16-byte rows; an intermediate_size whose rows are not (fp32: not a
+    multiple of 4; bf16: of 8) made the second grouped matmul raise ("strides should be multiple of
+    16 bytes") once a layer had as many token copies as experts. It now takes the loop."""
+    torch.manual_seed(0)
+    moe = MoE(small_text(num_local_experts=2, num_experts_per_tok=1, intermediate_size=intermediate), layer=0)
+    moe = moe.to(dtype)
+    x = torch.randn(1, 9, 64, dtype=dtype)
+    with torch.no_grad():
+        moe.dispatch = "reference"
+        ref = moe(x)
+        moe.dispatch = "fast"
+        torch.testing.assert_close(moe(x), ref, rtol=1e-5, atol=1e-6)
+
+
 def test_router_outputs_keep_gradients_and_selection_bias_only_changes_choice():
     import minillama4 as ml4
 
