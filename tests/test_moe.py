@@ -123,6 +123,8 @@ def test_fast_path_with_rows_grouped_mm_cannot_take(dtype, intermediate):
     16 bytes") once a layer had as many token copies as experts. It now takes the loop."""
     torch.manual_seed(0)
     moe = MoE(small_text(num_local_experts=2, num_experts_per_tok=1, intermediate_size=intermediate), layer=0)
+    for p in moe.parameters():  # (MoE leaves its weights to the model's init)
+        torch.nn.init.normal_(p, std=0.2)
     moe = moe.to(dtype)
     x = torch.randn(1, 9, 64, dtype=dtype)
     with torch.no_grad():
