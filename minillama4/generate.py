@@ -2,7 +2,7 @@
 
 Greedy (temperature 0) by default; temperature and nucleus (top-p) sampling with a seed;
 generation stops when every sequence has produced a stop token (then the finished rows are
-padded with their stop token). The decode steps run the ordinary forward ("eager"), or a
+padded with their stop token). The decode steps run the text model's ordinary forward ("eager"), or a
 static-shape step with no host sync ("static"), replayed as a CUDA graph on a GPU ("graph");
 see decode.py. Every argument is checked before the prefill, the KV cache's room and memory
 included: a refused call leaves the model, the cache and a RouterTrace as they were.
@@ -131,7 +131,10 @@ def generate(model, input_ids, max_new_tokens: int, temperature: float = 0.0, to
     out = [ids]
     finished = torch.zeros(b, dtype=torch.bool, device=ids.device)
     images = {} if pixel_values is None else {"pixel_values": pixel_values}
-    step = (lambda x: model(x, cache=cache)[:, -1]) if decode == "eager" else DecodeStep(model, cache, decode == "graph")
+    # decode steps read text only, as DecodeStep does: a generated <|patch|> is an ordinary token (the
+    # images fill the prompt's <|patch|> slots in the prefill; transformers passes them only there too)
+    text = getattr(model, "language_model", model)
+    step = (lambda x: text(x, cache=cache)[:, -1]) if decode == "eager" else DecodeStep(model, cache, decode == "graph")
     logits = model(ids, cache=cache, **images)[:, -1]
     for _ in range(max_new_tokens):
         nxt = sample_next(logits, temperature, top_p, generator)

@@ -101,6 +101,25 @@ def test_generate_with_images_matches_transformers_greedy(tmp_path):
     assert torch.equal(out, ref)
 
 
+@pytest.mark.parametrize("decode", ["eager", "static"])
+def test_a_generated_patch_token_is_text(decode):
+    """A model may itself emit <|patch|> (image_token_index). The images fill the prompt's slots in
+    the prefill; a decode step reads the token as text, as transformers (which passes pixel_values
+    only to the first step) does. The eager step raised "no pixel_values were given" here."""
+    model = Llama4.random(ml4.configs.tiny_multimodal(), seed=0)
+    patch = model.config.image_token_index
+    ids = torch.tensor([[20, 21, 22, 23]])
+    with torch.no_grad():
+        w = model.language_model.lm_head.weight
+        w[patch] = 3 * w[int(model(ids)[0, -1].argmax())]  # <|patch|> becomes the greedy next token
+        out = model.generate(ids, 4, decode=decode)
+        ref = ids
+        for _ in range(4):  # the text model's greedy, full forward each step
+            ref = torch.cat([ref, model.language_model(ref)[:, -1].argmax(-1, keepdim=True)], 1)
+    assert out[0, 4] == patch
+    assert torch.equal(out, ref)
+
+
 def test_multimodal_round_trip_and_text_only_load(tmp_path):
     hf, ours = hf_pair(VISION["r05_56px"], tmp_path / "hf")
     ours.save_pretrained(tmp_path / "ours")
