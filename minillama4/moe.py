@@ -42,11 +42,25 @@ class Experts(nn.Module):
     """The routed experts, stacked as in the checkpoint: input-major (x @ W) with gate and up fused.
     gate_up_proj [e, d, 2f] (gate = first f columns, up = last f), down_proj [e, f, d]."""
 
-    def __init__(self, cfg: TextConfig):
+    def __init__(self, cfg: TextConfig, layer: int = 0):
         super().__init__()
         e, d, f = cfg.num_local_experts, cfg.hidden_size, cfg.intermediate_size
         self.gate_up_proj = nn.Parameter(torch.empty(e, d, 2 * f))
         self.down_proj = nn.Parameter(torch.empty(e, f, d))
+        self.std = cfg.initializer_range
+        self.reset_parameters(seed=(torch.initial_seed() + layer) % 2**63)
+
+    @torch.no_grad()
+    def reset_parameters(self, seed: int = 0) -> None:
+        """normal(0, initializer_range), as the model's init_weights, so that a model built with
+        Llama4Text(cfg) works before any init (torch.empty memory may hold NaN). From a generator of
+        its own: the global one is left as it was, so Llama4Text.random(seed) draws what it always
+        drew (nn.Linear's own init uses the global one). Nothing to do on the "meta" device."""
+        if self.gate_up_proj.is_meta:
+            return
+        g = torch.Generator(device=self.gate_up_proj.device).manual_seed(seed)
+        self.gate_up_proj.normal_(0.0, self.std, generator=g)
+        self.down_proj.normal_(0.0, self.std, generator=g)
 
     def one(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert e on tokens x [n, d]: SwiGLU with the stacked weights."""
@@ -77,7 +91,7 @@ class MoE(nn.Module):
         super().__init__()
         self.layer, self.top_k, self.n_experts = layer, cfg.num_experts_per_tok, cfg.num_local_experts
         self.router = nn.Linear(cfg.hidden_size, cfg.num_local_experts, bias=False)
-        self.experts = Experts(cfg)
+        self.experts = Experts(cfg, layer)
         self.shared_expert = SwiGLU(cfg.hidden_size, cfg.intermediate_size)
         self.dispatch = "fast"  # or "reference"
         self.trace = None  # a RouterTrace while one is active; costs one `is None` check when off

@@ -123,7 +123,7 @@ def test_fast_path_with_rows_grouped_mm_cannot_take(dtype, intermediate):
     16 bytes") once a layer had as many token copies as experts. It now takes the loop."""
     torch.manual_seed(0)
     moe = MoE(small_text(num_local_experts=2, num_experts_per_tok=1, intermediate_size=intermediate), layer=0)
-    for p in moe.parameters():  # (MoE leaves its weights to the model's init)
+    for p in moe.parameters():  # larger weights than the default init, as make() uses
         torch.nn.init.normal_(p, std=0.2)
     moe = moe.to(dtype)
     x = torch.randn(1, 9, 64, dtype=dtype)
@@ -156,3 +156,28 @@ def test_router_outputs_keep_gradients_and_selection_bias_only_changes_choice():
     torch.testing.assert_close(forced[0], free[0])  # logits unchanged
     torch.testing.assert_close(forced[2], torch.sigmoid(forced[0].gather(-1, forced[1])))  # gates from raw logits
     assert logits.shape == (2, 9, 320)
+
+
+def test_a_model_built_without_random_has_initialised_experts():
+    """Llama4Text(cfg) left the stacked experts as torch.empty memory (NaN logits after other
+    tensors were freed). They are now normal(0, initializer_range), from a generator of their own:
+    the global one is not touched, so Llama4Text.random(seed) draws what it always did."""
+    from minillama4 import configs
+    from minillama4.model import Llama4Text
+    from minillama4.moe import Experts
+
+    cfg = configs.tiny().text
+    torch.manual_seed(5)
+    expected_next = torch.rand(3)
+    torch.manual_seed(5)
+    experts = Experts(cfg, layer=1)
+    assert torch.equal(torch.rand(3), expected_next)  # the global generator was left alone
+    for w in (experts.gate_up_proj, experts.down_proj):
+        assert w.isfinite().all()
+        assert abs(w.std().item() - cfg.initializer_range) < 0.1 * cfg.initializer_range
+    assert not torch.equal(experts.gate_up_proj, Experts(cfg, layer=2).gate_up_proj)  # layers differ
+    model = Llama4Text(cfg)
+    with torch.no_grad():
+        assert model(torch.tensor([[1, 2, 3, 4]])).isfinite().all()
+    with torch.device("meta"):  # what from_pretrained builds: nothing drawn
+        assert Experts(cfg).gate_up_proj.is_meta
