@@ -34,6 +34,7 @@ from .model import Llama4, Llama4Text
 INDEX = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 SKIPPED_PREFIXES = ("vision_model.", "multi_modal_projector.")  # not used by a text-only model
+REQUIRED_TEXT_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")  # the size
 FORMS = ("v5", "legacy")  # config.json forms save_pretrained writes (config.to_hf_dict)
 FINITE_BLOCK = 1 << 22  # elements checked for NaN/inf at a time (float8 is checked as float32: 16 MB)
 
@@ -89,6 +90,9 @@ def weight_files(path: Path) -> list[Path]:
             raise FileNotFoundError(f"{path}: shards listed in {INDEX} are missing: {_names(missing)}")
         return [path / f for f in files]
     files = sorted(path.glob("*.safetensors"))
+    not_files = [p.name for p in files if not p.is_file()]
+    if not_files:
+        raise ValueError(f"{path}: {_names(not_files)} is not a regular file (a folder?); expected safetensors files")
     if files:
         return files
     pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
@@ -125,13 +129,17 @@ def _read_headers(files: list[Path]) -> dict[str, tuple[Path, list[int], str]]:
     return out
 
 
+STORED_DTYPES = ("F32", "BF16", "F16")  # what the model computes in (safetensors' dtype names)
+
+
 def _refuse_non_float(headers, keys) -> None:
-    """Weights must be stored as floating point: an integer tensor would only fail later, deep in torch."""
-    bad = [f"{key} {headers[key][2]} ({headers[key][0].name})" for key in keys
-           if not headers[key][2].startswith(("F", "BF"))]
+    """Weights must be stored as F32, BF16 or F16: an integer tensor would only fail later, deep in
+    torch; float8 needs the scales of its quantization format (Meta's -FP8 releases), which are not read."""
+    bad = [f"{key} {headers[key][2]} ({headers[key][0].name})" for key in keys if headers[key][2] not in STORED_DTYPES]
     if bad:
-        raise ValueError(f"checkpoint tensors stored as integers or booleans ({len(bad)}): {_names(bad)}; "
-                         "weights must be floating point (F32, BF16 or F16)")
+        raise ValueError(f"checkpoint tensors stored in a dtype minillama4 does not load ({len(bad)}): {_names(bad)}; "
+                         "weights must be F32, BF16 or F16 (for Meta's FP8 releases use the BF16 checkpoint; "
+                         "F64 tensors: convert them to F32)")
 
 
 def _is_finite(tensor: torch.Tensor) -> bool:
@@ -148,11 +156,12 @@ def _is_finite(tensor: torch.Tensor) -> bool:
     return True
 
 
-def _param_name(key: str, multimodal: bool) -> str | None:
-    """Checkpoint key -> our parameter name; None for keys a text-only model does not use."""
+def _param_name(key: str, multimodal: bool, skip_vision: bool = True) -> str | None:
+    """Checkpoint key -> our parameter name; None for keys a text-only model does not use (the
+    vision tensors, when skip_vision: config.json has a vision tower that text_only leaves out)."""
     if multimodal:
         return key
-    if key.startswith(SKIPPED_PREFIXES):
+    if skip_vision and key.startswith(SKIPPED_PREFIXES):
         return None
     return key.removeprefix("language_model.")
 
@@ -164,7 +173,16 @@ def read_config(path) -> Llama4Config:
     cfg_file = path / "config.json"
     if not cfg_file.exists():
         raise FileNotFoundError(f"{path}: no config.json (expected a Hugging Face checkpoint folder)")
-    return from_hf_dict(_read_json_object(cfg_file, "a Hugging Face Llama 4 config"))
+    data = _read_json_object(cfg_file, "a Hugging Face Llama 4 config")
+    # from_hf_dict fills absent fields with Scout's values, as transformers fills in its defaults; a
+    # file without the model's size is incomplete, and would be read as a Scout that does not fit
+    text = data["text_config"] if isinstance(data.get("text_config"), dict) else data
+    missing = [key for key in REQUIRED_TEXT_KEYS if key not in text]
+    if missing:
+        where = '"text_config"' if text is not data else "the top level"
+        raise ValueError(f"{cfg_file}: no {', '.join(missing)} in {where}; every Llama 4 config.json has them "
+                         "(is the file complete?)")
+    return from_hf_dict(data)
 
 
 def _plan_or_refuse(cfg, multimodal, quantize, which, dtype, device, context, verbose):
@@ -203,6 +221,8 @@ def from_pretrained(path, dtype=None, device="cpu", text_only: bool = False, qua
     cfg = read_config(path)
     files = weight_files(path)
     headers = _read_headers(files)
+    if not isinstance(text_only, bool):
+        raise TypeError(f"text_only={text_only!r}: expected True or False")
     multimodal = cfg.vision is not None and not text_only
     _plan_or_refuse(cfg, multimodal, quantize, which, dtype, device, context, verbose)
     with torch.device("meta"):
@@ -211,7 +231,7 @@ def from_pretrained(path, dtype=None, device="cpu", text_only: bool = False, qua
     _quantize_meta(model, quantize, which)
     plan, unexpected, mismatched = {}, [], {}
     for key, (file, shape, _) in headers.items():
-        name = _param_name(key, multimodal)
+        name = _param_name(key, multimodal, skip_vision=cfg.vision is not None)  # else they are unexpected
         if name is None:
             continue
         if name not in expected:
@@ -231,6 +251,11 @@ def from_pretrained(path, dtype=None, device="cpu", text_only: bool = False, qua
     if problems:
         raise ValueError(f"{path}: checkpoint does not match its config.json:\n  " + "\n  ".join(problems))
     _refuse_non_float(headers, [key for _, key in plan.values()])
+    stored = sorted({headers[key][2] for _, key in plan.values()})
+    if dtype is None and len(stored) > 1:  # "keep the stored dtype" would give a model of mixed dtypes
+        counts = ", ".join(f"{d}: {sum(headers[key][2] == d for _, key in plan.values())}" for d in stored)
+        raise ValueError(f"{path}: the checkpoint stores its tensors in several dtypes ({counts}); "
+                         "pass dtype= ('bf16' or 'fp32') to load them all in one")
     for name, (file, key) in plan.items():  # file by file: the headers were read in that order
         # safetensors hands out tensors that live on the file's memory map (no copy), and any one of
         # them keeps the whole file mapped: so the file is opened for one tensor at a time, and a
@@ -242,12 +267,16 @@ def from_pretrained(path, dtype=None, device="cpu", text_only: bool = False, qua
                              "or the weights diverged; download or save it again")
         owner, attr = name.rsplit(".", 1)
         module = model.get_submodule(owner)
-        if hasattr(module, "load_dense"):  # an int4 module: quantize this tensor now
-            tensor = stored.to(device=device, dtype=dtype or None)
+        quantized = hasattr(module, "load_dense")  # an int4 module: quantizes this tensor now (no copy kept)
+        tensor = stored.to(device=device, dtype=dtype or None, copy=not quantized)
+        if dtype == torch.float16 and stored.dtype != torch.float16 and not _is_finite(tensor):
+            raise ValueError(f"checkpoint tensor {key} ({file.name}) overflows fp16 (largest magnitude "
+                             f"{stored.abs().max().item():.3g}, fp16's is 65504): load it with dtype='bf16' or 'fp32'")
+        if quantized:
             module.load_dense(tensor) if attr == "weight" else module.load_dense(attr, tensor)
         else:
-            setattr(module, attr, nn.Parameter(stored.to(device=device, dtype=dtype or None, copy=True)))
-        del stored
+            setattr(module, attr, nn.Parameter(tensor))
+        del stored, tensor
     return model.eval()
 
 
@@ -257,8 +286,10 @@ def random_model(config, quantize: str | None = None, which: str = "ffn", dtype=
     int4: no full-precision detour), for benchmarks without a checkpoint. Text-only for a
     TextConfig or a config without vision, else the multimodal Llama4. The memory plan is checked
     first, like from_pretrained."""
+    from .model import check_seed
     from .quant import randomize_int4
 
+    check_seed(seed)
     cfg = config if isinstance(config, Llama4Config) else Llama4Config(text=config, vision=None)
     dtype, device = as_dtype(dtype), as_device(device)
     _plan_or_refuse(cfg, cfg.vision is not None, quantize, which, dtype, device, context, verbose)
@@ -317,6 +348,22 @@ def _refuse_unsaveable(model, path: Path) -> None:
                          "fill them) before saving")
     if path.exists() and not path.is_dir():
         raise ValueError(f"{path}: exists and is not a directory (save_pretrained writes a checkpoint folder)")
+    # the config may have been changed after the model was built: it must still describe these weights,
+    # or the checkpoint would not load (here or in transformers)
+    try:
+        with torch.device("meta"):
+            expected = {name: tuple(t.shape) for name, t in type(model)(model.config).state_dict().items()}
+    except ValueError as e:
+        raise ValueError(f"model.config no longer validates: {e}") from None
+    shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    wrong = [f"{name} {list(shapes[name])} (config says {list(expected[name])})" for name in shapes
+             if name in expected and shapes[name] != expected[name]]
+    problems = [f"{label} ({len(items)}): {_names(items)}" for label, items in
+                (("mis-shaped", wrong), ("missing", set(expected) - set(shapes)), ("extra", set(shapes) - set(expected)))
+                if items]
+    if problems:
+        raise ValueError("the model's weights do not match model.config (was a config field changed after the "
+                         "model was built?); nothing written:\n  " + "\n  ".join(problems))
 
 
 def save_pretrained(model, path, max_shard_size="5GB", form: str = "v5") -> None:
@@ -326,6 +373,8 @@ def save_pretrained(model, path, max_shard_size="5GB", form: str = "v5") -> None
     (transformers 5.x) or "legacy" (4.x).
     Bad arguments are refused before anything is written. New files are written under temporary
     names and renamed at the end, so a failed save leaves an earlier checkpoint in the folder intact."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path={path!r}: expected a folder path (str or pathlib.Path)")
     path = Path(path)
     if form not in FORMS:
         raise ValueError(f"form={form!r}: expected one of {FORMS}")
@@ -333,18 +382,23 @@ def save_pretrained(model, path, max_shard_size="5GB", form: str = "v5") -> None
     _refuse_unsaveable(model, path)
     dtype = str(model.dtype).removeprefix("torch.")
     config = to_hf_dict(model.config, form, text_only=isinstance(model, Llama4Text), dtype=dtype)
-    shards, current, size = [], {}, 0
+    shards, current, size, seen = [], {}, 0, set()
     for name, tensor in model.state_dict().items():
         nbytes = tensor.numel() * tensor.element_size()
         if current and size + nbytes > limit:
             shards.append(current)
             current, size = {}, 0
-        current[name] = tensor.detach().contiguous().cpu()
+        tensor = tensor.detach().contiguous().cpu()
+        if tensor.untyped_storage().data_ptr() in seen:  # tied weights (say lm_head = embed_tokens):
+            tensor = tensor.clone()  # safetensors refuses shared memory; each name gets its own copy
+        seen.add(tensor.untyped_storage().data_ptr())
+        current[name] = tensor
         size += nbytes
     shards.append(current)
     n = len(shards)
     names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
     written = names + ([INDEX] if n > 1 else [])
+    created = not path.exists()
     path.mkdir(parents=True, exist_ok=True)
     try:
         for fname, shard in zip(names, shards):
@@ -358,6 +412,8 @@ def save_pretrained(model, path, max_shard_size="5GB", form: str = "v5") -> None
     except BaseException:  # e.g. a full disk: leave no temporary files behind
         for fname in written + ["config.json"]:
             (path / (fname + ".tmp")).unlink(missing_ok=True)
+        if created and not any(path.iterdir()):
+            path.rmdir()  # a folder this call made stays only with a checkpoint in it
         raise
     for old in list(path.glob("model*.safetensors")) + [path / INDEX]:
         if old.exists() and old.name not in written:

@@ -35,6 +35,26 @@ def _check_config(cls, config, multimodal: bool = False) -> None:
     if not isinstance(config, (TextConfig, Llama4Config)):
         raise TypeError(f"{cls.__name__}({reprlib.repr(config)}): pass a TextConfig or Llama4Config, "
                         "e.g. minillama4.configs.tiny()")
+    # configs are checked when made, but their fields can be changed afterwards (cfg.text.num_hidden_layers
+    # = 6 leaves 4 entries in no_rope_layers): check again, or the forward fails far from the cause
+    configs = (config.text, config.vision, config) if isinstance(config, Llama4Config) else (config,)
+    try:
+        for c in configs:
+            if c is not None:
+                c.validate()
+    except ValueError as e:
+        remake = ("config.replace_text(num_hidden_layers=6)" if isinstance(config, Llama4Config) else
+                  "dataclasses.replace(config, num_hidden_layers=6, moe_layers=None, no_rope_layers=None)")
+        raise ValueError(f"{e} (a field changed after the config was made? Make a new one instead, e.g. {remake}, "
+                         "which derives moe_layers and no_rope_layers again)") from None
+
+
+def check_seed(seed) -> None:
+    """A seed torch's generators take: an integer in [-2**63, 2**64)."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"seed={seed!r}: must be an integer")
+    if not -2**63 <= seed < 2**64:
+        raise ValueError(f"seed={seed}: must lie in [-2**63, 2**64), what torch's random generators take")
 
 
 def _random_args(config, seed, dtype, device):
@@ -42,8 +62,7 @@ def _random_args(config, seed, dtype, device):
     anything is allocated: (dtype, device) as torch objects."""
     from .plan import check_weights_fit
 
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-        raise TypeError(f"seed={seed!r}: must be an integer")
+    check_seed(seed)
     dtype, device = as_dtype(dtype), as_device(device)
     check_weights_fit(config, dtype, device)
     return dtype, device

@@ -121,12 +121,28 @@ def test_nan_or_inf_tensor_is_named(saved, bad):
         ml4.from_pretrained(path)
 
 
-def test_integer_tensor_is_named_with_its_dtype(saved):
+@pytest.mark.parametrize("dtype, stored", [(torch.int64, "I64"), (torch.float8_e4m3fn, "F8_E4M3"),
+                                           (torch.float64, "F64")])
+def test_a_tensor_stored_in_another_dtype_is_named_with_it(saved, dtype, stored):
+    """Integers and booleans would fail deep in torch; float8 (Meta's FP8 releases) has scales this
+    loader does not read, and with dtype=None it failed at the forward ("Promotion for Float8 Types")."""
     _, path = saved
-    rewrite_weights(path, lambda t: t.update({"model.norm.weight": torch.ones(64, dtype=torch.int64)}))
-    with pytest.raises(ValueError,
-                       match=r"model\.norm\.weight I64 \(model\.safetensors\); weights must be floating point"):
-        ml4.from_pretrained(path)
+    rewrite_weights(path, lambda t: t.update({"model.norm.weight": torch.ones(64).to(dtype)}))
+    for kwargs in ({}, {"dtype": "fp32"}):
+        with pytest.raises(ValueError, match=rf"model\.norm\.weight {stored} \(model\.safetensors\); "
+                                             r"weights must be F32, BF16 or F16"):
+            ml4.from_pretrained(path, **kwargs)
+
+
+def test_a_weight_that_overflows_fp16_is_named(saved):
+    """The NaN/inf check ran on the stored tensor only: 1e6 in fp32 became inf when loaded as fp16."""
+    _, path = saved
+    rewrite_weights(path, lambda t: t["model.layers.1.self_attn.o_proj.weight"].__setitem__((0, 0), 1e6))
+    with pytest.raises(ValueError, match=r"model\.layers\.1\.self_attn\.o_proj\.weight \(model\.safetensors\) "
+                                         r"overflows fp16 \(largest magnitude 1e\+06, fp16's is 65504\): load it "
+                                         r"with dtype='bf16' or 'fp32'"):
+        ml4.from_pretrained(path, dtype="fp16")
+    assert ml4.from_pretrained(path, dtype="bf16").model.layers[1].self_attn.o_proj.weight[0, 0] == 1e6 - 1e6 % 4096
 
 
 def test_tensor_in_two_files_names_both(saved):
@@ -324,3 +340,110 @@ def test_streaming_int4_load_peak_memory_is_about_the_int4_model(tmp_path):
     bound = int4_bytes + largest + 8 * QUANT_BLOCK + (32 << 20)
     assert extra < bound < size, (f"peak extra {extra / 1e6:.0f} MB: int4 model {int4_bytes / 1e6:.0f} MB, "
                                   f"checkpoint {size / 1e6:.0f} MB, bound {bound / 1e6:.0f} MB")
+
+
+def test_a_folder_named_like_a_weight_file_is_named(saved):
+    _, path = saved
+    (path / "model.safetensors").unlink()
+    (path / "model.safetensors").mkdir()
+    with pytest.raises(ValueError, match=r"model\.safetensors is not a regular file \(a folder\?\)"):
+        ml4.from_pretrained(path)  # was OSError: No such device (os error 19), no path
+
+
+def test_vision_tensors_in_a_text_only_checkpoint_are_unexpected(saved):
+    """They are skipped when config.json has a vision tower that text_only=True leaves out; in a
+    checkpoint whose config has none they do not belong (were silently skipped)."""
+    _, path = saved
+    rewrite_weights(path, lambda t: t.update({"vision_model.patch_embedding.weight": torch.ones(2)}))
+    with pytest.raises(ValueError, match=r"unexpected tensors \(1\): vision_model\.patch_embedding\.weight"):
+        ml4.from_pretrained(path)
+    with pytest.raises(TypeError, match=r"text_only='yes': expected True or False"):
+        ml4.from_pretrained(path, text_only="yes")
+
+
+@pytest.mark.parametrize("drop", ["hidden_size", "vocab_size"])
+def test_a_config_json_without_the_models_size_is_refused(saved, drop):
+    """from_hf_dict fills absent fields with Scout's values: a config.json missing its size read as
+    a Scout that does not fit ("needs 203 GiB"), sending the reader the wrong way."""
+    _, path = saved
+    cfg = json.loads((path / "config.json").read_text())
+    del cfg[drop]
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=rf"config\.json: no {drop} in the top level; every Llama 4 config\.json "
+                                         r"has them \(is the file complete\?\)"):
+        ml4.from_pretrained(path)
+
+
+def test_a_nested_text_config_without_its_size_is_refused(tmp_path):
+    ml4.Llama4.random(ml4.configs.tiny_multimodal()).save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    del cfg["text_config"]["num_hidden_layers"]
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r'no num_hidden_layers in "text_config"'):
+        ml4.from_pretrained(tmp_path)
+
+
+def test_save_refuses_a_config_changed_after_the_model_was_built(tmp_path):
+    model = ml4.Llama4Text.random(small_text(), seed=0)
+    model.cfg.vocab_size = 999  # wrote a checkpoint that neither we nor transformers could load
+    with pytest.raises(ValueError, match=r"weights do not match model\.config .*nothing written:\n  mis-shaped \(2\): "
+                                         r"lm_head\.weight \[320, 64\] \(config says \[999, 64\]\)"):
+        model.save_pretrained(tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    model.cfg.vocab_size = 320
+    model.cfg.num_hidden_layers = 6  # no_rope_layers still has 4 entries
+    with pytest.raises(ValueError, match=r"model\.config no longer validates: .*no_rope_layers"):
+        model.save_pretrained(tmp_path / "out")
+    with pytest.raises(TypeError, match=r"path=None: expected a folder path"):
+        model.save_pretrained(None)
+
+
+def test_tied_weights_are_saved_as_two_tensors(tmp_path):
+    """safetensors refuses tensors that share memory (and left the new folder behind)."""
+    model = ml4.Llama4Text.random(small_text(), seed=0)
+    model.lm_head.weight = model.model.embed_tokens.weight
+    model.save_pretrained(tmp_path / "tied")
+    back = ml4.from_pretrained(tmp_path / "tied")
+    assert torch.equal(back.lm_head.weight, model.model.embed_tokens.weight)
+    assert torch.equal(back.model.embed_tokens.weight, model.model.embed_tokens.weight)
+
+
+def test_a_failed_save_removes_the_folder_it_made(tmp_path, monkeypatch):
+    from minillama4 import checkpoint
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "save_file", full_disk)
+    model = ml4.Llama4Text.random(small_text(), seed=0)
+    with pytest.raises(OSError, match="No space left"):
+        model.save_pretrained(tmp_path / "new" / "deeper")
+    assert not (tmp_path / "new" / "deeper").exists()
+    (tmp_path / "kept").mkdir()
+    with pytest.raises(OSError, match="No space left"):
+        model.save_pretrained(tmp_path / "kept")
+    assert (tmp_path / "kept").is_dir()  # a folder that was there stays
+
+
+@pytest.mark.parametrize("seed, error, match", [("a", TypeError, "seed='a': must be an integer"),
+                                                (1.5, TypeError, "seed=1.5: must be an integer"),
+                                                (2**70, ValueError, r"seed=1180591620717411303424: must lie in")])
+def test_random_models_check_the_seed(seed, error, match):
+    with pytest.raises(error, match=match):
+        ml4.random_model(small_text(), seed=seed)
+    with pytest.raises(error, match=match):
+        ml4.Llama4Text.random(small_text(), seed=seed)
+
+
+def test_mixed_stored_dtypes_need_a_dtype(saved):
+    """dtype=None keeps the stored dtype: one F16 tensor among F32 ones made a mixed model whose
+    forward failed ("expected m1 and m2 to have the same dtype")."""
+    model, path = saved
+    rewrite_weights(path, lambda t: t.update({"model.norm.weight": t["model.norm.weight"].half()}))
+    with pytest.raises(ValueError, match=r"several dtypes \(F16: 1, F32: \d+\); pass dtype="):
+        ml4.from_pretrained(path)
+    back = ml4.from_pretrained(path, dtype="fp32")
+    assert {p.dtype for p in back.parameters()} == {torch.float32}
+    ids = torch.tensor([[1, 2, 3]])
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids), model(ids), rtol=1e-3, atol=1e-3)
