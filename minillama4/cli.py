@@ -22,11 +22,11 @@ import sys
 import torch
 
 from . import configs
-from .checkpoint import from_pretrained
+from .checkpoint import from_pretrained, read_config
 from .model import Llama4Text
 from .params import BYTES_PER_PARAM, count_params
 from .plan import MemoryPlanError
-from .tokenizer import load_tokenizer
+from .tokenizer import ByteTokenizer, load_tokenizer
 from .trace import RouterTrace
 
 PUBLISHED_TOTAL = {"scout": (108_641_793_536, "meta-llama/Llama-4-Scout-17B-16E"),
@@ -100,6 +100,15 @@ def cmd_params(args) -> int:
 
 
 # ------------------------------------------------------------------------- generate and trace
+def _check_tokenizer_fits(tok, text_cfg, checkpoint) -> None:
+    """A folder without tokenizer.json gets the course's byte tokenizer, which only the course's own
+    checkpoints read: for any other model its ids would mean other tokens, and the output nonsense."""
+    if isinstance(tok, ByteTokenizer) and (text_cfg.bos_token_id != tok.bos_id or text_cfg.vocab_size < tok.vocab_size):
+        raise ValueError(f"{checkpoint} has no tokenizer.json, and its model was not trained on the course's byte "
+                         f"tokenizer (config: bos_token_id {text_cfg.bos_token_id}, vocab_size {text_cfg.vocab_size}; "
+                         f"byte tokenizer: {tok.bos_id}, {tok.vocab_size}): put the model's tokenizer.json in the folder")
+
+
 def _load(args):
     """(model, tokenizer, description) from --preset or --checkpoint."""
     if not args.prompt:
@@ -107,8 +116,10 @@ def _load(args):
     if args.checkpoint is not None:
         if not os.path.isdir(args.checkpoint):
             raise FileNotFoundError(f"checkpoint directory {args.checkpoint!r} does not exist")
+        tok = load_tokenizer(args.checkpoint)
+        _check_tokenizer_fits(tok, read_config(args.checkpoint).text, args.checkpoint)  # before the weights load
         model = from_pretrained(args.checkpoint, dtype=args.dtype)
-        return model, load_tokenizer(args.checkpoint), f"checkpoint {args.checkpoint} ({model.dtype})"
+        return model, tok, f"checkpoint {args.checkpoint} ({model.dtype})"
     if args.preset not in RUNNABLE_PRESETS:
         cfg = configs.get(args.preset)  # ValueError for an unknown name
         raise ValueError(f"preset {cfg.name!r} is far too large for random weights here; "

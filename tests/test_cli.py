@@ -164,6 +164,18 @@ def test_bad_input_exits_2_with_one_line_error(capsys, argv):
     assert "Traceback" not in err
 
 
+def test_a_checkpoint_without_tokenizer_json_must_read_the_byte_tokenizer(capsys, tmp_path):
+    """Without tokenizer.json the CLI falls back to the course's byte tokenizer; for a model trained
+    on another vocabulary (here bos 1, 320 ids) that printed nonsense and exited 0."""
+    from helpers import small_text
+
+    minillama4.Llama4Text.random(small_text()).save_pretrained(tmp_path)
+    code, _, err = run(capsys, "generate", "--checkpoint", str(tmp_path), "--prompt", "x")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "has no tokenizer.json, and its model was not trained on the course's byte tokenizer (config: " \
+           "bos_token_id 1, vocab_size 320; byte tokenizer: 256, 272)" in err
+
+
 def test_empty_checkpoint_dir(capsys, tmp_path):
     code, _, err = run(capsys, "generate", "--checkpoint", str(tmp_path), "--prompt", "x")
     assert code == 2 and err.startswith("error:") and "config.json" in err
