@@ -51,6 +51,13 @@ def check_real(name: str, value, low: float | None = None, high: float | None = 
     return float(value)
 
 
+def check_bool(name: str, value) -> bool:
+    """True or False only: a string "no" or the int 0 as a flag is a mistake (bool("no") is True)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}={value!r}: must be True or False")
+    return value
+
+
 def check_choice(name: str, value, choices) -> None:
     if value not in tuple(choices):
         raise ValueError(f"{name}={value!r}: expected one of {tuple(choices)}")

@@ -14,6 +14,7 @@ Simplifications: no padding-token embedding masking (HF's padding_idx has no for
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import numbers
@@ -23,6 +24,14 @@ from dataclasses import dataclass, field
 from .checks import is_int
 
 ROPE_TYPES = ("default", "llama3")
+# Limits on values that validate as finite numbers but make the forward NaN or crash (Llama 4:
+# attn_scale 0.1, floor_scale 8192; far inside both). attn_scale multiplies NoPE queries by
+# s(p) = 1 + attn_scale * log(floor((p + 1) / floor_scale) + 1): 1e300 is inf in float32, and inf * 0
+# at the first positions is NaN; 100 keeps s below 1,700 even at 10M positions with floor_scale 1.
+# floor_scale divides positions in torch (int64) and in the fused kernel: 2**80 raised OverflowError;
+# an int32 is already far beyond any context (Scout advertises 10M positions, 2**23.3).
+MAX_ATTN_SCALE = 100.0
+MAX_FLOOR_SCALE = 2**31 - 1
 
 
 # ------------------------------------------------------------------- field checks
@@ -169,6 +178,15 @@ class TextConfig:
         _check_reals(self, ("rope_theta", "rope_factor", "rope_low_freq_factor", "rope_high_freq_factor",
                             "rms_norm_eps"), positive=True)
         _check_reals(self, ("attn_scale", "initializer_range"), positive=False)  # 0 = no temperature / zero init
+        # Finite and positive is not enough for these (each gave NaN logits or an OverflowError):
+        if self.rope_theta <= 1:  # inv_freq = theta^(-2j/dh) is >= 1 for every pair, inf below float32's range
+            bad("rope_theta", "must be > 1: the RoPE base (Llama 4 uses 500000)")
+        if self.rope_factor < 1:  # llama3 divides long-wavelength frequencies by it; transformers asks >= 1 too
+            bad("rope_factor", "must be >= 1: the llama3 scaling factor (Scout uses 16)")
+        if self.attn_scale > MAX_ATTN_SCALE:
+            bad("attn_scale", f"must be in [0, {MAX_ATTN_SCALE:g}] (Llama 4 uses 0.1; 1e300 overflowed the query scale)")
+        if self.floor_scale > MAX_FLOOR_SCALE:
+            bad("floor_scale", f"must be an integer in [1, 2**31 - 1 = {MAX_FLOOR_SCALE}] (Llama 4 uses 8192)")
         _check_bools(self, ("use_qk_norm", "attention_bias", "tie_word_embeddings"))
         if not isinstance(self.attn_temperature_tuning, int):  # bool, or the legacy int 4 (see __post_init__)
             bad("attn_temperature_tuning", "must be True or False (or an int, as in old config.json files)")
@@ -221,6 +239,8 @@ class VisionConfig:
                            "intermediate_size", "image_size", "patch_size", "projector_input_dim",
                            "projector_output_dim", "vision_output_dim"))
         _check_reals(self, ("pixel_shuffle_ratio", "rope_theta"), positive=True)
+        if self.rope_theta <= 1:  # as TextConfig.rope_theta: frequencies theta^(-2j/d) >= 1, inf below float32
+            bad("rope_theta", "must be > 1: the RoPE base (Llama 4's vision tower uses 10000)")
         if self.hidden_size % self.num_attention_heads:
             bad("num_attention_heads", f"must divide hidden_size={self.hidden_size}")
         if (self.hidden_size // self.num_attention_heads) % 4:
@@ -353,7 +373,7 @@ def _rope_from_hf(d: dict, default_theta: float) -> dict:
 
 def text_config_from_hf(d: dict) -> TextConfig:
     _hf_object(d, "text_config")
-    kwargs = {k: d[k] for k in _TEXT_HF_FIELDS if k in d}
+    kwargs = {k: copy.deepcopy(d[k]) for k in _TEXT_HF_FIELDS if k in d}  # the config must not share d's lists
     if d.get("hidden_act", "silu") != "silu":
         raise ValueError(f"TextConfig.hidden_act={d['hidden_act']!r}: Llama 4 uses 'silu'")
     kwargs.update(_rope_from_hf(d, 500000.0))
@@ -409,7 +429,9 @@ def _rope_to_hf(rope: dict, form: str) -> dict:
 
 
 def text_config_to_hf(t: TextConfig, form: str = "v5") -> dict:
-    d = {k: getattr(t, k) for k in _TEXT_HF_FIELDS}
+    # copies: the caller may edit the dict (moe_layers, no_rope_layers and eos_token_id are lists),
+    # and an append there changed the config itself
+    d = {k: copy.deepcopy(getattr(t, k)) for k in _TEXT_HF_FIELDS}
     d["hidden_act"] = "silu"
     rope = {"rope_type": t.rope_type, "rope_theta": t.rope_theta}
     if t.rope_type == "llama3":

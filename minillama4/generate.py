@@ -38,7 +38,11 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float,
     if top_p < 1.0:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         mass_before = sorted_probs.cumsum(-1) - sorted_probs  # mass of strictly better tokens
-        sorted_probs = sorted_probs.masked_fill(mass_before >= top_p, 0.0)
+        drop = mass_before >= top_p
+        # The nucleus is never empty: a top_p below float32's range (1e-300, say) compares as 0, and
+        # 0 >= 0 dropped the most likely token too (every probability 0: multinomial raised).
+        drop[..., 0] = False
+        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
@@ -111,6 +115,8 @@ def generate(model, input_ids, max_new_tokens: int, temperature: float = 0.0, to
         raise ValueError(f"decode={decode!r}: expected 'auto' or one of {DECODE_MODES}")
     if pixel_values is not None and not hasattr(model, "image_features"):
         raise ValueError("pixel_values need a multimodal model (Llama4); this one reads text only")
+    if pixel_values is not None:  # type, shape and finite values, before a cache is made
+        model.vision_model.check_pixels(pixel_values)
     stop_list = stop_ids(stop_tokens, model.cfg.vocab_size)
     ids = model.check_ids(input_ids)
     if decode == "auto":

@@ -39,8 +39,15 @@ from einops import rearrange
 from .config import VisionConfig
 
 
+# Llama 4 uses 16 tiles (its processor's max_patches). The canvas search below is quadratic in
+# max_tiles (20,000 took seconds, 10**6 hung), and each tile is tokens_per_tile (144) prompt tokens,
+# so 256 tiles (36,864 tokens per image) is a generous ceiling that still answers at once.
+MAX_TILES = 256
+
+
 def candidate_canvases(max_tiles: int) -> list[tuple[int, int]]:
     """Every (rows, cols) tile grid with rows * cols <= max_tiles, in Hugging Face's order."""
+    _check_max_tiles(max_tiles)
     by_ratio: dict[float, list[tuple[int, int]]] = {}
     for n in range(max_tiles, 0, -1):
         for rows in sorted(d for d in range(1, n + 1) if n % d == 0):
@@ -104,8 +111,8 @@ def to_tensor(image) -> torch.Tensor:
 
 
 def _check_max_tiles(max_tiles) -> None:
-    if isinstance(max_tiles, bool) or not isinstance(max_tiles, int) or max_tiles < 1:
-        raise ValueError(f"max_tiles={max_tiles!r}: expected a positive int (Llama 4 uses 16)")
+    if isinstance(max_tiles, bool) or not isinstance(max_tiles, int) or not 1 <= max_tiles <= MAX_TILES:
+        raise ValueError(f"max_tiles={max_tiles!r}: expected a positive int <= {MAX_TILES} (Llama 4 uses 16)")
 
 
 def _check_config(cfg, dtype) -> None:

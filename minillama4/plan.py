@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .checks import check_int
+from .checks import check_bool, check_int, check_type
 from .config import Llama4Config, TextConfig
 from .params import BYTES_PER_PARAM, count_params
 
@@ -67,6 +67,10 @@ class MemoryPlan:
 def kv_cache_bytes(cfg: TextConfig, context: int, batch: int = 1, bytes_per_value: int = 2,
                    ring: bool = True) -> int:
     """Bytes of keys and values for `context` positions; chunked layers keep one chunk with ring."""
+    check_type("cfg", cfg, TextConfig, "pass config.text for a Llama4Config")
+    for name, value in (("context", context), ("batch", batch), ("bytes_per_value", bytes_per_value)):
+        check_int(name, value, 1)  # a negative context gave negative bytes
+    check_bool("ring", ring)
     per_position = 2 * cfg.num_key_value_heads * cfg.head_dim * bytes_per_value * batch
     total = 0
     for layer in range(cfg.num_hidden_layers):
@@ -101,6 +105,8 @@ def plan_memory(config: Llama4Config | TextConfig, context: int = 8192, batch: i
     dtype = _plan_dtype(dtype)
     for name, value in (("context", context), ("batch", batch), ("prefill_tokens", prefill_tokens)):
         check_int(name, value, 1)
+    check_bool("ring", ring)  # ring="no" and cuda="yes" were read as True
+    check_bool("cuda", cuda)
     full = config if isinstance(config, Llama4Config) else Llama4Config(text=config, vision=None)
     t = full.text
     pc = count_params(full)

@@ -35,6 +35,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from .checks import check_int
+
 GROUP = 128
 QUANT_BLOCK = 1 << 22  # weights quantized at a time (quantize_int4): 16 MB of float32 temporaries
 
@@ -66,14 +68,28 @@ def _check_weight(w, group) -> None:
     if not isinstance(w, torch.Tensor) or w.dtype == torch.bool or w.is_complex():
         raise TypeError(f"int4 quantization takes a real-valued weight tensor, got "
                         f"{w.dtype if isinstance(w, torch.Tensor) else type(w).__name__}")
-    if isinstance(group, bool) or not isinstance(group, int) or group < 1:
-        raise ValueError(f"group={group!r}: expected a positive int (Llama 4 uses {GROUP})")
+    _check_group(group)
     if w.dim() < 2 or w.shape[-1] == 0:
         raise ValueError(f"int4 quantization needs a weight [out, in] (or a stack [..., out, in]) with in > 0, "
                          f"got shape {tuple(w.shape)}")
     k = w.shape[-1]
     if k % group or k % 2:
         raise ValueError(f"int4 quantization needs the input dim ({k}) to be a multiple of group={group} (and even)")
+
+
+def _check_group(group) -> None:
+    if isinstance(group, bool) or not isinstance(group, int) or group < 1:
+        raise ValueError(f"group={group!r}: expected a positive int (Llama 4 uses {GROUP})")
+
+
+def _check_in_dims(group: int, **dims) -> None:
+    """Module sizes, before any buffer is made: group 0 divided by zero and a negative size failed
+    in torch.zeros; an input dim must split into whole groups and whole bytes (two weights a byte)."""
+    _check_group(group)
+    for name, value in dims.items():
+        check_int(name, value, 1)
+        if value % group or value % 2:
+            raise ValueError(f"{name}={value}: int4 needs the input dim to be a multiple of group={group} (and even)")
 
 
 def _quantize_rows(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,8 +147,8 @@ class Int4Linear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, group: int = GROUP, device=None):
         super().__init__()
-        if in_features % group:
-            raise ValueError(f"int4 needs the input dim ({in_features}) to be a multiple of group={group}")
+        _check_in_dims(group, in_features=in_features)
+        check_int("out_features", out_features, 1)
         self.in_features, self.out_features, self.group = in_features, out_features, group
         self.register_buffer("packed", torch.zeros(out_features, in_features // 2, dtype=torch.uint8, device=device))
         self.register_buffer("scales", torch.zeros(in_features // group, out_features, dtype=torch.bfloat16, device=device))
@@ -270,8 +286,8 @@ class Int4Experts(nn.Module):
 
     def __init__(self, n_experts: int, dim: int, hidden: int, group: int = GROUP, device=None):
         super().__init__()
-        if dim % group or hidden % group:
-            raise ValueError(f"int4 experts need dim ({dim}) and hidden ({hidden}) to be multiples of group={group}")
+        check_int("n_experts", n_experts, 1)
+        _check_in_dims(group, dim=dim, hidden=hidden)  # gate_up takes dim inputs, down takes hidden
         self.n_experts, self.dim, self.hidden, self.group = n_experts, dim, hidden, group
         u8, bf = torch.uint8, torch.bfloat16
         self.register_buffer("gate_up_packed", torch.zeros(n_experts, 2 * hidden, dim // 2, dtype=u8, device=device))
@@ -371,8 +387,7 @@ def quantize_model(model: nn.Module, which: str = "ffn", group: int = GROUP) -> 
     Every module is checked before the first is replaced: a refused model is left as it was."""
     if which not in ("ffn", "all"):
         raise ValueError(f"which={which!r}: expected 'ffn' or 'all'")
-    if isinstance(group, bool) or not isinstance(group, int) or group < 1:
-        raise ValueError(f"group={group!r}: expected a positive int (Llama 4 uses {GROUP})")
+    _check_group(group)
     targets = _quant_targets(model, which)
     for parent, name, path in targets:
         _check_quantizable(getattr(parent, name), path, group)

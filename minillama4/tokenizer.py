@@ -20,6 +20,16 @@ SPECIAL_TOKENS = [
 _SPLIT = re.compile("(" + "|".join(re.escape(s) for s in SPECIAL_TOKENS) + ")")
 
 
+def _token_ids(ids) -> list[int]:
+    """ids (ints, or a tensor: int() takes its 0-d elements) -> a list of ints, a negative id refused
+    by position: bytearray and the tokenizers library would fail on it without naming the id."""
+    out = [int(i) for i in ids]
+    for n, i in enumerate(out):
+        if i < 0:
+            raise ValueError(f"ids[{n}]={i}: a token id must be a non-negative integer")
+    return out
+
+
 class ByteTokenizer:
     """UTF-8 bytes plus the Llama 4 special tokens. vocab_size = 256 + 16 = 272."""
 
@@ -42,7 +52,7 @@ class ByteTokenizer:
 
     def decode(self, ids, skip_special: bool = False) -> str:
         out, buf = [], bytearray()
-        for i in (int(i) for i in ids):
+        for i in _token_ids(ids):  # an id >= vocab_size is printed as a placeholder, <|id_N|>
             if i < 256:
                 buf.append(i)
                 continue
@@ -55,8 +65,9 @@ class ByteTokenizer:
 
     def token_strings(self, ids) -> list[str]:
         """One printable string per id (for routing tables)."""
-        return [self.id_to_special.get(int(i)) or (repr(chr(i))[1:-1] if i < 128 else f"<0x{i:02X}>")
-                for i in ids]
+        return [self.id_to_special.get(i) or (repr(chr(i))[1:-1] if i < 128 else f"<0x{i:02X}>" if i < 256
+                                              else f"<|id_{i}|>")  # outside the vocabulary: as decode does
+                for i in _token_ids(ids)]
 
 
 class HFTokenizer:
@@ -92,10 +103,10 @@ class HFTokenizer:
         return [self.bos_id] + ids
 
     def decode(self, ids, skip_special: bool = False) -> str:
-        return self.tok.decode([int(i) for i in ids], skip_special_tokens=skip_special)
+        return self.tok.decode(_token_ids(ids), skip_special_tokens=skip_special)
 
     def token_strings(self, ids) -> list[str]:
-        return [self.tok.id_to_token(int(i)) or f"<|id_{int(i)}|>" for i in ids]
+        return [self.tok.id_to_token(i) or f"<|id_{i}|>" for i in _token_ids(ids)]
 
 
 def load_tokenizer(checkpoint_dir: str | Path | None = None):

@@ -156,6 +156,13 @@ class VisionModel(nn.Module):
         if tuple(pixel_values.shape[2:]) != (s, s):
             raise ValueError(f"tiles are {tuple(pixel_values.shape[2:])} pixels but this model takes {s}x{s} "
                              "tiles: preprocess images with minillama4.image.preprocess")
+        # One NaN or inf pixel makes every logit NaN (attention mixes it into every token), and greedy
+        # decoding of NaN logits returns token 0 without a word.
+        bad = int((~pixel_values.isfinite()).sum())
+        if bad:
+            raise ValueError(f"pixel_values has {bad} non-finite value{'s' if bad > 1 else ''} (NaN or inf) in "
+                             f"{pixel_values.numel()}: expected finite normalised pixels, as "
+                             "minillama4.image.prepare returns them")
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[tiles, c, S, S] -> [tiles, tokens_per_tile, projector_output_dim]."""

@@ -1,5 +1,6 @@
 """Configs: validation names the bad field; config.json is read and written in both forms."""
 
+import copy
 import dataclasses
 import json
 import re
@@ -8,6 +9,7 @@ import pytest
 import torch
 from helpers import small_text
 
+import minillama4 as ml4
 from minillama4 import configs
 from minillama4.config import VisionConfig, from_hf_dict, to_hf_dict
 from minillama4.layers import rope_inv_freq
@@ -60,6 +62,37 @@ def test_bad_text_config_says_what_is_accepted(field, value, match):
         small_text(**{field: value})
 
 
+@pytest.mark.parametrize("field, value, match", [
+    # each was accepted and gave NaN logits (or an OverflowError in the forward)
+    ("rope_theta", 1e-300, r"must be > 1: the RoPE base \(Llama 4 uses 500000\)"),
+    ("rope_theta", 1.0, "must be > 1"),  # every frequency 1: no position information
+    ("rope_factor", 1e-300, r"must be >= 1: the llama3 scaling factor \(Scout uses 16\)"),
+    ("rope_factor", 0.5, "must be >= 1"),
+    ("attn_scale", 1e300, r"must be in \[0, 100\] \(Llama 4 uses 0.1"),
+    ("floor_scale", 2**80, r"must be an integer in \[1, 2\*\*31 - 1 = 2147483647\] \(Llama 4 uses 8192\)"),
+    ("rms_norm_eps", float("nan"), "must be a finite positive number"),
+])
+def test_values_that_break_the_forward_are_refused(field, value, match):
+    with pytest.raises(ValueError, match=rf"TextConfig\.{field}={re.escape(repr(value))}: {match}"):
+        small_text(**{field: value})
+
+
+def test_bounds_keep_the_published_values_and_the_edges_run_finite():
+    """The limits keep every preset (and so the hub's config.json values) and their edges give finite logits."""
+    for name in configs.PRESETS:
+        configs.get(name).text.validate()
+    ids = torch.tensor([[1, 2, 3] * 8])
+    for edge in ({"rope_theta": 1.0001}, {"rope_factor": 1.0}, {"attn_scale": 100.0, "floor_scale": 1},
+                 {"floor_scale": 2**31 - 1}):
+        model = ml4.Llama4Text.random(configs.tiny().replace_text(**edge), seed=0)
+        with torch.no_grad():
+            assert model(ids).isfinite().all(), edge
+    cfg = configs.tiny()
+    cfg.text.rms_norm_eps = float("nan")  # set after construction: validate() names it
+    with pytest.raises(ValueError, match=r"TextConfig\.rms_norm_eps=nan: must be a finite positive number"):
+        cfg.text.validate()
+
+
 def test_published_token_ids_and_legacy_temperature_flag_are_accepted():
     scout = configs.scout()
     assert scout.text.eos_token_id == [200001, 200007, 200008] and scout.text.pad_token_id == 200018
@@ -87,6 +120,7 @@ def test_bad_llama4_config_names_the_field(changes, error, match):
     # another value would silently disagree with them on the same weights
     ("norm_eps", 1e-6), ("multi_modal_projector_bias", True),
     ("rope_theta", 0), ("rope_theta", -1.0), ("rope_theta", float("nan")), ("rope_theta", "1e4"),
+    ("rope_theta", 1e-300), ("rope_theta", 1.0),  # 1e-300: inf frequencies, NaN features
     ("pixel_shuffle_ratio", float("nan")), ("multi_modal_projector_bias", "no"),
 ])
 def test_bad_vision_config_names_the_field(field, value):
@@ -113,6 +147,22 @@ def test_scout_rope_low_equals_high_has_no_nan():
     assert torch.isfinite(inv).all()
     long = 2 * torch.pi / base > 8192
     assert torch.allclose(inv[long], base[long] / 16) and torch.equal(inv[~long], base[~long])
+
+
+def test_hf_dicts_share_no_lists_with_the_config():
+    """to_hf_dict(cfg)["moe_layers"].append(7) changed cfg.text.moe_layers; from_hf_dict kept d's eos list."""
+    cfg = configs.tiny_multimodal()
+    before = copy.deepcopy(cfg)
+    for form in ("v5", "legacy"):
+        for d in (to_hf_dict(cfg, form), to_hf_dict(cfg, form, text_only=True)):
+            text = d.get("text_config", d)
+            for name in ("moe_layers", "no_rope_layers", "eos_token_id"):
+                text[name].append(7)
+    assert cfg == before
+    d = to_hf_dict(cfg)
+    back = from_hf_dict(d)
+    d["text_config"]["eos_token_id"].append(7)
+    assert back.text.eos_token_id == cfg.text.eos_token_id
 
 
 def test_hf_dict_round_trip_both_forms():

@@ -51,6 +51,19 @@ def test_top_p_keeps_only_the_nucleus():
     assert draws == {0, 1}  # 0.5 < 0.7 needs the second token; the rest is cut
 
 
+def test_top_p_below_float32_range_still_keeps_the_most_likely_token(model):
+    """top_p=1e-300 is 0 in float32: the nucleus must still hold the top token (it was emptied,
+    and multinomial refused the all-zero distribution)."""
+    from minillama4.generate import sample_next
+
+    logits = torch.log(torch.tensor([[0.2, 0.5, 0.3]]))
+    g = torch.Generator().manual_seed(0)
+    assert {int(sample_next(logits, 1.0, 1e-300, g)) for _ in range(50)} == {1}
+    prompt = [[5, 6, 7]]
+    assert torch.equal(model.generate(prompt, 10, temperature=1.0, top_p=1e-300, seed=4),
+                       model.generate(prompt, 10))
+
+
 @pytest.mark.parametrize("temperature", [0.5, 2.0])
 def test_sampling_follows_softmax_of_logits_over_temperature(temperature):
     """Frequencies of 4,000 draws match softmax(logits / T) (a chi-square bound far from the

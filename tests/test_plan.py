@@ -20,10 +20,34 @@ from minillama4.devices import as_device, as_dtype
     ({"dtype": "int8"}, "dtype='int8': expected one of ['bf16', 'fp16', 'fp32', 'fp8'] or a float torch.dtype"),
     ({"dtype": torch.int8}, "dtype=torch.int8: expected one of"),
     ({"quantize": "int8"}, "quantize='int8'"),
+    ({"ring": "no"}, "ring='no': must be True or False"),  # was read as True
+    ({"cuda": "yes"}, "cuda='yes': must be True or False"),
+    ({"cuda": 1}, "cuda=1: must be True or False"),
 ])
 def test_plan_refuses_bad_arguments_by_name(kwargs, says):
     with pytest.raises((ValueError, TypeError), match=says.replace("(", r"\(").replace("[", r"\[")):
         plan.plan_memory(configs.scout(), **kwargs)
+
+
+@pytest.mark.parametrize("args, kwargs, error, says", [
+    ((-5,), {}, ValueError, "context=-5: must be a positive integer"),  # was -2560 bytes
+    ((0,), {}, ValueError, "context=0: must be a positive integer"),
+    ((8.5,), {}, TypeError, "context=8.5: must be a positive integer"),
+    ((8,), {"batch": -1}, ValueError, "batch=-1: must be a positive integer"),
+    ((8,), {"bytes_per_value": 0}, ValueError, "bytes_per_value=0: must be a positive integer"),
+    ((8,), {"ring": "no"}, TypeError, "ring='no': must be True or False"),
+])
+def test_kv_cache_bytes_refuses_bad_arguments_by_name(args, kwargs, error, says):
+    with pytest.raises(error, match=says):
+        plan.kv_cache_bytes(configs.tiny().text, *args, **kwargs)
+
+
+def test_kv_cache_bytes_takes_a_text_config():
+    with pytest.raises(TypeError, match="cfg must be a TextConfig, got Llama4Config; pass config.text"):
+        plan.kv_cache_bytes(configs.tiny(), 8)
+    # tiny: 4 layers x 2 (k, v) x 2 kv heads x 16 dims x 2 bytes per position, the 3 chunked ones capped at 32
+    assert plan.kv_cache_bytes(configs.tiny().text, 40) == (3 * 32 + 40) * 2 * 2 * 16 * 2
+    assert plan.kv_cache_bytes(configs.tiny().text, 40, ring=False) == 4 * 40 * 2 * 2 * 16 * 2
 
 
 def test_plan_needs_a_config_and_check_fits_needs_bytes():

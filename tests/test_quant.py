@@ -64,6 +64,26 @@ def test_bad_shapes():
         quantize_int4(torch.ones(4, 128, dtype=torch.bool))
 
 
+def test_bad_module_sizes_are_refused_by_name():
+    """group=0 raised ZeroDivisionError and a negative size torch's "Dimension size must be
+    non-negative"; an odd input dim (group 129) would have packed 129 weights into 64 bytes."""
+    for make, error, match in [
+        (lambda: Int4Linear(128, 16, group=0), ValueError, "group=0: expected a positive int"),
+        (lambda: Int4Linear(-128, 16), ValueError, "in_features=-128: must be a positive integer"),
+        (lambda: Int4Linear(128, 0), ValueError, "out_features=0: must be a positive integer"),
+        (lambda: Int4Linear(128.0, 16), TypeError, "in_features=128.0: must be a positive integer"),
+        (lambda: Int4Linear(129, 16, group=129), ValueError, r"in_features=129: .* multiple of group=129 \(and even\)"),
+        (lambda: Int4Linear(100, 16), ValueError, "in_features=100: int4 needs the input dim to be a multiple of group=128"),
+        (lambda: Int4Experts(0, 128, 128), ValueError, "n_experts=0: must be a positive integer"),
+        (lambda: Int4Experts(2, 128, 64), ValueError, "hidden=64: int4 needs the input dim to be a multiple of group=128"),
+        (lambda: Int4Experts(2, -128, 128), ValueError, "dim=-128: must be a positive integer"),
+        (lambda: Int4Experts(2, 128, 128, group=0), ValueError, "group=0: expected a positive int"),
+    ]:
+        with pytest.raises(error, match=match):
+            make()
+    assert Int4Experts(2, 128, 256).down_scales.shape == (2, 2, 128)
+
+
 def test_non_finite_weights_are_refused_and_the_module_is_left_as_it_was():
     w = torch.randn(16, 256)
     w[3, 5], w[9, 200] = float("nan"), float("inf")  # each would make its whole group of 128 NaN

@@ -161,3 +161,15 @@ def test_special_ids_have_byte_tokenizers_names(checkpoint):
         assert byte.decode([getattr(byte, attr)]) == token  # the same token under the same name
     assert tok.patch_id is None
     assert len({tok.bos_id, tok.eos_id, tok.eot_id, tok.pad_id}) == 4
+
+
+def test_a_negative_id_is_refused_by_position_and_an_id_past_the_vocabulary_is_a_placeholder(checkpoint):
+    """decode([-1]) raised bytearray's "byte must be in range(0, 256)" (the library's OverflowError for
+    HFTokenizer), naming no id; ids >= vocab_size still print as <|id_N|>, in token_strings too."""
+    byte, hf = ByteTokenizer(), load_tokenizer(checkpoint)
+    for tok in (byte, hf):
+        for call in (tok.decode, tok.token_strings):
+            with pytest.raises(ValueError, match=r"ids\[1\]=-1: a token id must be a non-negative integer"):
+                call([104, -1])
+    assert byte.decode([104, 105, 300]) == "hi<|id_300|>"
+    assert byte.token_strings([104, 200, 300]) == ["h", "<0xC8>", "<|id_300|>"]  # 300 was shown as "<0x12C>"

@@ -220,6 +220,43 @@ def test_bad_images_and_prompts_give_clear_errors():
         model(ids, pixel_values=[pixels])
 
 
+def test_non_finite_pixel_values_are_refused_before_the_prefill():
+    """One NaN pixel made every logit NaN, and greedy generate returned token 0 without a word."""
+    model = Llama4.random(ml4.configs.tiny_multimodal(), seed=0)
+    tok = ml4.ByteTokenizer()
+    text, pixels = img.prepare("<|image|>", [torch.randint(0, 256, (3, 84, 84), dtype=torch.uint8)],
+                               model.config.vision, dtype=torch.float32)
+    ids = torch.tensor([tok.encode(text)])
+    bad = pixels.clone()
+    bad[0, 0, 0, 0], bad[0, 1, 5, 5] = float("nan"), float("inf")
+    with pytest.raises(ValueError, match=r"pixel_values has 2 non-finite values \(NaN or inf\) in 21168: expected "
+                                         r"finite normalised pixels, as minillama4.image.prepare returns them"):
+        model(ids, pixel_values=bad)
+    cache = model.new_cache(1, ids.shape[1] + 3)
+    with pytest.raises(ValueError, match="pixel_values has 2 non-finite values"):
+        model.generate(ids, 3, pixel_values=bad, cache=cache)
+    assert cache.length == 0  # refused before the prefill wrote anything
+    one = pixels.clone()
+    one[0, 2, 83, 83] = float("-inf")
+    with pytest.raises(ValueError, match="pixel_values has 1 non-finite value "):
+        model.vision_model(one)  # the vision tower alone checks too
+    with torch.no_grad():
+        assert model(ids, pixel_values=pixels).isfinite().all()
+
+
+def test_max_tiles_has_an_upper_bound():
+    """candidate_canvases is quadratic in max_tiles: 20,000 took seconds and 10**6 hung."""
+    cfg = ml4.configs.tiny_multimodal().vision
+    ok = torch.zeros(3, 84, 84, dtype=torch.uint8)
+    for call in (lambda: img.candidate_canvases(10**6), lambda: img.choose_tiles(84, 84, 84, max_tiles=257),
+                 lambda: img.preprocess(ok, cfg, max_tiles=20000), lambda: img.prepare("<|image|>", [ok], cfg, 10**6)):
+        with pytest.raises(ValueError, match=r"max_tiles=\d+: expected a positive int <= 256 \(Llama 4 uses 16\)"):
+            call()
+    assert len(img.candidate_canvases(img.MAX_TILES)) == sum(len([d for d in range(1, n + 1) if n % d == 0])
+                                                            for n in range(1, 257))
+    assert img.choose_tiles(84, 84 * 300, 84, max_tiles=256) == (1, 256)
+
+
 def test_bad_image_values_types_and_arguments_give_clear_errors():
     np = pytest.importorskip("numpy")
     cfg = ml4.configs.tiny_multimodal().vision
