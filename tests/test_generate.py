@@ -286,6 +286,27 @@ def test_bad_model_construction_is_refused_before_allocating(monkeypatch):
         Llama4.random(ml4.configs.scout(), dtype=torch.bfloat16)
 
 
+def test_a_config_changed_after_it_was_made_is_checked_when_a_model_is_built():
+    """Configs validate when made, but their fields can be set afterwards: 6 layers with the 4
+    derived no_rope_layers crashed in the forward (IndexError); top-k 9 of 4 experts and chunk 0
+    failed deep in torch. Building a model validates again, and says how to remake the config."""
+    from minillama4.model import Llama4
+
+    cfg = ml4.configs.tiny()
+    cfg.text.num_hidden_layers = 6
+    with pytest.raises(ValueError, match=r"no_rope_layers=\[1, 1, 1, 0\]: needs exactly one entry per layer \(6\) "
+                                         r"\(a field changed after the config was made\? .*config\.replace_text"):
+        ml4.Llama4Text.random(cfg)
+    text = ml4.configs.tiny().text
+    text.num_experts_per_tok = 9
+    with pytest.raises(ValueError, match=r"num_experts_per_tok=9: top-k exceeds .*dataclasses\.replace\(config, "):
+        ml4.Llama4Text(text)
+    mm = ml4.configs.tiny_multimodal()
+    mm.vision.patch_size = 5  # checked too, with the text config
+    with pytest.raises(ValueError, match="patch_size"):
+        Llama4(mm)
+
+
 @pytest.mark.parametrize("prefill", [3, 8, 21])
 def test_ring_buffer_cache_equals_full_cache_on_long_sequences(model, prefill):
     """Chunked layers keep only one chunk (8 slots) in a ring; over 60 tokens (7+ chunks) the
