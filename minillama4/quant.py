@@ -153,6 +153,7 @@ class Int4Linear(nn.Module):
         self.register_buffer("packed", torch.zeros(out_features, in_features // 2, dtype=torch.uint8, device=device))
         self.register_buffer("scales", torch.zeros(in_features // group, out_features, dtype=torch.bfloat16, device=device))
         self._kernel_weight = None  # (the kernel's packed layout, its scales and zeros), built on first use
+        self._kernel_source = None  # which packed/scales it was built from (see _kernel_copy)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group: int = GROUP) -> "Int4Linear":
@@ -179,11 +180,10 @@ class Int4Linear(nn.Module):
             return None
         rows = x.reshape(-1, self.in_features)
         if x.device.type == "cpu" and hasattr(torch, "_weight_int4pack_mm_for_cpu") and self.out_features % 16 == 0:
-            if self._kernel_weight is None:
-                self._kernel_weight = (torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_int4(self.packed), 2),
-                                       _scales_and_zeros(self.scales))
-            return lambda: torch._weight_int4pack_mm_for_cpu(rows, self._kernel_weight[0], self.group,
-                                                              self._kernel_weight[1])
+            weight, scales = self._kernel_copy(lambda: (
+                torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_int4(self.packed), 2),
+                _scales_and_zeros(self.scales)))
+            return lambda: torch._weight_int4pack_mm_for_cpu(rows, weight, self.group, scales)
         if x.device.type == "cuda" and rows.shape[0] <= 16:  # decode-sized: a GEMV kernel
             kernels = self._cuda_kernels(rows)
             name = _choose_linear_kernel(rows, self, kernels)
@@ -191,6 +191,15 @@ class Int4Linear(nn.Module):
                 self._kernel_weight = None  # tinygemm's copy of the weights is not needed
             return kernels[name]
         return None
+
+    def _kernel_copy(self, build) -> tuple:
+        """The kernel's own copy of the weights, built again when packed or scales changed since:
+        load_state_dict and other in-place writes bump a tensor's _version; load_dense and moves
+        replace the tensor. (A kept copy went on computing with the old weights.)"""
+        source = (self.packed.data_ptr(), self.packed._version, self.scales.data_ptr(), self.scales._version)
+        if self._kernel_weight is None or self._kernel_source != source:
+            self._kernel_weight, self._kernel_source = build(), source
+        return self._kernel_weight
 
     def _cuda_kernels(self, rows: torch.Tensor) -> dict:
         """The decode kernels this shape can use on CUDA: torch's tinygemm (its own weight layout,
@@ -200,10 +209,9 @@ class Int4Linear(nn.Module):
         kernels = {}
         if self.in_features % 1024 == 0:  # tinygemm's tiling: fast for decode, slow for large batches
             def tinygemm():
-                if self._kernel_weight is None:
-                    self._kernel_weight = (torch._convert_weight_to_int4pack(self.packed, 8),
-                                           _scales_and_zeros(self.scales))
-                return torch._weight_int4pack_mm(rows, self._kernel_weight[0], self.group, self._kernel_weight[1])
+                weight, scales = self._kernel_copy(lambda: (torch._convert_weight_to_int4pack(self.packed, 8),
+                                                            _scales_and_zeros(self.scales)))
+                return torch._weight_int4pack_mm(rows, weight, self.group, scales)
             kernels["tinygemm"] = tinygemm
         if w4a16.available(rows):  # a linear is expert 0 of a one-expert stack
             kernels["w4a16"] = lambda: w4a16.expert_matmul(rows, w4a16.zero_ids(rows.shape[0], rows.device),

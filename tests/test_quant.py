@@ -125,6 +125,26 @@ def test_int4_linear_matches_dequantized_reference_and_cpu_kernel():
     assert float((got - ref).abs().max() / ref.abs().max()) < 2e-2
 
 
+def test_the_cpu_kernels_weight_copy_follows_new_weights():
+    """The int4 kernel keeps its own layout of the weights, built on the first bf16 call. After
+    load_state_dict (an in-place copy into packed and scales) it went on computing with the old
+    weights (found by fuzzing); in-place edits and load_dense rebuild it too."""
+    torch.manual_seed(0)
+    a, b = (Int4Linear.from_linear(torch.nn.Linear(256, 64, bias=False)) for _ in range(2))
+    x = torch.randn(3, 256, dtype=torch.bfloat16)
+    before = a(x)
+    a.load_state_dict(b.state_dict())
+    after = a(x)
+    assert not torch.equal(after, before)
+    torch.testing.assert_close(after, x @ b.dequantized(torch.bfloat16).T, rtol=2e-2, atol=2e-2)
+    assert torch.equal(after, b(x))
+    with torch.no_grad():
+        a.scales.mul_(2)  # every output doubles, exactly (a power of two)
+    assert torch.equal(a(x), 2 * after)
+    a.load_dense(torch.zeros(64, 256))
+    assert torch.equal(a(x), torch.zeros(3, 64, dtype=torch.bfloat16))
+
+
 def test_int4_experts_match_dense_experts_with_the_same_dequantized_weights():
     cfg = configs.small().text
     model = ml4.Llama4Text.random(cfg, seed=2)
