@@ -268,7 +268,10 @@ def from_pretrained(path, dtype=None, device="cpu", text_only: bool = False, qua
         owner, attr = name.rsplit(".", 1)
         module = model.get_submodule(owner)
         quantized = hasattr(module, "load_dense")  # an int4 module: quantizes this tensor now (no copy kept)
-        tensor = stored.to(device=device, dtype=dtype or None, copy=not quantized)
+        # int4 quantization reads blocks in fp32 (quant.quantize_int4): casting a whole tensor to a wider
+        # dtype first gives the same numbers and a tensor-sized copy more at the peak
+        widening = dtype is None or dtype == stored.dtype or dtype == torch.float32
+        tensor = stored.to(device=device, dtype=None if quantized and widening else dtype, copy=not quantized)
         if dtype == torch.float16 and stored.dtype != torch.float16 and not _is_finite(tensor):
             raise ValueError(f"checkpoint tensor {key} ({file.name}) overflows fp16 (largest magnitude "
                              f"{stored.abs().max().item():.3g}, fp16's is 65504): load it with dtype='bf16' or 'fp32'")

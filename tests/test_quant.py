@@ -219,6 +219,21 @@ def test_streaming_quantized_load_of_sharded_checkpoint(tmp_path):
         streamed.save_pretrained(tmp_path / "again")
 
 
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16"])
+def test_a_streamed_int4_load_in_any_dtype_equals_load_then_quantize(tmp_path, dtype):
+    """The loader hands a bf16 tensor to the quantizer uncast when the cast would only widen it
+    (the quantizer reads fp32 blocks): the same int4 tensors as casting first, without a whole
+    tensor-sized copy at the peak. A narrowing cast (fp32 -> bf16) still happens first."""
+    for stored in (torch.bfloat16, torch.float32):
+        folder = tmp_path / str(stored)
+        ml4.Llama4Text.random(configs.small(), seed=5, dtype=stored).save_pretrained(folder)
+        streamed = ml4.from_pretrained(folder, quantize="int4", which="all", dtype=dtype)
+        after = quantize_model(ml4.from_pretrained(folder, dtype=dtype), which="all")
+        state = after.state_dict()
+        for name, t in streamed.state_dict().items():
+            assert t.dtype == state[name].dtype and torch.equal(t, state[name]), (stored, name)
+
+
 def test_random_int4_model_is_built_directly_in_int4():
     cfg = configs.small()
     model = ml4.random_model(cfg, quantize="int4", dtype=torch.float32, seed=5)
