@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 
 from .checks import check_choice, check_finite_loss, check_int, check_real, check_type, is_int
-from .config import Llama4Config, TextConfig
+from .config import MAX_ATTN_SCALE, Llama4Config, TextConfig
 from .configs import tiny
 from .layers import rope_angles, rope_inv_freq
 from .model import Llama4Text
@@ -231,7 +231,7 @@ class ExperimentConfig:
         _each("variants", self.variants, lambda n, v: check_choice(n, v, VARIANTS))
         _each("seeds", self.seeds, lambda n, v: check_int(n, v, 0))
         _each("eval_lens", self.eval_lens, lambda n, v: check_int(n, v, 1))
-        _each("attn_scales", self.attn_scales, lambda n, v: check_real(n, v, low=0))
+        _each("attn_scales", self.attn_scales, lambda n, v: check_real(n, v, low=0, high=MAX_ATTN_SCALE))
         for name in ("train_len", "chunk", "floor_scale", "steps", "batch_size", "eval_examples", "curve_every",
                      "threads"):
             check_int(name, getattr(self, name), 1)

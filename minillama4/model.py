@@ -338,7 +338,7 @@ class Llama4(nn.Module):
         n_patch = int(is_patch.sum())
         h = self.language_model.model.embed_tokens(input_ids)
         if pixel_values is not None:
-            self.vision_model.check_pixels(pixel_values)  # type and shape, before the vision tower runs
+            self.vision_model.check_pixels(pixel_values)  # type, shape and finite values, before the vision tower runs
             per_tile = self.config.vision.tokens_per_tile
             if pixel_values.shape[0] * per_tile != n_patch:
                 raise ValueError(f"the prompt has {n_patch} <|patch|> tokens but the images give "

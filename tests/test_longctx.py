@@ -351,6 +351,7 @@ def test_experiment_config_refuses_bad_fields():
                                   ({"curve_every": 0}, ValueError, "curve_every=0"),
                                   ({"eval_lens": ()}, ValueError, r"eval_lens=\(\)"),
                                   ({"attn_scales": (0.0, float("nan"))}, ValueError, r"attn_scales\[1\]=nan"),
+                                  ({"attn_scales": (0.0, 1e3)}, ValueError, r"attn_scales\[1\]=1000.0"),  # > 100
                                   ({"lr": 0}, ValueError, "lr=0"),
                                   ({"steps": 2.5}, TypeError, "steps=2.5")]:
         with pytest.raises(error, match=match):
