@@ -216,6 +216,24 @@ def test_bad_problem_arguments_are_refused_by_name():
         T.complete(T.model_config(), [T.Problem(3, 4)])
     with pytest.raises(TypeError, match=r"problems\[1\] is a tuple: expected Problem items"):
         T.complete(model, [T.Problem(3, 4), (3, 4)])
+    # found by an audit: a negative operand looped forever in count_carries; the raw evaluation read
+    # a generator twice (an empty result) and took strings; chat_share out of [0, 1] named n_chars
+    with pytest.raises(ValueError, match="Problem.a=-5: must be a non-negative integer"):
+        T.Problem(-5, 17)
+    with pytest.raises(ValueError, match="b=-1: must be a non-negative integer"):
+        T.count_carries(3, -1)
+    problems = [T.Problem(3, 4), T.Problem(12, 9)]
+    assert T.evaluate_raw(model, (p for p in problems)) == T.evaluate_raw(model, problems)
+    assert set(T.evaluate_raw(model, problems)) == {p.level for p in problems}
+    with pytest.raises(ValueError, match="problems is empty"):
+        T.evaluate_raw(model, [])
+    with pytest.raises(TypeError, match=r"problems\[0\] is a str: expected Problem items"):
+        T.complete_raw(model, ["3+4="])
+    for share in (1.5, -0.5, float("nan")):
+        with pytest.raises(ValueError, match=rf"chat_share={share}: must be a finite number in \[0, 1\]"):
+            T.pretraining_stream(n_chars=1000, chat_share=share)
+    with pytest.raises(TypeError, match="tokenizer must be a ByteTokenizer, got str"):
+        T.pretraining_stream(n_chars=1000, tokenizer="x")
 
 
 def test_pretraining_stream_mixes_raw_lines_and_dialogues():

@@ -162,6 +162,13 @@ def test_arithmetic_accuracy_counts_exact_answers():
     assert arithmetic_accuracy(_ArithmeticStub(), n=12, seed=3, max_digits=2) == 1.0
     assert arithmetic_accuracy(_ArithmeticStub({p for p, _ in problems}), n=12, seed=3, max_digits=2) == 0.0
     assert arithmetic_accuracy(_ArithmeticStub({"5+9="}), n=4, seed=3, max_digits=2) == 0.75  # n=4: the first 4
+    # no problems answered 0.0 (read as 0% correct), and a bad ops went unchecked when none were drawn
+    with pytest.raises(ValueError, match="n=0: must be a positive integer"):
+        arithmetic_accuracy(_ArithmeticStub(), n=0)
+    with pytest.raises(ValueError, match="ops='/'"):
+        arithmetic_accuracy(_ArithmeticStub(), n=1, ops="/")
+    with pytest.raises(TypeError, match="tokenizer must be a ByteTokenizer, got str"):
+        arithmetic_accuracy(_ArithmeticStub(), tokenizer="tok")
 
 
 def test_bad_schedule_and_config_fields_are_refused_where_built():
@@ -212,6 +219,14 @@ def test_bad_train_arguments_fail_before_the_first_step():
         (ValueError, "bias_update_rate=0.01: the model has no MoE layer",
          lambda: train(dense, ids, bias_update_rate=0.01, **base)),
         (ValueError, "switch_aux=0.01: the model has no MoE layer", lambda: train(dense, ids, switch_aux=0.01, **base)),
+        # these three used to be found only after training steps (an audit)
+        (ValueError, r"val_data holds token ids in \[\d+, 277\]: the model's vocabulary is \[0, 272\)",
+         lambda: train(model, ids, val_data=torch.cat([ids[:99] + 5, torch.tensor([277])]), **base)),
+        (ValueError, r"data holds token ids in \[-1, 255\]", lambda: train(model, torch.cat([ids, torch.tensor([-1])]), **base)),
+        (ValueError, r"val_data\[1\] holds token ids in \[300, 300\]",
+         lambda: train(model, ids, val_data=[ids[:34].view(2, 17), torch.full((2, 17), 300)], **base)),
+        (TypeError, r"val_data is a one-pass iterator \(generator\): evaluation reads it several times",
+         lambda: train(model, ids, val_data=(b for b in [ids[:34].view(2, 17)]), **base)),
     ]
     for error, match, call in cases:
         with pytest.raises(error, match=match):

@@ -180,13 +180,14 @@ def _checked(batches):
         yield _check_batch(f"data batch {i}", batch)
 
 
-def _batch_source(data, cfg: TrainConfig):
+def _batch_source(data, cfg: TrainConfig, vocab_size: int | None = None):
     """A token stream (TokenCorpus or ids [n]) -> seeded random windows; one batch [b, t+1] ->
     that batch every step; else an iterable of [b, t+1] batches. Checked before the first step."""
     if isinstance(data, TokenCorpus):
         data = data.ids
     if isinstance(data, torch.Tensor) and data.dim() == 1:
         _check_stream("data", data, cfg.seq_len)
+        _check_id_range("data", data, vocab_size)
         return random_batches(data, cfg.batch_size, cfg.seq_len, torch.Generator().manual_seed(cfg.seed))
     if isinstance(data, torch.Tensor):
         return itertools.repeat(_check_batch("data", data))
@@ -199,8 +200,19 @@ def _batch_source(data, cfg: TrainConfig):
     return _checked(data)
 
 
-def _check_eval_data(name: str, data, seq_len: int) -> None:
-    """What `evaluate` reads: a TokenCorpus / ids [n] long enough for one window, or batches."""
+def _check_id_range(name: str, ids: torch.Tensor, vocab_size: int | None) -> None:
+    """Token ids within the model's vocabulary, checked up front (one host read): the model's
+    forward refuses them too, but only once training reaches them."""
+    if vocab_size is None or ids.numel() == 0:
+        return
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or hi >= vocab_size:
+        raise ValueError(f"{name} holds token ids in [{lo}, {hi}]: the model's vocabulary is [0, {vocab_size})")
+
+
+def _check_eval_data(name: str, data, seq_len: int, vocab_size: int | None = None, reread: bool = False) -> None:
+    """What `evaluate` reads: a TokenCorpus / ids [n] long enough for one window, or batches;
+    their ids within vocab_size (when given); with reread, no one-pass iterator."""
     if isinstance(data, TokenCorpus):
         data = data.ids
     if isinstance(data, torch.Tensor):
@@ -208,14 +220,18 @@ def _check_eval_data(name: str, data, seq_len: int) -> None:
             raise ValueError(f"{name} has shape {tuple(data.shape)}: expected token ids [n] (for one batch "
                              "[b, t+1], pass a list: [batch])")
         _check_stream(name, data, seq_len)
+        _check_id_range(name, data, vocab_size)
     elif isinstance(data, (list, tuple)):
         if not data:
             raise ValueError(f"{name} is an empty {type(data).__name__}: there is no loss to measure")
         for i, batch in enumerate(data):
-            _check_batch(f"{name}[{i}]", batch)
+            _check_id_range(f"{name}[{i}]", _check_batch(f"{name}[{i}]", batch), vocab_size)
     elif not isinstance(data, Iterable) or isinstance(data, (str, bytes)):
         raise TypeError(f"{name} must be a TokenCorpus, token ids [n] or an iterable of [b, t+1] batches, "
                         f"got {type(data).__name__}")
+    elif reread and iter(data) is data:  # an iterator: the first evaluation would use it up, the next find nothing
+        raise TypeError(f"{name} is a one-pass iterator ({type(data).__name__}): evaluation reads it several "
+                        "times; pass a list of [b, t+1] batches or token ids [n]")
 
 
 def _moe_layers(model) -> list[MoE]:
@@ -263,9 +279,10 @@ def train(model, data, cfg: TrainConfig | None = None, val_data=None, **override
     """
     cfg = _train_config(cfg, overrides)
     moes = _check_model(model, cfg)
-    batches = _batch_source(data, cfg)
+    vocab_size = getattr(getattr(model, "cfg", None), "vocab_size", None)
+    batches = _batch_source(data, cfg, vocab_size)
     if val_data is not None:
-        _check_eval_data("val_data", val_data, cfg.seq_len)
+        _check_eval_data("val_data", val_data, cfg.seq_len, vocab_size, reread=True)
     history = History(moe_layers=[m.layer for m in moes])
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
     start, was_training = time.perf_counter(), model.training
@@ -391,6 +408,13 @@ def arithmetic_predictions(model, n: int = 100, seed: int = 12345, max_digits: i
     (the model has no padding mask). Small problems may also occur in the training data."""
     import random
 
+    from ..data import _check_arithmetic
+
+    check_type("model", model, torch.nn.Module, "pass a model such as Llama4Text")
+    check_int("n", n, 1)  # n=0 answered 0.0, read as 0% correct
+    _check_arithmetic(max_digits, ops)  # also when no problem would be drawn
+    if tokenizer is not None:
+        check_type("tokenizer", tokenizer, ByteTokenizer)
     tok = tokenizer or ByteTokenizer()
     rng = random.Random(seed)
     problems = [arithmetic_problem(rng, max_digits, ops) for _ in range(n)]

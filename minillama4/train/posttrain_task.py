@@ -71,6 +71,8 @@ MAX_NEW_TOKENS = 2 * (MAX_DIGITS + 1) + 1 + 2 * MAX_DIGITS + 2 + 1
 # ------------------------------------------------------------------------------ problems
 def count_carries(a: int, b: int) -> int:
     """Number of columns of a + b (written in base 10) that carry into the next column."""
+    for name, value in (("a", a), ("b", b)):
+        check_int(name, value, 0)  # a negative operand looped forever (-1 // 10 == -1)
     carries, carry = 0, 0
     while a or b:
         carry = 1 if a % 10 + b % 10 + carry >= 10 else 0
@@ -81,8 +83,12 @@ def count_carries(a: int, b: int) -> int:
 
 @dataclass(frozen=True)
 class Problem:
-    a: int  # first operand
+    a: int  # first operand (a non-negative integer: the task is adding natural numbers)
     b: int  # second operand
+
+    def __post_init__(self):
+        for name in ("a", "b"):
+            check_int(f"Problem.{name}", getattr(self, name), 0)
 
     @property
     def question(self) -> str:
@@ -373,6 +379,9 @@ def complete(model, problems, n_samples: int = 1, temperature: float = 0.0, seed
 
 def complete_raw(model, problems, tokenizer: ByteTokenizer | None = None) -> list[str]:
     """Greedy answers in the base model's native format (raw_prompt_ids, up to a newline)."""
+    check_model("model", model)
+    problems = check_items("problems", problems, Problem, allow_empty=True)
+    check_tokenizer(tokenizer)
     tok = tokenizer or ByteTokenizer()
     newline = tok.encode("\n")[0]
     gen = generate_bucketed(model, [raw_prompt_ids(tok, p) for p in problems], 1, 0.0, 0, MAX_DIGITS + 2, newline)
@@ -422,6 +431,7 @@ def record_eval(history, model, problems, step: int, tokenizer: ByteTokenizer | 
 
 def evaluate_raw(model, problems, tokenizer: ByteTokenizer | None = None) -> dict[int, float]:
     """level -> greedy pass rate in the raw "a+b=" format (how a base model is tested)."""
+    problems = check_items("problems", problems, Problem)  # read once (a generator), and not empty: {} read as no levels
     answers = complete_raw(model, problems, tokenizer)
     return pass_rates(problems, [a == p.answer for a, p in zip(answers, problems)])
 
@@ -445,6 +455,9 @@ def pretraining_stream(n_chars: int = 1_500_000, seed: int = 0, chat_share: floa
     Operands have 1..max_digits digits, the digit count drawn first (data.arithmetic_problem)."""
     from ..data import arithmetic_documents, arithmetic_problem
 
+    check_int("n_chars", n_chars, 1)
+    check_real("chat_share", chat_share, 0, 1)  # (1.5 was refused as n_chars=-500, NaN as a float conversion)
+    check_tokenizer(tokenizer)
     tok = tokenizer or ByteTokenizer()
     rng = random.Random(seed)
     raw = [tok.encode(doc) + [tok.eos_id]
@@ -467,6 +480,7 @@ def pretrain_base(steps: int = 3000, seed: int = 0, chat_share: float = 0.3, pro
     from ..model import Llama4Text
     from .loop import TrainConfig, train
 
+    check_real("chat_share", chat_share, 0, 1)  # before the model is built
     model = Llama4Text.random(model_config(), seed=seed)
     cfg = TrainConfig(steps=steps, lr=3e-3, warmup=30, batch_size=32, seq_len=64, seed=seed,
                       progress=progress, log_every=0)
