@@ -115,6 +115,8 @@ def test_bad_setups_runs_and_empty_loads_are_refused():
         SweepSetup(tail=0)
     with pytest.raises(ValueError, match="preset='huge': expected one of"):
         SweepSetup(preset="huge")
+    with pytest.raises(ValueError, match=r"preset='scout': expected one of \('tiny', 'small'\)"):
+        SweepSetup(preset="scout")  # a sweep would build and train full Scout
     with pytest.raises(ValueError, match="switch_aux=nan: must be a finite number >= 0"):
         BalancingRun(switch_aux=float("nan"))
     with pytest.raises(ValueError, match="max_steps=0: must be a positive integer"):
@@ -147,3 +149,15 @@ def test_run_sweep_never_replaces_another_sweep(tmp_path):
     with pytest.raises(ValueError, match="exists but holds no saved sweep"):
         run_sweep([BalancingRun()], setup, not_a_sweep, verbose=False)
     assert not_a_sweep.read_text() == "my notes"
+
+
+def test_run_sweep_refuses_a_path_it_cannot_write_before_any_run(tmp_path, monkeypatch):
+    """It trained the first run, then failed in mkdir (the run's minutes lost)."""
+    from minillama4.train import sweeps
+
+    monkeypatch.setattr(sweeps, "run_balancing", lambda *a, **k: pytest.fail("a run started before the path was checked"))
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ValueError, match=r"sweep\.json': cannot be written \('.*afile' is not a folder\)"):
+        run_sweep([BalancingRun()], SETUP, tmp_path / "afile" / "deeper" / "sweep.json", verbose=False)
+    with pytest.raises(ValueError, match=r"is a folder: pass a file path such as"):
+        run_sweep([BalancingRun()], SETUP, tmp_path, verbose=False)

@@ -27,6 +27,7 @@ import dataclasses
 import hashlib
 import itertools
 import json
+import os
 import platform
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,6 +72,9 @@ class BalancingRun:
         return {k: getattr(self, k) for k in METHOD_KEYS}
 
 
+TRAINABLE_PRESETS = ("tiny", "small")  # the presets a sweep can train on a CPU (the others: billions of weights)
+
+
 @dataclass(frozen=True)
 class SweepSetup:
     """What every run of a sweep shares: model, corpus, schedule and what the record keeps."""
@@ -89,7 +93,7 @@ class SweepSetup:
     eval_batches: int = 8  # validation batches for the final validation loss (0 = none)
 
     def __post_init__(self):
-        check_choice("preset", self.preset, configs.PRESETS)
+        check_choice("preset", self.preset, TRAINABLE_PRESETS)  # scout & co. have billions of parameters
         for name in ("chars_per_domain", "steps", "batch_size", "seq_len", "every", "load_every", "tail"):
             check_int(name, getattr(self, name), 1)  # tail=0 kept every step (loads[-0:])
         for name in ("model_seed", "corpus_seed", "data_seed", "eval_batches"):
@@ -227,6 +231,8 @@ def run_sweep(runs: list[BalancingRun] | None = None, setup: SweepSetup | None =
     runs = default_runs() if runs is None else list(runs)
     for i, run in enumerate(runs):
         check_type(f"runs[{i}]", run, BalancingRun, "e.g. BalancingRun(switch_aux=1e-2)")
+    if path is not None:
+        _check_writable(Path(path))  # before the first run, not after it (its minutes would be lost)
     corpus = load_corpus(setup.corpus_seed, setup.chars_per_domain)
     sweep = {"setup": dataclasses.asdict(setup), "meta": {"corpus": corpus_fingerprint(corpus)}, "runs": {}}
     if path is not None and Path(path).exists():
@@ -244,6 +250,18 @@ def run_sweep(runs: list[BalancingRun] | None = None, setup: SweepSetup | None =
         if path is not None:
             save_sweep(sweep, path)
     return sweep
+
+
+def _check_writable(path: Path) -> None:
+    """save_sweep can write `path`: not a folder, and its nearest existing parent is a writable folder."""
+    if path.is_dir():
+        raise ValueError(f"path={str(path)!r} is a folder: pass a file path such as {str(path / 'sweep.json')!r}")
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise ValueError(f"path={str(path)!r}: cannot be written ({str(parent)!r} is "
+                         f"{'not a folder' if not parent.is_dir() else 'not writable'}); pass another path")
 
 
 def _saved_runs(path, sweep: dict) -> dict:
