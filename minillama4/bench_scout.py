@@ -395,6 +395,9 @@ def main(argv: list[str] | None = None) -> int:
                         ("--slice-layers", args.slice_layers)]:
         if value < 1:
             raise SystemExit(f"{flag} {value}: must be >= 1")
+    layers = configs.get(args.preset).text.num_hidden_layers  # the slice runs last: refuse it now
+    if args.slice_layers > layers:
+        raise SystemExit(f"--slice-layers {args.slice_layers}: {args.preset} has {layers} layers")
     def save(r):
         if args.json:
             with open(args.json, "w") as fh:

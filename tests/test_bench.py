@@ -100,3 +100,14 @@ def test_scout_bench_profile_lists_where_a_static_step_spends_its_time():
     assert len(rows) == 6 and rows[-1]["kernel"] == "(all)"
     assert all(r["us_per_step"] > 0 and r["calls_per_step"] > 0 for r in rows)
     assert rows[-1]["us_per_step"] >= sum(r["us_per_step"] for r in rows[:-1])
+
+
+def test_scout_bench_refuses_bad_flags_before_any_work():
+    """The slice runs last: a slice deeper than the preset was refused only after every other part."""
+    from minillama4 import bench_scout
+
+    for argv, match in [(["small", "--device", "cpu", "--slice-layers", "9"], "--slice-layers 9: small has 4 layers"),
+                        (["small", "--device", "cpu", "--prefill", "0"], "--prefill 0: must be >= 1"),
+                        (["small", "--device", "cpu", "--contexts", "16,x"], "--contexts '16,x': expected comma")]:
+        with pytest.raises(SystemExit, match=match):
+            bench_scout.main(argv)
