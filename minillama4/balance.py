@@ -35,9 +35,27 @@ __all__ = ["expert_load", "switch_aux_loss", "router_z_loss", "balancing_losses"
            "dropped_fraction", "load_stats", "imbalance"]
 
 
+def _check_top_ids(top_ids) -> None:
+    check_type("top_ids", top_ids, torch.Tensor, "[n, k] expert ids, e.g. from model(ids, router_outputs=...)")
+    if top_ids.dim() != 2 or top_ids.dtype.is_floating_point or top_ids.dtype == torch.bool:
+        raise ValueError(f"top_ids {tuple(top_ids.shape)} {top_ids.dtype}: expected [n, k] integer expert ids")
+
+
 def expert_load(top_ids: torch.Tensor, n_experts: int) -> torch.Tensor:
     """top_ids [n, k] -> [e] number of token copies sent to each expert (sums to n*k)."""
-    return torch.bincount(rearrange(top_ids, "n k -> (n k)"), minlength=n_experts)
+    _check_top_ids(top_ids)
+    check_int("n_experts", n_experts, 1)
+    flat = rearrange(top_ids, "n k -> (n k)")
+    try:
+        load = torch.bincount(flat, minlength=n_experts)
+    except RuntimeError:  # a negative id (bincount's own message does not say which)
+        load = None
+    # an id >= e made the load longer than e: checked on the result, so valid ids cost no extra host read
+    if load is None or load.shape[0] > n_experts:
+        low, high = int(flat.min()), int(flat.max())
+        raise ValueError(f"top_ids holds expert ids in [{low}, {high}]: n_experts={n_experts} needs them "
+                         f"in [0, {n_experts})")
+    return load
 
 
 # ------------------------------------------------------------------------------ auxiliary losses
@@ -53,6 +71,11 @@ def switch_aux_loss(logits: torch.Tensor, top_ids: torch.Tensor) -> torch.Tensor
     gradient (f counts discrete choices), which pushes probability away from busy experts.
     Multiply by a coefficient alpha (Switch used 1e-2) before adding it to the loss.
     """
+    check_type("logits", logits, torch.Tensor, "[n, e] router logits")
+    _check_top_ids(top_ids)
+    if logits.dim() != 2 or top_ids.shape[0] != logits.shape[0]:  # f and P must count the same n tokens
+        raise ValueError(f"logits {tuple(logits.shape)} and top_ids {tuple(top_ids.shape)}: expected logits [n, e] "
+                         "and top_ids [n, k] of the same n tokens")
     n, e = logits.shape
     probs = torch.softmax(logits.float(), dim=-1)
     # Switch eq. 5: f_i = (1/T) sum_x 1{x dispatched to i}   (here over the n*k copies)
@@ -88,6 +111,11 @@ def bias_update(bias: torch.Tensor, load: torch.Tensor, rate: float) -> torch.Te
     training step) -> new bias [e]. Overloaded experts go down by `rate`, underloaded ones up;
     an expert exactly at the mean load stays (sign(0) = 0)."""
     check_real("rate", rate, low=0)  # NaN made every bias NaN; a negative rate pushes towards imbalance
+    check_type("bias", bias, torch.Tensor, "[e] selection bias")
+    check_type("load", load, torch.Tensor, "[e] tokens per expert, e.g. expert_load(top_ids, e)")
+    if bias.dim() != 1 or load.shape != bias.shape:  # a [e, 1] load broadcast to an [e, e] bias; a [1] one did nothing
+        raise ValueError(f"bias {tuple(bias.shape)} and load {tuple(load.shape)}: expected one load per expert, "
+                         "both of shape (e,)")
     load = load.to(bias.device, torch.float32)
     # DeepSeek-V3 §2.1.2: b_i <- b_i + gamma * sign(mean load - load_i)   (gamma = rate)
     return bias + rate * torch.sign(load.mean() - load)
@@ -145,9 +173,7 @@ def drop_tokens(top_ids: torch.Tensor, n_experts: int, capacity_factor: float) -
     before any second choice), then token order, so with top-1 it is plain token order. Llama 4
     (and minillama4's MoE) never drops: this shows what a capacity-limited system would do.
     A dropped copy contributes nothing from that expert (the residual and shared expert remain)."""
-    check_type("top_ids", top_ids, torch.Tensor, "[n, k] expert ids, e.g. from model(ids, router_outputs=...)")
-    if top_ids.dim() != 2 or top_ids.dtype.is_floating_point or top_ids.dtype == torch.bool:
-        raise ValueError(f"top_ids {tuple(top_ids.shape)} {top_ids.dtype}: expected [n, k] integer expert ids")
+    _check_top_ids(top_ids)
     n, k = top_ids.shape
     check_int("n_experts", n_experts, 1)
     if top_ids.numel() and not 0 <= int(top_ids.min()) <= int(top_ids.max()) < n_experts:
@@ -182,5 +208,12 @@ def dropped_fraction(load: torch.Tensor, capacity_factor: float, top_k: int = 1)
 def imbalance(loads: torch.Tensor) -> list[dict]:
     """loads [layers, e] (or [e]) -> one `load_stats` dict per row: tokens, max_over_mean
     (1 = perfect), cv (0 = perfect), entropy and entropy_frac (1 = perfect)."""
+    check_type("loads", loads, torch.Tensor, "[layers, e] or [e] token copies per expert")
+    if loads.dim() not in (1, 2):
+        raise ValueError(f"loads has shape {tuple(loads.shape)}: expected [layers, e] or one layer's [e] loads; "
+                         "for a History's [steps, layers, e] loads, take one step at a time")
+    # load_stats reads every row to the host anyway; a negative count gave a negative entropy
+    if loads.numel() and float(loads.min()) < 0:
+        raise ValueError(f"loads holds a negative load ({float(loads.min()):g}): expected token counts >= 0")
     loads = loads if loads.dim() == 2 else rearrange(loads, "e -> 1 e")
     return [load_stats(row) for row in loads]

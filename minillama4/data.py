@@ -34,6 +34,7 @@ from __future__ import annotations
 import ast
 import importlib
 import inspect
+import numbers
 import random
 from dataclasses import dataclass
 from functools import lru_cache
@@ -42,7 +43,7 @@ from typing import Iterator, NamedTuple
 import torch
 from einops import rearrange
 
-from .checks import check_int, check_type
+from .checks import check_int, check_type, is_int
 from .tokenizer import ByteTokenizer
 
 DOMAINS = ("prose", "code", "math")  # label i of a token = DOMAINS[i]
@@ -204,6 +205,15 @@ def mixed_corpus(seed: int = 0, chars_per_domain: int = 200_000, domains: tuple[
     """Segments of every domain in `domains`, chars_per_domain characters each (less if the stdlib
     holds less), shuffled together with `seed`; arithmetic operands have up to max_digits digits.
     Deterministic for one Python installation."""
+    check_int("chars_per_domain", chars_per_domain, 1)  # <= 0 gave an empty corpus, a float a slice TypeError
+    if isinstance(domains, str) or not isinstance(domains, (tuple, list)) or not domains:
+        raise ValueError(f"domains={domains!r}: expected a non-empty tuple of names from {DOMAINS}, e.g. (\"prose\",)")
+    for domain in domains:
+        if domain not in DOMAINS:
+            raise ValueError(f"unknown domain {domain!r}; choose from {DOMAINS}")
+    if len(set(domains)) < len(domains):  # a repeated domain doubled its share
+        raise ValueError(f"domains={tuple(domains)!r}: each domain at most once")
+    check_int("max_digits", max_digits, 1)
     rng = random.Random(seed)
     segments = []
     for domain in domains:
@@ -211,11 +221,9 @@ def mixed_corpus(seed: int = 0, chars_per_domain: int = 200_000, domains: tuple[
             docs = _take(prose_documents(), chars_per_domain, rng)
         elif domain == "code":
             docs = _take(code_documents(), chars_per_domain, rng)
-        elif domain == "math":
+        else:  # "math"
             docs = _take(arithmetic_documents(chars_per_domain, rng.randrange(2**32), max_digits),
                          chars_per_domain, rng)
-        else:
-            raise ValueError(f"unknown domain {domain!r}; choose from {DOMAINS}")
         segments.extend(Segment(domain, d) for d in docs if d)
     rng.shuffle(segments)
     return segments
@@ -233,10 +241,17 @@ class TokenCorpus:
         return len(self.ids)
 
     def split(self, held_out: float = 0.1) -> tuple["TokenCorpus", "TokenCorpus"]:
-        """(train, validation): the last `held_out` fraction of the stream is validation."""
+        """(train, validation): the last `held_out` fraction of the stream is validation; both
+        parts must hold at least one token."""
+        if isinstance(held_out, bool) or not isinstance(held_out, numbers.Real):
+            raise TypeError(f"held_out={held_out!r}: must be a number in (0, 1)")
         if not 0 < held_out < 1:
             raise ValueError(f"held_out={held_out} must be in (0, 1)")
         cut = len(self.ids) - int(len(self.ids) * held_out)
+        if cut == 0 or cut == len(self.ids):  # an empty validation set evaluated to nothing
+            raise ValueError(f"held_out={held_out} of {len(self.ids)} tokens gives {cut} training and "
+                             f"{len(self.ids) - cut} validation tokens: each part needs at least one "
+                             "(a larger corpus or held_out)")
         return (TokenCorpus(self.ids[:cut], self.domain[:cut], self.domains),
                 TokenCorpus(self.ids[cut:], self.domain[cut:], self.domains))
 
@@ -249,6 +264,12 @@ class TokenCorpus:
 def tokenize_segments(segments: list[Segment], tokenizer: ByteTokenizer | None = None) -> TokenCorpus:
     """Encode every segment followed by <|end_of_text|>; label each token with its segment's domain.
     Special-token strings inside the text are encoded as plain bytes, never as special ids."""
+    check_type("segments", segments, (list, tuple), "e.g. from mixed_corpus")
+    for i, seg in enumerate(segments):  # all checked before any is encoded
+        check_type(f"segments[{i}]", seg, Segment, "Segment(domain, text), e.g. from mixed_corpus")
+        if seg.domain not in DOMAINS:
+            raise ValueError(f"segments[{i}].domain={seg.domain!r}: expected one of {DOMAINS}")
+        check_type(f"segments[{i}].text", seg.text, str)
     tok = tokenizer or ByteTokenizer()
     ids, labels = [], []
     for seg in segments:
@@ -268,6 +289,8 @@ def load_corpus(seed: int = 0, chars_per_domain: int = 200_000,
 def _as_generator(generator: torch.Generator | int | None) -> torch.Generator:
     if isinstance(generator, torch.Generator):
         return generator
+    if generator is not None and not is_int(generator):  # int(0.7) used to seed 0 silently
+        raise TypeError(f"generator={generator!r}: expected None, an int seed or a torch.Generator")
     return torch.Generator().manual_seed(0 if generator is None else int(generator))
 
 

@@ -1,6 +1,7 @@
 """Balancing losses and metrics on hand-computed cases (minillama4.balance)."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -173,3 +174,43 @@ def test_update_selection_bias_refuses_unknown_layers_and_bad_rates_changing_not
     assert all(m.selection_bias is None for m in moes)  # layer 0 was not updated before the refusal
     with pytest.raises(ValueError, match="rate=nan"):
         bias_update(torch.zeros(4), good, math.nan)
+
+
+def test_expert_load_and_switch_loss_refuse_bad_ids_and_mismatched_tokens():
+    with pytest.raises(ValueError, match="top_ids holds expert ids in \\[0, 7\\]: n_experts=4 needs them in \\[0, 4\\)"):
+        expert_load(torch.tensor([[0], [7]]), 4)  # used to return a load of length 8
+    with pytest.raises(ValueError, match="top_ids holds expert ids in \\[-1, 0\\]"):
+        expert_load(torch.tensor([[0], [-1]]), 4)
+    with pytest.raises(ValueError, match="top_ids \\(4, 1\\) torch.float32: expected \\[n, k\\] integer expert ids"):
+        expert_load(torch.zeros(4, 1), 4)
+    with pytest.raises(ValueError, match="top_ids \\(2,\\) torch.int64"):
+        expert_load(torch.tensor([0, 1]), 4)
+    with pytest.raises(ValueError, match="n_experts=0: must be a positive integer"):
+        expert_load(torch.zeros(2, 1, dtype=torch.long), 0)
+    assert expert_load(torch.zeros(0, 2, dtype=torch.long), 3).tolist() == [0, 0, 0]  # no tokens: no load
+    with pytest.raises(ValueError, match="logits \\(3, 4\\) and top_ids \\(2, 1\\): expected logits \\[n, e\\] "
+                                         "and top_ids \\[n, k\\] of the same n tokens"):
+        switch_aux_loss(torch.zeros(3, 4), torch.tensor([[0], [1]]))  # used to return 1.0
+    with pytest.raises(ValueError, match="top_ids holds expert ids in \\[0, 7\\]: n_experts=4"):
+        switch_aux_loss(torch.zeros(2, 4), torch.tensor([[0], [7]]))
+
+
+def test_bias_update_refuses_a_load_of_another_shape():
+    for load in (torch.ones(4, 1), torch.tensor([3.0]), torch.ones(8)):  # [4, 1] gave a [4, 4] bias, [1] a no-op
+        with pytest.raises(ValueError, match=f"bias \\(4,\\) and load {re.escape(str(tuple(load.shape)))}: "
+                                             "expected one load per expert, both of shape \\(e,\\)"):
+            bias_update(torch.zeros(4), load, 0.1)
+    with pytest.raises(TypeError, match="load must be a Tensor, got list"):
+        bias_update(torch.zeros(4), [1, 2, 3, 4], 0.1)
+
+
+def test_imbalance_refuses_other_ranks_and_negative_loads():
+    with pytest.raises(ValueError, match="loads has shape \\(2, 3, 4\\): expected \\[layers, e\\] or one layer's "
+                                         "\\[e\\] loads"):
+        imbalance(torch.ones(2, 3, 4))  # used to raise a raw EinopsError
+    with pytest.raises(ValueError, match="loads has shape \\(\\)"):
+        imbalance(torch.tensor(3.0))
+    with pytest.raises(ValueError, match="loads holds a negative load \\(-1\\): expected token counts >= 0"):
+        imbalance(torch.tensor([-1.0, 1.0, 2.0]))  # gave a negative entropy
+    with pytest.raises(TypeError, match="loads must be a Tensor, got list"):
+        imbalance([[1, 2], [3, 4]])

@@ -139,3 +139,39 @@ def test_bad_batch_and_arithmetic_arguments_are_refused_at_the_call():
             call()  # raised by the call itself, not at the first next()
     with pytest.raises(TypeError, match="rng must be a Random"):
         arithmetic_problem(0)
+
+
+def test_corpus_arguments_are_refused_before_any_work():
+    from minillama4.data import Segment, TokenCorpus
+
+    for chars, error in [(-5, ValueError), (0, ValueError), (100.5, TypeError)]:  # -5 gave [] silently
+        with pytest.raises(error, match=f"chars_per_domain={chars}: must be a positive integer"):
+            mixed_corpus(chars_per_domain=chars, domains=("prose",))
+    with pytest.raises(ValueError, match=r"domains='prose': expected a non-empty tuple of names from "
+                                         r"\('prose', 'code', 'math'\)"):
+        mixed_corpus(chars_per_domain=100, domains="prose")
+    with pytest.raises(ValueError, match=r"domains=\(\): expected a non-empty tuple"):
+        mixed_corpus(chars_per_domain=100, domains=())
+    with pytest.raises(ValueError, match=r"domains=\('math', 'math'\): each domain at most once"):
+        mixed_corpus(chars_per_domain=100, domains=("math", "math"))
+    with pytest.raises(ValueError, match="max_digits=0: must be a positive integer"):
+        mixed_corpus(chars_per_domain=100, domains=("prose",), max_digits=0)
+    with pytest.raises(TypeError, match="segments\\[0\\] must be a Segment, got str"):
+        tokenize_segments(["hello"])  # used to fail with AttributeError
+    with pytest.raises(ValueError, match=r"segments\[1\].domain='poetry': expected one of \('prose', 'code', 'math'\)"):
+        tokenize_segments([Segment("prose", "x"), Segment("poetry", "x")])  # was "tuple.index(x): x not in tuple"
+    with pytest.raises(TypeError, match="segments must be a list or tuple, got str"):
+        tokenize_segments("hello")
+    corpus = TokenCorpus(torch.arange(5), torch.zeros(5, dtype=torch.long))
+    with pytest.raises(TypeError, match="held_out='0.1': must be a number in \\(0, 1\\)"):
+        corpus.split("0.1")
+    with pytest.raises(ValueError, match="held_out=0.1 of 5 tokens gives 5 training and 0 validation tokens: "
+                                         "each part needs at least one"):
+        corpus.split(0.1)  # used to return an empty validation set
+    assert [len(part) for part in corpus.split(0.2)] == [4, 1]
+    with pytest.raises(ValueError, match="held_out=nan must be in \\(0, 1\\)"):
+        corpus.split(float("nan"))
+    for generator in (0.7, "a", True):  # 0.7 seeded 0 silently
+        with pytest.raises(TypeError, match=f"generator={generator!r}: expected None, an int seed or a torch.Generator"):
+            random_batches(torch.arange(100), 2, 8, generator=generator)
+    assert torch.equal(next(random_batches(torch.arange(100), 2, 8)), next(random_batches(torch.arange(100), 2, 8, 0)))

@@ -95,6 +95,8 @@ def test_build_pairs_prefers_correct_and_concise(monkeypatch):
     pairs = dpo.build_pairs(None, [p, q, r], n_samples=5)
     assert pairs == [dpo.PreferencePair(p, "7", "8", "wrong"),  # the most frequent wrong answer
                      dpo.PreferencePair(p, "7", "7\n3+4=7", "verbose")]
+    # a generator of problems gives the same pairs (it was read twice: sampled, then no pairs)
+    assert dpo.build_pairs(None, (x for x in [p, q, r]), n_samples=5) == pairs
 
 
 @pytest.fixture(scope="module")
@@ -180,3 +182,19 @@ def test_dpo_stops_before_the_update_at_a_nonfinite_loss(monkeypatch):
     with pytest.raises(FloatingPointError, match="loss is nan at step 0"):
         dpo.train_dpo(policy, pairs, dpo.DPOConfig(steps=2))
     assert all(torch.equal(a, b) for a, b in zip(before, policy.parameters()))
+
+
+def test_dpo_loss_reward_accuracy_and_pairs_refuse_bad_values():
+    z = torch.zeros
+    with pytest.raises(ValueError, match=r"log-probabilities of shapes .*'policy_rejected': \(1,\).*'ref_rejected': "
+                                         r"\(4, 1\)\}: expected four \[b\] tensors of the same shape"):
+        dpo.dpo_loss(z(4), z(1), z(4), z(4, 1))  # broadcast to [4, 4] and returned a loss
+    with pytest.raises(ValueError, match=r"'policy_chosen': \(2, 1\).*expected four \[b\] tensors"):
+        dpo.dpo_loss(z(2, 1), z(2, 1), z(2, 1), z(2, 1))
+    with pytest.raises(TypeError, match="ref_chosen must be a Tensor, got float"):
+        dpo.dpo_loss(t(-1.0), t(-2.0), -1.5, t(-1.5))
+    with pytest.raises(ValueError, match=r"margin holds NaN at index \[0\]: a NaN margin is neither positive nor a tie"):
+        dpo.reward_accuracy(torch.tensor([float("nan"), 1.0]))  # used to return 0.5
+    assert dpo.reward_accuracy(torch.tensor([float("inf"), 0.0])) == 0.75
+    with pytest.raises(ValueError, match=r"PreferencePair.kind='wrongg': expected one of \('wrong', 'verbose'\)"):
+        dpo.PreferencePair(T.Problem(3, 4), "7", "8", "wrongg")  # was accepted, then left out of margin_by_kind

@@ -257,3 +257,40 @@ def test_rl_stops_before_the_update_at_a_nonfinite_loss(monkeypatch):
     with pytest.raises(FloatingPointError, match="loss is nan at step 0"):
         rl.train_rl(policy, cfg)
     assert all(torch.equal(a, b) for a, b in zip(before, policy.parameters()))
+
+
+def test_rl_pieces_refuse_bad_values():
+    with pytest.raises(ValueError, match=r"rewards\[0, 1\]=nan: rewards must be finite"):
+        rl.group_advantages(torch.tensor([[1.0, float("nan"), 0.0]]))  # gave all-zero advantages
+    with pytest.raises(ValueError, match=r"rewards\[1, 0\]=inf"):
+        rl.group_advantages(torch.tensor([[1.0, 0.0], [float("inf"), 0.0]]), scale=False)
+    with pytest.raises(ValueError, match=r"rewards has shape \(3,\): expected \[p, g\]"):
+        rl.group_advantages(torch.tensor([1.0, 0.0, 1.0]))
+    with pytest.raises(ValueError, match="eps=-1: must be a finite number >= 0"):
+        rl.group_advantages(torch.ones(2, 2), eps=-1)
+    cur = rl.Curriculum(easy_above=0.9, advance_at=0.5, ema=0.0)
+    cur.start({1: 0.2, 2: 0.0})
+    before = (dict(cur.pass_rate), set(cur.retired), cur.max_level)
+    with pytest.raises(ValueError, match=r"level_rewards\[2\]=5.0: must be a finite number in \[0, 1\]"):
+        cur.update({1: 0.95, 2: 5.0})
+    with pytest.raises(ValueError, match=r"level_rewards\[1\]=nan"):
+        cur.update({1: float("nan")})
+    assert (cur.pass_rate, cur.retired, cur.max_level) == before  # nothing changed by the refused updates
+    with pytest.raises(ValueError, match=r"probe\[3\]=-0.5: must be a finite number in \[0, 1\]"):
+        rl.Curriculum().start({3: -0.5})
+    with pytest.raises(TypeError, match="level_rewards must be a dict, got list"):
+        cur.update([0.5])
+    logp, mask, adv = torch.zeros(2, 3), torch.ones(2, 3, dtype=torch.bool), torch.ones(2)
+    for eps in (-0.5, 0, float("nan"), 1.5):
+        with pytest.raises(ValueError, match=rf"clip_eps={eps}: must be a finite number in \(0, 1\]"):
+            rl.grpo_loss(logp, logp, adv, mask, clip_eps=eps)
+    with pytest.raises(ValueError, match="kl_coef=-0.1: must be a finite number >= 0"):
+        rl.grpo_loss(logp, logp, adv, mask, kl_coef=-0.1)
+    with pytest.raises(ValueError, match=r"\{'logp': \(2, 3\), 'old_logp': \(2, 3\), 'mask': \(2, 2\)\} and "
+                                         r"advantages \(2,\): expected \[b, t\] log-probabilities"):
+        rl.grpo_loss(logp, logp, adv, mask[:, :2])
+    with pytest.raises(ValueError, match=r"advantages \(3,\)"):
+        rl.grpo_loss(logp, logp, torch.ones(3), mask)
+    for cap in (-1, 0, float("nan")):
+        with pytest.raises(ValueError, match=f"max_value={cap}: must be a finite number > 0"):
+            rl.k3_kl(logp, logp, max_value=cap)  # -1 made every estimate -1

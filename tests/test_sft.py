@@ -191,3 +191,22 @@ def test_sft_stops_before_the_update_at_a_nonfinite_loss(monkeypatch):
     assert not model.training  # its mode is restored too
     assert not all(torch.equal(a, b) for a, b in zip(init, model.parameters()))  # step 0 was taken
     assert all(torch.equal(a, b) for a, b in zip(seen[1], model.parameters()))  # step 1 was not
+
+
+def test_masked_loss_refuses_an_empty_mask_and_other_shapes():
+    ids, mask = sft.sft_batch(examples())
+    logits = torch.zeros(*ids.shape, TOK.vocab_size)
+    # every chat example ends in a scored <|eot|>, so a mask without a target is a mistake (it gave 0.0)
+    with pytest.raises(ValueError, match=r"mask \(2, \d+\) has no True after position 0: no token to train on"):
+        sft.masked_sft_loss(logits, ids, torch.zeros_like(mask))
+    only_first = torch.zeros_like(mask)
+    only_first[:, 0] = True  # position 0 is never a target
+    with pytest.raises(ValueError, match="has no True after position 0"):
+        sft.masked_sft_loss(logits, ids, only_first)
+    with pytest.raises(ValueError, match=r"logits \(2, \d+, \d+\), ids \(2, \d+\), mask \(2, 3\): expected logits "
+                                         r"\[b, t, v\] and ids and mask \[b, t\]"):
+        sft.masked_sft_loss(logits, ids, mask[:, :3])
+    with pytest.raises(ValueError, match=r"logits \(1, \d+, \d+\)"):
+        sft.masked_sft_loss(logits[:1], ids, mask)
+    with pytest.raises(TypeError, match="mask must be a Tensor, got list"):
+        sft.masked_sft_loss(logits, ids, mask.tolist())

@@ -46,11 +46,14 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ..checks import check_finite_loss, check_int, check_real
+from ..checks import check_choice, check_finite_loss, check_int, check_real, check_type
 from ..tokenizer import ByteTokenizer
 from .loop import param_groups
 from .posttrain_task import (Problem, check_items, check_model, check_optimizer_fields, check_tokenizer, complete,
                              encode_chat, keeping_mode, pad_batch, stage_config, token_logprobs)
+
+
+PAIR_KINDS = ("wrong", "verbose")  # why a rejected response lost; preference_metrics reports the margin of each
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,9 @@ class PreferencePair:
     chosen: str  # a correct, concise response (the bare number)
     rejected: str  # a wrong response, or a correct but verbose one
     kind: str  # "wrong" or "verbose": why the rejected response lost
+
+    def __post_init__(self):
+        check_choice("PreferencePair.kind", self.kind, PAIR_KINDS)  # another kind was left out of margin_by_kind
 
 
 def build_pairs(model, problems, n_samples: int = 8, temperature: float = 1.0, seed: int = 0,
@@ -72,6 +78,8 @@ def build_pairs(model, problems, n_samples: int = 8, temperature: float = 1.0, s
     if n_samples < 2 or temperature == 0:  # a pair needs two different samples of one problem
         raise ValueError(f"n_samples={n_samples}, temperature={temperature}: pairs need n_samples >= 2 and "
                          "temperature > 0 (one sample, or identical greedy ones, never give a chosen and a rejected)")
+    # a list, read twice below: a generator was used up by complete() and the loop then gave no pairs
+    problems = check_items("problems", problems, Problem)
     comps = complete(model, problems, n_samples, temperature, seed, tokenizer=tokenizer)
     pairs = []
     for p, row in zip(problems, comps):
@@ -105,6 +113,14 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
     """DPO loss (mean over pairs) and the implicit rewards of the chosen and rejected responses,
     from sequence log-probabilities [b] under the policy and the reference."""
     check_beta("beta", beta)
+    logps = {"policy_chosen": policy_chosen, "policy_rejected": policy_rejected, "ref_chosen": ref_chosen,
+             "ref_rejected": ref_rejected}
+    for name, value in logps.items():
+        check_type(name, value, torch.Tensor, "[b] sequence log-probabilities, e.g. from sequence_logps")
+    shapes = {name: tuple(value.shape) for name, value in logps.items()}
+    if policy_chosen.dim() != 1 or len(set(shapes.values())) > 1:  # [b] against [b, 1] broadcast to [b, b]
+        raise ValueError(f"log-probabilities of shapes {shapes}: expected four [b] tensors of the same shape, "
+                         "one value per pair")
     chosen_rewards = beta * (policy_chosen - ref_chosen)  # r(x, y_w) = beta log(pi / pi_ref)
     rejected_rewards = beta * (policy_rejected - ref_rejected)  # r(x, y_l)
     # L = -log sigma(r(x, y_w) - r(x, y_l))   (Rafailov et al. 2023, eq. 7)
@@ -114,8 +130,13 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
 
 def reward_accuracy(margin: torch.Tensor) -> float:
     """Fraction of pairs whose implicit reward margin is positive, ties counting one half."""
+    check_type("margin", margin, torch.Tensor, "[b] reward margins r(y_w) - r(y_l)")
     if margin.numel() == 0:
         raise ValueError("margin is empty: the reward accuracy of no pairs is undefined")
+    nan = torch.isnan(margin)  # reads the margins, as the accuracy below does anyway
+    if nan.any():  # NaN > 0 and NaN == 0 are both False: a NaN pair counted as wrongly ranked
+        raise ValueError(f"margin holds NaN at index {nan.flatten().nonzero().flatten().tolist()[:5]}: "
+                         "a NaN margin is neither positive nor a tie")
     return float(((margin > 0).float() + 0.5 * (margin == 0).float()).mean())
 
 
@@ -207,7 +228,7 @@ def preference_metrics(policy, reference, pairs, beta: float, tokenizer: ByteTok
     loss, cw, cl = dpo_loss(pc, pr, rc, rr, beta)
     margin = cw - cl
     kinds = {}
-    for kind in ("wrong", "verbose"):
+    for kind in PAIR_KINDS:
         sel = torch.tensor([p.kind == kind for p in pairs])
         if sel.any():
             kinds[kind] = float(margin[sel].mean())

@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 import torch
 from einops import rearrange
 
-from ..checks import check_finite_loss, check_int, check_real
+from ..checks import check_bool, check_finite_loss, check_int, check_real, check_type
 from ..tokenizer import ByteTokenizer
 from .loop import param_groups
 from .posttrain_task import (LEVELS, MAX_DIGITS, Problem, check_eval_problems, check_group_size, check_items,
@@ -63,7 +63,17 @@ from .posttrain_task import (LEVELS, MAX_DIGITS, Problem, check_eval_problems, c
 def group_advantages(rewards: torch.Tensor, scale: bool = True, eps: float = 1e-4) -> torch.Tensor:
     """rewards [p, g] -> advantages [p, g]: the reward minus its group's mean, divided by the
     group's standard deviation (Bessel-corrected, as torch.std and TRL) + eps when `scale`
-    (GRPO), or not divided (Dr. GRPO, Liu et al. 2025)."""
+    (GRPO), or not divided (Dr. GRPO, Liu et al. 2025). Rewards must be finite: NaN or inf
+    rewards are refused (this reads them to the host: train_rl's rewards are on the CPU)."""
+    check_type("rewards", rewards, torch.Tensor, "[p, g] one reward per sampled response")
+    if rewards.dim() != 2:
+        raise ValueError(f"rewards has shape {tuple(rewards.shape)}: expected [p, g], one row of g rewards per prompt")
+    check_bool("scale", scale)
+    check_real("eps", eps, 0)
+    finite = torch.isfinite(rewards)
+    if not finite.all():  # a NaN made its group's std NaN, and torch.where turned every advantage into 0
+        p, g = (~finite).nonzero()[0].tolist()
+        raise ValueError(f"rewards[{p}, {g}]={float(rewards[p, g])}: rewards must be finite")
     rewards = rewards.float()
     mean = rewards.mean(dim=1, keepdim=True)
     if not scale:
@@ -84,6 +94,7 @@ def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor, max_value: float = 10.0) -
     exp(ref - logp) - (ref - logp) - 1, always >= 0. A rare sampled token that the reference
     likes far more than the policy makes exp(ref - logp) huge, so the estimate is capped at
     max_value (as verl's "low_var_kl" does)."""
+    check_real("max_value", max_value, 0, low_open=True)  # a negative cap made every estimate negative
     delta = ref_logp - logp
     return torch.clamp(torch.exp(delta) - delta - 1, max=max_value)
 
@@ -94,6 +105,17 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
     logp, old_logp, ref_logp [b, t]: log-probabilities of the sampled tokens under the policy
     (with gradients), the sampling policy and the reference; advantages [b]; mask [b, t] on the
     response tokens. Returns (loss, {"kl", "clip_frac", "ratio"}) with token-mean statistics."""
+    check_real("clip_eps", clip_eps, 0, 1, low_open=True)  # as RLConfig.clip_eps: a negative eps inverted the clip
+    check_real("kl_coef", kl_coef, 0)
+    tensors = {"logp": logp, "old_logp": old_logp, "mask": mask}
+    if ref_logp is not None:
+        tensors["ref_logp"] = ref_logp
+    for name, value in {**tensors, "advantages": advantages}.items():
+        check_type(name, value, torch.Tensor)
+    shapes = {name: tuple(value.shape) for name, value in tensors.items()}
+    if logp.dim() != 2 or len(set(shapes.values())) > 1 or tuple(advantages.shape) != tuple(logp.shape[:1]):
+        raise ValueError(f"{shapes} and advantages {tuple(advantages.shape)}: expected [b, t] log-probabilities "
+                         "and mask of the same shape, and [b] advantages")
     mask = mask.float()
     adv = rearrange(advantages.float(), "b -> b 1")
     ratio = torch.exp(logp - old_logp)
@@ -142,6 +164,7 @@ class Curriculum:
     def start(self, probe: dict[int, float]) -> None:
         """Initial pass rates (level -> pass@1 by the policy): retire the easy levels and unlock
         up to the easiest level that is not easy."""
+        _check_pass_rates("probe", probe)
         self.pass_rate = dict(probe)
         self.retired = {lv for lv, p in probe.items() if p >= self.easy_above}
         hard = [lv for lv in self.levels if lv not in self.retired]
@@ -151,12 +174,15 @@ class Curriculum:
     def reprobe(self, probe: dict[int, float]) -> None:
         """A fresh pass@k probe during RL (continual filtering): pass rates are reset to it and
         every level is retired or brought back by it; unlocked levels stay unlocked."""
+        _check_pass_rates("probe", probe)
         self.pass_rate.update(probe)
         self.retired = {lv for lv, p in probe.items() if p >= self.easy_above and lv != self.levels[-1]}
         self._advance()
 
     def update(self, level_rewards: dict[int, float]) -> None:
-        """After a step: update running pass rates, retire easy levels, unlock harder ones."""
+        """After a step: update running pass rates, retire easy levels, unlock harder ones.
+        Every rate is checked before any changes."""
+        _check_pass_rates("level_rewards", level_rewards)
         for lv, r in level_rewards.items():
             old = self.pass_rate.get(lv, r)
             self.pass_rate[lv] = self.ema * old + (1 - self.ema) * r
@@ -173,6 +199,13 @@ class Curriculum:
         """n problems, levels drawn uniformly from the active ones."""
         act = self.active()
         return [problem_at_level(rng, rng.choice(act), max_digits) for _ in range(n)]
+
+
+def _check_pass_rates(name: str, rates) -> None:
+    """level -> pass rate in [0, 1] (a mean 0/1 reward); a rate above 1 retired levels it should not."""
+    check_type(name, rates, dict, "{level: pass rate in [0, 1]}")
+    for lv, rate in rates.items():
+        check_real(f"{name}[{lv!r}]", rate, 0, 1)
 
 
 @torch.no_grad()

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from ..checks import check_choice, check_finite_loss, check_int, check_real
+from ..checks import check_choice, check_finite_loss, check_int, check_real, check_type
 from ..tokenizer import ByteTokenizer
 from .loop import TrainConfig, lr_at, param_groups
 from .posttrain_task import (LEVELS, Problem, check_eval_problems, check_items, check_model, check_optimizer_fields,
@@ -76,7 +76,19 @@ def sft_batch(examples, tokenizer: ByteTokenizer | None = None) -> tuple[torch.T
 
 def masked_sft_loss(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy over the tokens where mask is True (assistant tokens).
-    logits [b, t, v] from model(ids); position t is scored against ids[:, t+1] iff mask[:, t+1]."""
+    logits [b, t, v] from model(ids); position t is scored against ids[:, t+1] iff mask[:, t+1].
+    A mask with no assistant token after position 0 is refused: every chat example ends in a
+    scored <|eot|>, so it means a wrong mask (it used to give a loss of 0.0 that trained nothing)."""
+    check_type("logits", logits, torch.Tensor, "[b, t, v] from model(ids)")
+    check_type("ids", ids, torch.Tensor, "[b, t] token ids")
+    check_type("mask", mask, torch.Tensor, "[b, t] True on the assistant's tokens, e.g. from sft_batch")
+    if logits.dim() != 3 or ids.dim() != 2 or tuple(mask.shape) != tuple(ids.shape) or logits.shape[:2] != ids.shape:
+        raise ValueError(f"logits {tuple(logits.shape)}, ids {tuple(ids.shape)}, mask {tuple(mask.shape)}: "
+                         "expected logits [b, t, v] and ids and mask [b, t] of the same b and t")
+    # a read to the host, but train_sft reads the loss right after (loss.item()): it waits for nothing more
+    if not bool(mask[:, 1:].any()):
+        raise ValueError(f"mask {tuple(mask.shape)} has no True after position 0: no token to train on "
+                         "(expected True on the assistant's response and <|eot|>, as sft_batch makes it)")
     target_mask = rearrange(mask[:, 1:], "b t -> (b t)").float()
     ce = F.cross_entropy(rearrange(logits[:, :-1].float(), "b t v -> (b t) v"),
                          rearrange(ids[:, 1:], "b t -> (b t)"), reduction="none")
