@@ -456,3 +456,8 @@ def test_kv_memory_explorer_follows_controls():
     ex.interval.value, ex.chunk.value, ex.context.value = 1, 1024, 10485760  # every layer NoPE
     assert ex.ring.total == ex.full.total
     assert ex.output.outputs[0]["data"][PLOTLY_MIME]["layout"]["title"]["text"].startswith("KV cache")
+    # gpu_gib draws its line (it was checked, then never passed on); None draws none
+    lines = lambda e: [a["text"] for a in e.figure.layout.annotations if "GPU" in a["text"]]  # noqa: E731
+    assert lines(ex) == ["one 80 GiB GPU"]
+    assert lines(lviz.kv_memory_explorer(ml4.configs.scout(), gpu_gib=141)) == ["one 141 GiB GPU"]
+    assert lines(lviz.kv_memory_explorer(ml4.configs.scout(), gpu_gib=None)) == []

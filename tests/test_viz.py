@@ -308,3 +308,135 @@ def test_posttrain_figures_refuse_empty_windows_and_fractions_outside_0_1():
     with pytest.raises(ValueError, match="same length"):
         pv.pruning_figure([0.9, 0.1], [1], drop_fraction=0.5)
     assert len(pv.pruning_figure([0.9, 0.1], [1, 2], drop_fraction=1.0).data) == 4  # 2 boxes, kept, dropped
+
+
+# ------------------------------------------------------------------------------ bad input, refused by name
+def test_routing_figures_refuse_expert_ids_outside_n_experts():
+    toks = ["a", "b", "c"]
+    for bad, shown_id in ((torch.tensor([0, 5, 1]), 5), (torch.tensor([0, -1, 1]), -1)):  # wrong / last colour
+        with pytest.raises(ValueError, match=rf"expert_ids holds {shown_id}: expected expert ids in \[0, 4\) "
+                                             r"\(n_experts=4\)"):
+            viz.token_expert_colouring(toks, bad, n_experts=4)
+        with pytest.raises(ValueError, match=rf"expert_ids holds {shown_id}: expected expert ids in \[0, 4\)"):
+            viz.token_expert_html(toks, bad, n_experts=4)
+    with pytest.raises(ValueError, match=r"expert_ids holds -1: expected expert ids in \[0, 2\)"):
+        viz.token_expert_html(toks, torch.tensor([0, -1, 1]))  # n_experts read from the ids
+    with pytest.raises(ValueError, match="n_experts=0: must be a positive integer"):
+        viz.token_expert_html(toks, torch.tensor([0, 0, 0]), n_experts=0)
+    with pytest.raises(ValueError, match=r"gates has shape \(2,\): expected one gate per entry of expert_ids"):
+        viz.token_expert_colouring(toks, torch.tensor([0, 1, 1]), gates=torch.ones(2))
+    with pytest.raises(ValueError, match="width=0: must be a positive integer"):
+        viz.token_expert_colouring(toks, torch.tensor([0, 1, 1]), width=0)
+    ok = viz.token_expert_colouring(toks, torch.tensor([0, 3, 1]), n_experts=4)  # valid ids draw as before
+    assert list(ok.data[0].z[0][:3]) == [0, 3, 1] and ok.data[0].zmax == 3.5
+
+    scores = torch.rand(5, 1)
+    ids = torch.tensor([[0], [1], [7], [1], [0]])  # the 7 used to be left out of every histogram
+    with pytest.raises(ValueError, match=r"expert_ids holds 7: expected expert ids in \[0, 2\) \(n_experts=2\)"):
+        viz.router_score_histogram(scores, ids, n_experts=2)
+    with pytest.raises(ValueError, match=r"expert_ids has shape \(4, 1\): expected one expert id per score"):
+        viz.router_score_histogram(scores, ids[:4])
+    with pytest.raises(ValueError, match="nbins=0: must be a positive integer"):
+        viz.router_score_histogram(torch.rand(5, 4), nbins=0)
+    assert len(viz.router_score_histogram(scores, ids).data) == 8  # n_experts from the ids, as before
+
+
+def test_domain_expert_preference_refuses_codes_it_cannot_place():
+    with pytest.raises(ValueError, match=r"expert_ids holds 5: expected expert ids in \[0, 4\) \(n_experts=4\)"):
+        viz.domain_expert_preference(torch.tensor([0, 5]), [0, 1], 4)
+    with pytest.raises(ValueError, match="n_experts=0: must be a positive integer"):
+        viz.domain_expert_preference(torch.zeros(0, dtype=torch.long), [], 0)
+    with pytest.raises(ValueError, match=r"domain_labels holds -1: expected domain codes in \[0, 1\)"):
+        viz.domain_expert_preference(torch.tensor([0, 1]), [0, -1], 4)  # was counted into the last row
+    with pytest.raises(ValueError, match=r"domain_labels holds 3: expected domain codes in \[0, 2\) "
+                                         r"\(2 domain names\)"):
+        viz.domain_expert_preference(torch.tensor([0, 1]), [0, 3], 4, domain_names=["a", "b"])
+    with pytest.raises(ValueError, match=r"domain_labels holds 'poetry': not one of domain_names \['prose', 'code'\]"):
+        viz.domain_expert_preference(torch.tensor([0, 1]), ["prose", "poetry"], 4, domain_names=["prose", "code"])
+
+
+def test_expert_load_bar_refuses_negative_counts():
+    with pytest.raises(ValueError, match="load holds -3: expected token counts per expert, finite and >= 0"):
+        viz.expert_load_bar(torch.tensor([-3.0, 1.0, 1.0]))  # was titled "-1 token copies"
+    with pytest.raises(ValueError, match="load holds nan"):
+        viz.expert_load_bar(torch.tensor([float("nan"), 1.0]))
+
+
+def test_load_over_training_checks_steps_and_the_layer_axis():
+    loads = torch.ones(3, 4)
+    with pytest.raises(ValueError, match=r"steps has 2 entries, expected 3 \(one per row of loads\)"):
+        viz.load_over_training(loads, steps=[0, 1])
+    with pytest.raises(ValueError, match=r"layer=5, layers=None: loads of shape \(3, 4\) is one layer's "
+                                         r"\[steps, experts\], with no layer axis"):
+        viz.load_over_training(loads, layer=5)  # was titled "layer 5" without picking anything
+    with pytest.raises(ValueError, match=r"layers=\[1, 3\]: loads of shape \(3, 4\)"):
+        viz.load_over_training(loads, layers=[1, 3])
+    with pytest.raises(ValueError, match=r"loads has no experts \(shape \(3, 0\)\)"):
+        viz.load_over_training(torch.ones(3, 0))
+    assert viz.load_over_training(loads, steps=[0, 5, 10]).layout.title.text == "Expert load during training, layer 0"
+
+
+def test_config_figures_refuse_a_name_for_a_config():
+    cfg = ml4.configs.tiny()
+    for fn in (lambda: viz.attention_mask_figure("tiny", 8), lambda: viz.rope_frequencies("tiny"),
+               lambda: viz.temperature_curve("tiny", 8)):
+        with pytest.raises(TypeError, match=r"cfg must be a Llama4Config or TextConfig, got str; e.g. configs.tiny\(\)"):
+            fn()
+    with pytest.raises(TypeError, match="base_cfg must be a Llama4Config or TextConfig, got str"):
+        viz.config_explorer("tiny")
+    from minillama4.viz import longctx as lviz
+    with pytest.raises(TypeError, match="cfg must be a Llama4Config or TextConfig, got str"):
+        lviz.kv_memory_explorer("tiny")
+    with pytest.raises(ValueError, match="gpu_gib=-1: must be a finite number >= 0"):
+        lviz.kv_memory_explorer(cfg, gpu_gib=-1)
+    for bad in (0, -3):  # -3 failed in torch.arange
+        with pytest.raises(ValueError, match=f"seq_len={bad}: must be a positive integer"):
+            viz.attention_mask_figure(cfg, bad)
+    with pytest.raises(TypeError, match="seq_len=2.5: must be a positive integer"):  # was drawn as 3 positions
+        viz.attention_mask_figure(cfg, 2.5)
+    with pytest.raises(ValueError, match="max_pos=0: must be a positive integer"):
+        viz.temperature_curve(cfg, 0)
+    with pytest.raises(ValueError, match="n_points=0: must be an integer >= 2"):
+        viz.temperature_curve(cfg, 10**6, n_points=0)
+
+
+def test_memory_by_format_needs_a_positive_gpu_size():
+    cfg = ml4.configs.tiny()
+    for bad in (0, -1):  # 0 with log_y failed with "math domain error"; -1 drew a line below zero
+        with pytest.raises(ValueError, match=f"gpu_gib={bad}: must be a finite number > 0"):
+            viz.memory_by_format({"t": cfg}, bad, log_y=True)
+    with pytest.raises(TypeError, match="param_counts must be a Mapping, got list"):
+        viz.memory_by_format([cfg])
+    with pytest.raises(ValueError, match="gpu_gib=-5: must be a finite number > 0"):
+        viz.config_explorer(cfg, gpu_gib=-5)
+
+
+def test_longctx_training_curves_name_the_curves_it_has():
+    from minillama4.viz import longctx as lviz
+
+    results = {"config": {"train_len": 8}, "task": {"values": [1, 2]},
+               "runs": {"irope": {"0": {"train_accuracy": [0.5, 0.75], "accuracy": {"8": 1.0}, "seconds": 1.0}}}}
+    with pytest.raises(ValueError, match=r"key='bogus': expected one of \('train_accuracy',\)"):
+        lviz.training_curves(results, key="bogus")
+    assert list(lviz.training_curves(results).data[0].y) == [0.5, 0.75]
+
+
+def test_posttrain_figures_name_missing_history_fields():
+    from minillama4.viz import posttrain as pv
+
+    for fn, pattern in ((pv.rl_curves, r"\['step', 'reward', .*\]: expected what train.rl.train_rl"),
+                        (pv.dpo_curves, r"\['step', 'margin', .*\]: expected what train.dpo.train_dpo"),
+                        (pv.curriculum_figure, r"\['active_levels', 'probe'\]: expected what train.rl.train_rl")):
+        with pytest.raises(ValueError, match=r"history lacks " + pattern + r".*\(got an empty dict\)"):
+            fn({})  # was KeyError: 'step'
+    with pytest.raises(ValueError, match=r"history lacks \['frac_filtered', 'kl'\]: expected what train.rl.train_rl"):
+        pv.rl_curves(SimpleNamespace(step=[0], reward=[1.0], level_reward=[{}]))  # an object, not a dict
+    with pytest.raises(ValueError, match=r"histories\['a'\] lacks \['step', 'eval_step', 'eval_accuracy', "
+                                         r"'n_examples'\]: expected what train.sft.train_sft"):
+        pv.sft_comparison({"a": {}})
+    with pytest.raises(ValueError, match=r"answers\['SFT'\] has 1 entries, expected 2 \(one per question\)"):
+        pv.completions_table(["1+1=", "2+2="], {"SFT": ["2"]}, ["2", "4"])  # the second row was left unmarked
+    with pytest.raises(ValueError, match=r"expected has 1 entries, expected 2 \(one per question\)"):
+        pv.completions_table(["1+1=", "2+2="], {"SFT": ["2", "4"]}, ["2"])
+    table = pv.completions_table(["1+1=", "2+2="], {"SFT": ["2", "5"]}, ["2", "4"])
+    assert list(table.data[0].cells.fill.color[2]) == ["#d8f0d8", "#f6d5d5"]

@@ -99,3 +99,22 @@ def test_explorer_follows_the_controls(sweep):
     ex.coefficient.value = 0.0  # coefficient 0 is the no-balancing run, shown alone
     assert ex.run_name == "none" and [t.name for t in ex.loss_figure.data] == ["no balancing"]
     assert "(no balancing" in ex.summary.value
+
+
+def test_figures_name_bad_records_and_layers():
+    rec = {"max_over_mean": [[1.0, 1.2]], "moe_layers": [0, 1], "step": [0], "loss": [3.0]}
+    with pytest.raises(ValueError, match=r"layer=99: not an MoE layer of run 'r' \(its MoE layers: \[0, 1\]\)"):
+        max_over_mean_curves({"r": rec}, 99)  # was "99 is not in list"
+    with pytest.raises(ValueError, match=r"records\['r'\] lacks \['max_over_mean', 'moe_layers'\]: expected what "
+                                         r"train.sweeps.run_balancing"):
+        max_over_mean_curves({"r": {"step": [0]}})
+    with pytest.raises(TypeError, match="records must be a Mapping, got list"):
+        max_over_mean_curves([rec])
+    assert list(max_over_mean_curves({"r": rec}, 1).data[0].y) == [1.2]
+    with pytest.raises(ValueError, match=r"records\['r'\] lacks \['tail_load'\]"):
+        final_load_heatmap({"r": rec}, 0)
+    with pytest.raises(ValueError, match=r"sweep lacks \['runs'\]: expected what train.sweeps.run_sweep or "
+                                         r"load_sweep returns \(got an empty dict\)"):
+        balance_explorer({})
+    with pytest.raises(TypeError, match="sweep must be a Mapping, got list"):
+        balance_explorer([])

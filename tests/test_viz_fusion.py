@@ -166,3 +166,28 @@ def test_fusion_explorer(model):
     assert ex.image[2, 70, 70] > ex.image[0, 70, 70]  # blue pixel where the shape now is
     ex.layer.value, ex.question.value = 0, "position"
     assert "Layer 0" in ex.figure.layout.title.text and "where?" in ex.figure.layout.title.text
+
+
+def test_fusion_figures_refuse_inputs_that_do_not_fit_together():
+    img = shapes.draw(shapes.Scene("red", "plus", 40, 30, 20), seed=0)
+    with pytest.raises(ValueError, match="images is empty: expected at least one image"):
+        fusion.images_figure([])
+    with pytest.raises(ValueError, match="columns=0: must be a positive integer"):
+        fusion.images_figure([img], columns=0)
+    with pytest.raises(ValueError, match=r"captions has 1 entries, expected 2 \(one per image\)"):
+        fusion.images_figure([img, img], captions=["a"])  # the second image went unlabelled
+    px = shapes.pixel_values(torch.stack([img, img]), VISION)
+    with pytest.raises(ValueError, match=r"pixel_values holds 2 tiles for grid=\(3, 3\): expected 9 tiles, "
+                                         "or 10 with the thumbnail"):
+        fusion.tiles_figure(px, (3, 3))
+    with pytest.raises(ValueError, match=r"grid=\(0, 2\): expected \(rows, cols\) of positive integers"):
+        fusion.tiles_figure(px, (0, 2))
+    assert len(fusion.tiles_figure(px, (1, 2)).data) == 2  # no thumbnail: still drawn
+    with pytest.raises(ValueError, match="per_row=0: must be a positive integer"):
+        fusion.token_layout_figure(["a"], per_row=0)
+    with pytest.raises(ValueError, match=r"matrix has shape \(3, 3\): expected \[2, 2\] or \[2, 3\] for 2 options"):
+        fusion.confusion_figure(torch.ones(3, 3), ["a", "b"])
+    with pytest.raises(ValueError, match="chance is empty: expected {attribute: chance level}"):
+        fusion.attribute_accuracy_figure({"m": {"colour": 0.5}}, {})  # was an empty figure
+    with pytest.raises(ValueError, match=r"accuracy\['m'\] has attributes \['size'\] that chance lacks"):
+        fusion.attribute_accuracy_figure({"m": {"colour": 0.5, "size": 0.2}}, {"colour": 0.25})

@@ -205,3 +205,24 @@ def test_snippet_explorer(model):
     assert list(ex.figure.data[0].y) == trace.load(3).tolist()
     with pytest.raises(ValueError, match="no snippets"):
         rs.snippet_explorer(model, {}, TOK)
+
+
+def test_measures_refuse_ids_outside_their_range():
+    with pytest.raises(ValueError, match=r"groups holds 5: expected group ids in \[0, 2\) \(n_groups=2\)"):
+        rs.group_share(torch.zeros(10, 1, dtype=torch.long), torch.full((10,), 5), 2, 4)
+    with pytest.raises(ValueError, match=r"expert_ids holds 7: expected expert ids in \[0, 4\) \(n_experts=4\)"):
+        rs.group_share(torch.full((10, 1), 7), torch.zeros(10, dtype=torch.long), 2, 4)
+    with pytest.raises(ValueError, match="3 groups but 10 rows of expert_ids"):
+        rs.group_share(torch.zeros(10, dtype=torch.long), torch.zeros(3, dtype=torch.long), 2, 4)
+    with pytest.raises(ValueError, match="n_groups=0: must be a positive integer"):
+        rs.group_share(torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long), 0, 4)
+    with pytest.raises(ValueError, match=r"labels holds 99: expected indices into TOKEN_CLASSES in \[0, 8\)"):
+        rs.class_names_of(torch.tensor([99]))
+    assert rs.class_names_of(torch.tensor([0, 7])) == ["digit", "other"]
+    logits = torch.rand(5, 4)
+    with pytest.raises(ValueError, match="top_k=0: must be a positive integer"):
+        rs.gate_variants(logits, top_k=0)  # returned empty gates
+    with pytest.raises(ValueError, match=r"top_k=9: must be at most the number of experts, 4 \(logits of shape \(5, 4\)\)"):
+        rs.gate_variants(logits, top_k=9)
+    with pytest.raises(ValueError, match="nbins=0: must be a positive integer"):
+        rs.gate_histogram({"a": torch.rand(5)}, nbins=0)

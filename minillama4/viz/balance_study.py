@@ -27,7 +27,8 @@ import plotly.graph_objects as go
 
 from ..train.sweeps import (CAPACITY_FACTORS, METHOD_KEYS, dropped_fractions, record_loads,
                             sweep_index)
-from .plots import _array, _hline, _style, load_over_training, loss_curves
+from ..checks import check_type
+from .plots import _array, _check_result, _hline, _style, load_over_training, loss_curves
 from .widgets import _Explorer, show_figure
 
 METHOD_LABELS = {"switch_aux": "Switch auxiliary loss", "z_loss": "router z-loss",
@@ -43,15 +44,28 @@ def run_label(record: Mapping) -> str:
     return " + ".join(parts) or "no balancing"
 
 
+RECORD_FROM = "train.sweeps.run_balancing (a record of sweep['runs'])"
+
+
+def _layer_column(run, record: Mapping, layer) -> int:
+    """The column of a record's [s, L] (or axis 1 of [s, L, e]) arrays that MoE layer `layer` is."""
+    moe_layers = list(record["moe_layers"])
+    if layer not in moe_layers:  # was "99 is not in list"
+        raise ValueError(f"layer={layer!r}: not an MoE layer of run {run!r} (its MoE layers: {moe_layers})")
+    return moe_layers.index(layer)
+
+
 def max_over_mean_curves(records: Mapping, layer: int | None = None, *, log_y: bool = True,
                          title: str | None = None) -> go.Figure:
     """One line per run: the busiest expert's load / mean load against step (window means), for
     MoE layer `layer` (a model layer index) or, with None, the mean over MoE layers. A dashed
     line marks perfect balance (1). records: {legend name: record}."""
+    check_type("records", records, Mapping, "e.g. {run_label(r): r for r in sweep['runs'].values()}")
     fig = go.Figure()
     for name, r in records.items():
+        _check_result(f"records[{name!r}]", r, ("step", "max_over_mean", "moe_layers"), RECORD_FROM)
         mm = _array(r["max_over_mean"]).astype(float)  # [s, L]
-        y = mm.mean(1) if layer is None else mm[:, list(r["moe_layers"]).index(layer)]
+        y = mm.mean(1) if layer is None else mm[:, _layer_column(name, r, layer)]
         fig.add_trace(go.Scatter(x=list(r["step"]), y=y, mode="lines", name=str(name)))
     if log_y:
         fig.update_yaxes(type="log")
@@ -79,10 +93,14 @@ def final_load_heatmap(records: Mapping, layer: int, *, key: str = "tail_load", 
     """Rows = runs, columns = experts: each expert's share of layer `layer`'s tokens, summed over the
     record's `key` rows (default: the last steps kept exactly). Dark cells are busy experts,
     white cells dead ones."""
+    check_type("records", records, Mapping, "e.g. {run_label(r): r for r in sweep['runs'].values()}")
+    if not records:
+        raise ValueError("records is empty: expected {legend name: record} with at least one run")
     names = list(records)
     shares = []
-    for r in records.values():
-        loads = record_loads(r, key)[:, list(r["moe_layers"]).index(layer)].sum(0).double()
+    for name, r in records.items():
+        _check_result(f"records[{name!r}]", r, ("moe_layers", key), RECORD_FROM)
+        loads = record_loads(r, key)[:, _layer_column(name, r, layer)].sum(0).double()
         shares.append((loads / loads.sum()).numpy())
     z = np.stack(shares)
     n_experts = z.shape[1]
@@ -175,6 +193,7 @@ def balance_explorer(sweep: dict) -> BalanceExplorer:
     and an MoE layer: the expert load over training, max/mean load and training loss against no
     balancing, and a one-line summary (incl. dropping at capacity factor 1.25) redraw. Nothing is
     trained: every view reads the cached records."""
+    _check_result("sweep", sweep, ("runs",), "train.sweeps.run_sweep or load_sweep")
     index = sweep_index(sweep)
     methods = [m for m in METHOD_KEYS if m in index]
     if "none" not in index or not methods:

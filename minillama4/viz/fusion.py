@@ -38,7 +38,8 @@ from .. import shapes as sh
 from ..attention_maps import record_attention
 from ..config import VisionConfig
 from ..vision import pixel_shuffle
-from .plots import _array, _style, expert_colours
+from ..checks import check_int, check_type, is_int
+from .plots import _array, _check_len, _style, expert_colours
 from .widgets import _Explorer, _slider, show_figure
 
 KIND_COLOURS = {"text": "#dbe7f6", "marker": "#f6d8a8", "patch": "#b9e3c6", "answer": "#f4c7d0"}
@@ -98,7 +99,12 @@ def _grid_lines(fig: go.Figure, size: int, step: int, row=None, col=None, colour
 def images_figure(images, captions: list[str] | None = None, *, columns: int = 4,
                   title: str = "The shapes data set") -> go.Figure:
     """A grid of uint8 images [n, c, y, x] with an optional caption above each."""
+    check_int("columns", columns, 1)
     images = list(images)
+    if not images:
+        raise ValueError("images is empty: expected at least one image [c, y, x]")
+    if captions is not None:  # fewer captions used to leave the last images unlabelled
+        _check_len("captions", len(captions), len(images), "image")
     rows = math.ceil(len(images) / columns)
     fig = make_subplots(rows=rows, cols=columns, subplot_titles=captions, horizontal_spacing=0.02,
                         vertical_spacing=0.08 if captions else 0.02)
@@ -112,8 +118,13 @@ def images_figure(images, captions: list[str] | None = None, *, columns: int = 4
 def tiles_figure(pixel_values: torch.Tensor, grid: tuple[int, int], *, title: str | None = None) -> go.Figure:
     """The tiles the model gets for one image (pixel_values [n, c, S, S], normalised), labelled
     by their place in the rows x cols grid; a last extra tile is the global thumbnail."""
+    if not (isinstance(grid, (tuple, list)) and len(grid) == 2 and all(is_int(g) and g >= 1 for g in grid)):
+        raise ValueError(f"grid={grid!r}: expected (rows, cols) of positive integers, as image.preprocess returns")
     rows, cols = grid
     n = pixel_values.shape[0]
+    if n not in (rows * cols, rows * cols + 1):  # the tiles were labelled with the wrong places
+        raise ValueError(f"pixel_values holds {n} tiles for grid={tuple(grid)}: expected {rows * cols} tiles, "
+                         f"or {rows * cols + 1} with the thumbnail")
     names = [f"tile row {i // cols}, col {i % cols}" for i in range(rows * cols)]
     if n > rows * cols:
         names.append("thumbnail (whole image)")
@@ -187,6 +198,7 @@ def token_layout_figure(tokens: list[str], *, per_row: int = 16, answer_from: in
     """The token sequence as a grid of boxes, read left to right then down, coloured by kind:
     text, image markers (<|image_start|>, <|image|>, separators, <|image_end|>), <|patch|> slots
     (replaced by image features), and answer tokens (from index `answer_from`)."""
+    check_int("per_row", per_row, 1)
     kinds = [token_kind(t) for t in tokens]
     if answer_from is not None:
         kinds = [k if i < answer_from else "answer" for i, k in enumerate(kinds)]
@@ -316,7 +328,15 @@ def attribute_accuracy_figure(accuracy: Mapping[str, Mapping[str, float]], chanc
                               title: str = "Accuracy per attribute") -> go.Figure:
     """Grouped bars: accuracy[group][attribute] (e.g. group = "seen pairs", "held-out pairs"),
     with each attribute's chance level as a dashed black line across its group of bars."""
+    check_type("chance", chance, Mapping, "{attribute: chance level}, e.g. {a: ShapesConfig().chance(a) ...}")
+    check_type("accuracy", accuracy, Mapping, "{group: {attribute: accuracy}}")
+    if not chance:
+        raise ValueError("chance is empty: expected {attribute: chance level} for every attribute to draw")
     attrs = list(chance)
+    for name, acc in accuracy.items():  # an attribute missing from chance was left out of the figure
+        extra = [a for a in acc if a not in chance]
+        if extra:
+            raise ValueError(f"accuracy[{name!r}] has attributes {extra} that chance lacks (chance has {attrs})")
     fig = go.Figure([go.Bar(x=attrs, y=[acc.get(a, float("nan")) for a in attrs], name=name,
                             text=[f"{acc.get(a, float('nan')):.0%}" for a in attrs], textposition="outside")
                      for name, acc in accuracy.items()])
@@ -331,6 +351,10 @@ def attribute_accuracy_figure(accuracy: Mapping[str, Mapping[str, float]], chanc
 def confusion_figure(matrix, options: list[str], *, title: str = "Confusion") -> go.Figure:
     """A confusion matrix [options, options (+1 'other')] as a heatmap: row = truth, column = answer."""
     m = _array(matrix)
+    n = len(options)
+    if m.ndim != 2 or m.shape[0] != n or m.shape[1] not in (n, n + 1):
+        raise ValueError(f"matrix has shape {m.shape}: expected [{n}, {n}] or [{n}, {n + 1}] "
+                         f"for {n} options (rows = truth, columns = answer, + 'other')")
     cols = list(options) + (["other"] if m.shape[1] > len(options) else [])
     fig = go.Figure(go.Heatmap(z=m, x=cols, y=list(options), colorscale="Blues", text=m, texttemplate="%{text}",
                                colorbar=dict(title="count")))

@@ -22,7 +22,7 @@ import ipywidgets as widgets
 import numpy as np
 import plotly.graph_objects as go
 
-from ..checks import check_int, check_real, check_type
+from ..checks import check_choice, check_int, check_real, check_type
 from ..config import Llama4Config, TextConfig
 from ..longctx import GIB, KVMemory, accuracy_table, format_bytes, kv_cache_memory
 from .plots import _array, _check_result, _hline, _style
@@ -157,6 +157,7 @@ def training_curves(results: Mapping, key: str = "train_accuracy", *, title: str
     traces = []
     for variant, runs in results["runs"].items():
         for seed, run in runs.items():
+            check_choice("key", key, [k for k, v in run.items() if isinstance(v, (list, tuple))])
             y = run[key]
             traces.append(go.Scatter(x=[every * (i + 1) for i in range(len(y))], y=y, mode="lines",
                                      name=f"{_variant_name(variant, 0).split(',')[0]} seed {seed}",
@@ -233,6 +234,7 @@ class KVMemoryExplorer(_Explorer):
     table: widgets.HTML  # KV-cache bytes, full vs ring, at the chosen context
     output: widgets.Output  # shows `figure`
     base: Llama4Config | TextConfig  # the config the sliders start from
+    gpu_gib: float | None = 80.0  # the GPU line drawn in the figure (None: no line)
     config: TextConfig | None = None  # base text config with the sliders' values
     full: KVMemory | None = None  # at the chosen context, every layer keeping every position
     ring: KVMemory | None = None  # the same with chunked layers keeping one chunk
@@ -262,7 +264,7 @@ def _refresh_kv(ex: KVMemoryExplorer) -> None:
     ex.full = kv_cache_memory(ex.config, ex.context.value, False, bytes_per_value)
     ex.ring = kv_cache_memory(ex.config, ex.context.value, True, bytes_per_value)
     ex.table.value = _kv_table(ex)
-    ex.figure = kv_cache_figure(ex.config, bytes_per_value=bytes_per_value,
+    ex.figure = kv_cache_figure(ex.config, bytes_per_value=bytes_per_value, gpu_gib=ex.gpu_gib,
                                 marked=(ex.context.value,), max_context=max(10485760, ex.context.value))
     show_figure(ex.output, ex.figure)
 
@@ -271,6 +273,9 @@ def kv_memory_explorer(cfg: Llama4Config | TextConfig, gpu_gib: float = 80.0) ->
     """Sliders for the chunk size, the NoPE interval (0 = every layer RoPE and chunked), the
     context and the number format: KV-cache bytes with a full cache and with a one-chunk ring
     buffer for the chunked layers, as a table and a log-log figure."""
+    check_type("cfg", cfg, (Llama4Config, TextConfig))
+    if gpu_gib is not None:  # as kv_cache_figure
+        check_real("gpu_gib", gpu_gib, low=0)
     t = _text(cfg)
     chunks = [2**i for i in range(9, 21)]
     chunk0 = t.attention_chunk_size if t.attention_chunk_size in chunks else 8192
@@ -286,7 +291,7 @@ def kv_memory_explorer(cfg: Llama4Config | TextConfig, gpu_gib: float = 80.0) ->
     table, output = widgets.HTML(), widgets.Output()
     ui = widgets.VBox([widgets.HBox([widgets.VBox([chunk, interval]), widgets.VBox([context, number_format])]),
                        table, output])
-    ex = KVMemoryExplorer(ui, chunk, interval, context, number_format, table, output, cfg)
+    ex = KVMemoryExplorer(ui, chunk, interval, context, number_format, table, output, cfg, gpu_gib)
     for control in (chunk, interval, context, number_format):
         control.observe(lambda _change: _refresh_kv(ex), names="value")
     _refresh_kv(ex)

@@ -27,7 +27,7 @@ import torch
 from plotly.subplots import make_subplots
 
 from ..attention import attention_mask, nope_temperature
-from ..checks import check_type, is_int
+from ..checks import check_int, check_real, check_type, is_int
 from ..config import Llama4Config, TextConfig
 from ..layers import rope_inv_freq
 from ..params import ParamCount, count_params
@@ -71,6 +71,40 @@ def _check_result(name: str, value, keys, made_by: str) -> None:
     if missing:
         raise ValueError(f"{name} lacks {missing}: expected what {made_by} returns "
                          f"(got {'an empty dict' if not value else f'keys {list(value)[:8]}'})")
+
+
+def _check_fields(name: str, value, keys, made_by: str) -> None:
+    """Like _check_result for inputs that may be a mapping or an object with attributes (a
+    history dataclass or its to_dict()): the missing fields are named instead of a KeyError."""
+    if isinstance(value, Mapping):
+        _check_result(name, value, keys, made_by)
+        return
+    missing = [k for k in keys if not hasattr(value, k)]
+    if missing:
+        raise ValueError(f"{name} lacks {missing}: expected what {made_by} returns "
+                         f"(got a {type(value).__name__})")
+
+
+def _check_ids(name: str, ids, n: int, what: str, bound: str = "") -> None:
+    """Every entry of the integer array `ids` indexes one of n things (experts, domains, ...): an
+    id outside [0, n) would be drawn in the wrong colour or row, or dropped, so it is refused.
+    what: the ids' name ("expert ids"); bound: where n comes from ("n_experts=4")."""
+    ids = np.asarray(ids)
+    bad = ids[(ids < 0) | (ids >= n)]
+    if bad.size:
+        raise ValueError(f"{name} holds {bad.flat[0].item()!r}: expected {what} in [0, {n})"
+                         + (f" ({bound})" if bound else ""))
+
+
+def _check_len(name: str, got: int, want: int, per: str) -> None:
+    """`name` has one entry per `per` (want of them): refuse a list that would be cut or padded."""
+    if got != want:
+        raise ValueError(f"{name} has {got} entries, expected {want} (one per {per})")
+
+
+def _check_cfg(cfg) -> None:
+    """A model config (as kv_cache_figure checks it): a name such as "tiny" fails here, not deep inside."""
+    check_type("cfg", cfg, (Llama4Config, TextConfig), "e.g. configs.tiny() or configs.get('tiny')")
 
 
 def _text_cfg(cfg: Llama4Config | TextConfig) -> TextConfig:
@@ -157,6 +191,9 @@ def expert_load_bar(load, *, layer: int | None = None, title: str | None = None)
     if load_np.ndim != 1:  # a [layers, e] matrix would be drawn as `layers` experts
         raise ValueError(f"load must be one layer's tokens per expert [experts] (trace.load(layer)), got shape "
                          f"{load_np.shape}; for [layers, experts] use expert_load_heatmap")
+    bad = load_np[~(load_np >= 0) | ~np.isfinite(load_np)]
+    if bad.size:  # a negative count used to be drawn and summed ("-1 token copies")
+        raise ValueError(f"load holds {bad[0]:g}: expected token counts per expert, finite and >= 0")
     n_experts = len(load_np)
     stats = load_stats(torch.as_tensor(load_np))
     colours = expert_colours(n_experts)
@@ -191,7 +228,14 @@ def _routing_inputs(tokens, expert_ids, n_experts, gates, logits):
     if len(tokens) != len(ids):
         raise ValueError(f"{len(tokens)} tokens but {len(ids)} rows of expert_ids")
     if n_experts is None:
-        n_experts = int(ids.max()) + 1 if ids.size else 1
+        n_experts = max(int(ids.max()) + 1, 1) if ids.size else 1
+    else:
+        check_int("n_experts", n_experts, 1)
+    # an id >= n_experts drew another expert's colour (or failed with IndexError); -1 took the last colour
+    _check_ids("expert_ids", ids, n_experts, "expert ids", f"n_experts={n_experts}")
+    if gates is not None and _array(gates).size != ids.size:
+        raise ValueError(f"gates has shape {_array(gates).shape}: expected one gate per entry of expert_ids "
+                         f"{ids.shape} (trace.gates(layer))")
     g = _array(gates).astype(float).reshape(ids.shape) if gates is not None else None
     scores = 1.0 / (1.0 + np.exp(-_array(logits).astype(float))) if logits is not None else None
     return ids, n_experts, g, scores
@@ -203,6 +247,7 @@ def token_expert_colouring(tokens: list[str], expert_ids, layer: int | None = No
     """The text, token by token, each cell coloured by its top-1 expert (rows of `width` tokens).
     expert_ids [n, k] or [n] (`trace.expert_ids(layer)`); optional gates [n, k] and router
     logits [n, e] go into the hover text. z holds the top-1 expert ids, row-major, None-padded."""
+    check_int("width", width, 1)
     ids, n_experts, g, scores = _routing_inputs(tokens, expert_ids, n_experts, gates, logits)
     pos = _array(positions).tolist() if positions is not None else [None] * len(tokens)
     rows = max(1, math.ceil(len(tokens) / width))
@@ -268,6 +313,7 @@ def router_score_histogram(scores, expert_ids=None, *, n_experts: int | None = N
     scores [n, e] with one column per expert (`trace.logits(layer)`), or scores [n, k] of the
     chosen slots with `expert_ids` [n, k] (`trace.gates(layer)`, `trace.expert_ids(layer)`,
     label="sigmoid gate"). All traces share the same bins."""
+    check_int("nbins", nbins, 1)
     s = _array(scores).astype(float)
     if s.ndim == 1:
         s = s[:, None]
@@ -275,8 +321,17 @@ def router_score_histogram(scores, expert_ids=None, *, n_experts: int | None = N
         n_experts = s.shape[1]
         per_expert = [s[:, j] for j in range(n_experts)]
     else:
-        ids = _array(expert_ids).astype(int).reshape(s.shape)
-        n_experts = int(ids.max()) + 1 if n_experts is None else n_experts
+        ids = _array(expert_ids).astype(int)
+        if ids.size != s.size:
+            raise ValueError(f"expert_ids has shape {ids.shape}: expected one expert id per score, "
+                             f"the shape of scores {s.shape}")
+        ids = ids.reshape(s.shape)
+        if n_experts is None:
+            n_experts = max(int(ids.max()) + 1, 1) if ids.size else 1
+        else:
+            check_int("n_experts", n_experts, 1)
+        # an id >= n_experts was left out of every histogram; a negative one too
+        _check_ids("expert_ids", ids, n_experts, "expert ids", f"n_experts={n_experts}")
         per_expert = [s[ids == j] for j in range(n_experts)]
     lo, hi = (float(s.min()), float(s.max())) if s.size else (0.0, 1.0)
     size = (hi - lo) / nbins if hi > lo else 1.0
@@ -294,18 +349,25 @@ def domain_expert_preference(expert_ids, domain_labels, n_experts: int, domain_n
     """Fraction of each domain's token copies that went to each expert (rows sum to 1).
     expert_ids [n, k] or [n]; domain_labels [n] as ints indexing `domain_names`, or as strings
     (then the domains are `domain_names` or the labels in order of first appearance)."""
+    check_int("n_experts", n_experts, 1)
     ids = _array(expert_ids).astype(int)
     ids = ids[:, None] if ids.ndim == 1 else ids
+    _check_ids("expert_ids", ids, n_experts, "expert ids", f"n_experts={n_experts}")
     labels = list(domain_labels.tolist() if hasattr(domain_labels, "tolist") else domain_labels)
     if len(labels) != len(ids):
         raise ValueError(f"{len(labels)} domain labels but {len(ids)} rows of expert_ids")
     if labels and isinstance(labels[0], str):
         names = list(domain_names) if domain_names is not None else list(dict.fromkeys(labels))
+        unknown = [x for x in dict.fromkeys(labels) if x not in names]
+        if unknown:
+            raise ValueError(f"domain_labels holds {unknown[0]!r}: not one of domain_names {names}")
         codes = np.array([names.index(x) for x in labels], dtype=int)
     else:
         codes = np.array(labels, dtype=int)
-        n_domains = int(codes.max()) + 1 if codes.size else 0
+        n_domains = max(int(codes.max()) + 1, 0) if codes.size else 0
         names = list(domain_names) if domain_names is not None else [f"domain {d}" for d in range(n_domains)]
+        # a negative code was counted into the last row
+        _check_ids("domain_labels", codes, len(names), "domain codes", f"{len(names)} domain names")
     counts = np.zeros((len(names), n_experts))
     for slot in range(ids.shape[1]):
         np.add.at(counts, (codes, ids[:, slot]), 1)
@@ -328,6 +390,8 @@ def attention_mask_figure(cfg: Llama4Config | TextConfig, seq_len: int) -> go.Fi
     """Two masks side by side from `attention.attention_mask`: a RoPE layer (chunked causal with
     cfg.attention_chunk_size) and a NoPE layer (full causal). z[q][s] = 1 where query q may
     attend to key s; rows are queries, top to bottom."""
+    _check_cfg(cfg)
+    check_int("seq_len", seq_len, 1)  # -3 failed inside torch.arange, 2.5 was drawn as 3 positions
     t = _text_cfg(cfg)
     pos = torch.arange(seq_len)
     rope = [i for i in range(t.num_hidden_layers) if t.uses_rope(i)]
@@ -358,6 +422,9 @@ def temperature_curve(cfg: Llama4Config | TextConfig, max_pos: int, *, n_points:
     """NoPE-layer query scale s(p) = 1 + attn_scale * log(floor((p + 1) / floor_scale) + 1) for
     positions 0 .. max_pos - 1 (`attention.nope_temperature`); long ranges are sampled at
     `n_points` positions plus every step of the staircase when there are not too many."""
+    _check_cfg(cfg)
+    check_int("max_pos", max_pos, 1)
+    check_int("n_points", n_points, 2)  # both ends of the range
     t = _text_cfg(cfg)
     if max_pos <= n_points:
         pos = np.arange(max_pos)
@@ -382,6 +449,7 @@ def rope_frequencies(cfg: Llama4Config | TextConfig, *, wavelength: bool = False
     """The head_dim/2 rotary frequencies of `layers.rope_inv_freq` for this config against the same
     config with rope_type="default" (no llama3 scaling), on a log axis. wavelength=True plots
     2*pi / frequency in tokens instead, with the llama3 band limits orig/high and orig/low."""
+    _check_cfg(cfg)
     t = _text_cfg(cfg)
     plain = rope_inv_freq(dataclasses.replace(t, rope_type="default")).numpy()
     scaled = rope_inv_freq(t).numpy()
@@ -438,6 +506,8 @@ def memory_by_format(param_counts: Mapping, gpu_gib: float = 80.0, *, formats=FO
     """Weight memory (GiB, `ParamCount.memory_gib`) per model at each number format, with a dashed
     line at one GPU's memory. param_counts: {name: ParamCount or config}. Weights only: the KV
     cache and activations come on top."""
+    check_type("param_counts", param_counts, Mapping, "e.g. {'scout': configs.scout()}")
+    check_real("gpu_gib", gpu_gib, low=0, low_open=True)  # 0 failed on a log axis ("math domain error")
     pcs = {name: _as_count(v) for name, v in param_counts.items()}
     names = list(pcs)
     fig = go.Figure([
@@ -524,8 +594,16 @@ def load_over_training(loads, layer: int = 0, *, steps=None, layers=None, normal
         a = a[:, _load_row(layer, layers, a.shape[1])]
     elif a.ndim != 2:
         raise ValueError(f"loads must be [steps, layers, experts] or [steps, experts], got shape {a.shape}")
+    elif layers is not None or layer != 0:  # nothing to pick: a [layers, e] matrix would be read as steps
+        raise ValueError(f"layer={layer!r}, layers={layers!r}: loads of shape {a.shape} is one layer's "
+                         "[steps, experts], with no layer axis to pick from; pass [steps, layers, experts] "
+                         "to choose a layer")
     n_steps, n_experts = a.shape
+    if n_experts == 0:
+        raise ValueError(f"loads has no experts (shape {a.shape}): expected [steps, layers, experts] or "
+                         "[steps, experts] with at least one expert")
     x = np.arange(n_steps) if steps is None else _array(steps).reshape(-1)
+    _check_len("steps", len(x), n_steps, "row of loads")
     if normalise:
         totals = a.sum(1, keepdims=True)
         a = np.divide(a, totals, out=np.zeros_like(a), where=totals > 0)

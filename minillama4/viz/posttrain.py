@@ -24,7 +24,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from ..checks import check_int, check_real
-from .plots import _style
+from .plots import _check_fields, _check_len, _style
 from .widgets import _Explorer, show_figure
 
 STAGE_COLOURS = {"base": "#7f7f7f", "base (raw a+b=)": "#7f7f7f", "base (chat)": "#c7c7c7", "SFT": "#1f77b4",
@@ -121,6 +121,8 @@ def sft_comparison(histories: Mapping[str, object], *,
     gives each run's examples and steps."""
     fig = go.Figure()
     for i, (name, h) in enumerate(histories.items()):
+        _check_fields(f"histories[{name!r}]", h, ("step", "eval_step", "eval_accuracy", "n_examples"),
+                      "train.sft.train_sft (an SFTHistory or its to_dict())")
         steps = [s + 1 for s in _get(h, "eval_step")]
         acc = _get(h, "eval_accuracy")
         label = f"{name}: {_get(h, 'n_examples')} examples, {len(_get(h, 'step'))} steps"
@@ -151,6 +153,8 @@ def rl_curves(history, *, window: int = 5, title: str = "Online RL (GRPO)") -> g
     """Four panels against RL steps: mean sampled reward; reward per active level (smoothed);
     fraction of zero-advantage groups filtered out; k3 KL to the reference (per token)."""
     check_int("window", window, 1)
+    _check_fields("history", history, ("step", "reward", "level_reward", "frac_filtered", "kl"),
+                  "train.rl.train_rl (an RLHistory or its to_dict())")
     steps = np.asarray(_get(history, "step")) + 1
     fig = make_subplots(rows=2, cols=2, subplot_titles=(
         "mean reward of the samples", "reward per level (levels the curriculum draws)",
@@ -181,6 +185,7 @@ def rl_curves(history, *, window: int = 5, title: str = "Online RL (GRPO)") -> g
 
 def curriculum_figure(history, *, title: str = "Curriculum: which levels RL draws prompts from") -> go.Figure:
     """A step x level grid: filled where the level was active (prompts drawn from it)."""
+    _check_fields("history", history, ("active_levels", "probe"), "train.rl.train_rl (an RLHistory or its to_dict())")
     active = _get(history, "active_levels")
     levels = list(range(1, 1 + max(max(a) for a in active))) if active else []
     z = np.array([[1.0 if lv in a else 0.0 for a in active] for lv in levels])
@@ -212,6 +217,9 @@ def rl_variants_figure(variants: Mapping[str, object], *, window: int = 5,
 def dpo_curves(history, *, title: str = "DPO: implicit reward margins and accuracies") -> go.Figure:
     """Left: reward margin r(y_w) - r(y_l) on training batches and held-out pairs (and by pair
     kind); right: held-out reward accuracy and the policy's own preference accuracy."""
+    _check_fields("history", history, ("step", "margin", "eval_step", "eval_margin", "eval_margin_by_kind",
+                                       "eval_accuracy", "eval_preference"),
+                  "train.dpo.train_dpo (a DPOHistory or its to_dict())")
     fig = make_subplots(rows=1, cols=2, subplot_titles=("reward margin r(y_w) - r(y_l)", "held-out accuracies"))
     steps = np.asarray(_get(history, "step")) + 1
     fig.add_scatter(x=steps, y=_get(history, "margin"), mode="lines", name="train batch margin",
@@ -257,6 +265,9 @@ def completions_table(questions: Sequence[str], answers: Mapping[str, Sequence[s
     (a verbose right answer is still green: the verifier accepts it)."""
     from ..train.posttrain_task import parse_answer
 
+    _check_len("expected", len(expected), len(questions), "question")
+    for name, col in answers.items():  # a short column was cut silently, leaving rows unmarked
+        _check_len(f"answers[{name!r}]", len(col), len(questions), "question")
     header = ["question", "expected"] + list(answers)
     cells = [list(questions), list(expected)]
     fills = [["white"] * len(questions), ["white"] * len(questions)]

@@ -67,7 +67,8 @@ from ..data import DOMAINS, TokenCorpus
 from ..moe import MoE
 from ..tokenizer import ByteTokenizer
 from ..trace import RouterTrace
-from .plots import _expert_axis, _style, expert_load_bar, token_expert_html
+from ..checks import check_int
+from .plots import _check_ids, _expert_axis, _style, expert_load_bar, token_expert_html
 from .widgets import _Explorer, show_figure
 
 TOKEN_CLASSES = ("digit", "letter", "keyword", "space", "indent", "newline", "punctuation", "other")
@@ -162,16 +163,24 @@ def token_classes(ids) -> torch.Tensor:
 
 def class_names_of(labels) -> list[str]:
     """Index labels -> class names."""
-    return [TOKEN_CLASSES[int(i)] for i in torch.as_tensor(labels).flatten().tolist()]
+    labels = torch.as_tensor(labels).flatten().long()
+    _check_ids("labels", labels.numpy(), len(TOKEN_CLASSES), "indices into TOKEN_CLASSES")
+    return [TOKEN_CLASSES[i] for i in labels.tolist()]
 
 
 # ------------------------------------------------------------------------------ measures
 def group_share(expert_ids, groups, n_groups: int, n_experts: int) -> torch.Tensor:
     """share[g, e]: fraction of group g's tokens whose expert is e (rows with no tokens are 0).
     expert_ids [n] (top-1) or [n, k] (every slot counts), groups [n] ints in 0..n_groups-1."""
+    check_int("n_groups", n_groups, 1)
+    check_int("n_experts", n_experts, 1)
     ids = torch.as_tensor(expert_ids)
     ids = ids[:, None] if ids.dim() == 1 else ids
     g = torch.as_tensor(groups).flatten()
+    if len(g) != len(ids):
+        raise ValueError(f"{len(g)} groups but {len(ids)} rows of expert_ids: expected one group per token")
+    _check_ids("expert_ids", ids.numpy(), n_experts, "expert ids", f"n_experts={n_experts}")
+    _check_ids("groups", g.numpy(), n_groups, "group ids", f"n_groups={n_groups}")
     counts = torch.zeros(n_groups, n_experts)
     for slot in range(ids.shape[1]):
         counts.index_put_((g, ids[:, slot]), torch.ones(len(g)), accumulate=True)
@@ -236,6 +245,10 @@ def gate_variants(logits: torch.Tensor, top_k: int = 1) -> dict[str, torch.Tenso
     """Gates [n, k] of the chosen experts (top-k by raw logit) under three router designs:
     "llama4" sigmoid per expert, "mixtral" softmax over the chosen k, "softmax" softmax over all
     experts without renormalisation (Switch, OLMoE). See the module docstring."""
+    check_int("top_k", top_k, 1)  # top_k=0 returned empty gates
+    if top_k > logits.shape[-1]:
+        raise ValueError(f"top_k={top_k}: must be at most the number of experts, {logits.shape[-1]} "
+                         f"(logits of shape {tuple(logits.shape)})")
     logits = logits.float()
     top, _ = torch.topk(logits, top_k, dim=-1)
     return {
@@ -369,6 +382,7 @@ def gate_histogram(gates: dict[str, torch.Tensor], nbins: int = 40) -> go.Figure
     """Overlaid histograms of the gate value each design would give the chosen expert
     (`gate_variants`), `nbins` equal bins on [0, 1] (the last one closed), counted here so the
     figure holds nbins numbers per design, not one per token."""
+    check_int("nbins", nbins, 1)
     edges = np.linspace(0.0, 1.0, nbins + 1)
     centres = (edges[:-1] + edges[1:]) / 2
     fig = go.Figure([go.Bar(x=centres, y=np.histogram(np.asarray(v.flatten(), dtype=float), bins=edges)[0],

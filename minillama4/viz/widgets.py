@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import ipywidgets as widgets
 import plotly.graph_objects as go
 
-from ..checks import check_int, check_type
+from ..checks import check_int, check_real, check_type
 from ..config import Llama4Config, TextConfig
 from ..params import ParamCount, count_params
 from ..trace import RouterTrace
@@ -129,6 +129,8 @@ def config_explorer(base_cfg: Llama4Config | TextConfig, gpu_gib: float = 80.0) 
     `base_cfg`, showing total vs active parameters by component and weight memory at bf16 / fp8 /
     int4 next to the base config. An invalid combination (say top-k > experts) shows the config's
     ValueError instead of the figures. MoE and NoPE layers are derived from the step and interval."""
+    check_type("base_cfg", base_cfg, (Llama4Config, TextConfig), "e.g. configs.scout() or configs.get('scout')")
+    check_real("gpu_gib", gpu_gib, low=0, low_open=True)
     t = base_cfg.text if isinstance(base_cfg, Llama4Config) else base_cfg
     h_step = max(1, t.hidden_size // 16)
     experts = _slider("routed experts", t.num_local_experts, 1, max(256, t.num_local_experts))
