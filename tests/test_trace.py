@@ -48,6 +48,11 @@ def test_load_stats():
     assert s["max_over_mean"] == 1.0 and s["cv"] == 0.0 and abs(s["entropy_frac"] - 1) < 1e-6
     s = load_stats(torch.tensor([20, 0, 0, 0]))
     assert s["max_over_mean"] == 4.0 and s["entropy"] == 0.0
+    # [layers, e] read as one layer gave entropy_frac 3.0; a negative count a negative entropy
+    with pytest.raises(ValueError, match=r"one layer's token copies per expert \[e\], got \(2, 4\)"):
+        load_stats(torch.ones(2, 4))
+    with pytest.raises(ValueError, match="negative count"):
+        load_stats(torch.tensor([1.0, -1.0, 2.0]))
 
 
 def test_nested_traces_refused(model):

@@ -171,6 +171,12 @@ def test_arithmetic_accuracy_counts_exact_answers():
         arithmetic_accuracy(_ArithmeticStub(), tokenizer="tok")
 
 
+def test_an_empty_history_has_no_imbalance_rows():
+    from minillama4.train.loop import History
+
+    assert History(moe_layers=[1, 3]).max_over_mean().shape == (0, 2)  # was IndexError
+
+
 def test_bad_schedule_and_config_fields_are_refused_where_built():
     for bad, match in [(dict(min_lr_ratio=-1), "min_lr_ratio=-1: .*in \\[0, 1\\]"),
                        (dict(min_lr_ratio=5), "min_lr_ratio=5"),

@@ -103,8 +103,11 @@ class History:
         return torch.stack(self.load) if self.load else torch.zeros(0, len(self.moe_layers), 0)
 
     def max_over_mean(self) -> torch.Tensor:
-        """[steps, layers] busiest expert's load / mean load (1 = perfectly balanced)."""
+        """[steps, layers] busiest expert's load / mean load (1 = perfectly balanced); [0, layers]
+        before the first step."""
         loads = self.loads().float()
+        if loads.shape[0] == 0:  # amax over an empty expert axis raised IndexError
+            return torch.zeros(0, len(self.moe_layers))
         return loads.amax(-1) / loads.mean(-1)
 
     def series(self) -> dict[str, list]:
