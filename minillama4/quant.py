@@ -152,8 +152,10 @@ class Int4Linear(nn.Module):
         self.in_features, self.out_features, self.group = in_features, out_features, group
         self.register_buffer("packed", torch.zeros(out_features, in_features // 2, dtype=torch.uint8, device=device))
         self.register_buffer("scales", torch.zeros(in_features // group, out_features, dtype=torch.bfloat16, device=device))
-        self._kernel_weight = None  # (the kernel's packed layout, its scales and zeros), built on first use
-        self._kernel_source = None  # which packed/scales it was built from (see _kernel_copy)
+        # (the kernel's packed layout, its scales and zeros), built on first use; dropped when the
+        # weights are replaced (load_dense, load_state_dict, moves). After editing packed or scales
+        # in place, set it to None.
+        self._kernel_weight = None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group: int = GROUP) -> "Int4Linear":
@@ -193,13 +195,21 @@ class Int4Linear(nn.Module):
         return None
 
     def _kernel_copy(self, build) -> tuple:
-        """The kernel's own copy of the weights, built again when packed or scales changed since:
-        load_state_dict and other in-place writes bump a tensor's _version; load_dense and moves
-        replace the tensor. (A kept copy went on computing with the old weights.)"""
-        source = (self.packed.data_ptr(), self.packed._version, self.scales.data_ptr(), self.scales._version)
-        if self._kernel_weight is None or self._kernel_source != source:
-            self._kernel_weight, self._kernel_source = build(), source
+        """The kernel's own copy of the weights, built on first use (a plain check: this runs on
+        every decode step)."""
+        if self._kernel_weight is None:
+            self._kernel_weight = build()
         return self._kernel_weight
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        # load_state_dict copies into packed and scales in place: a kept kernel copy went on
+        # computing with the old weights (found by fuzzing int4 loads)
+        self._kernel_weight = None
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def _apply(self, fn, *args, **kwargs):
+        self._kernel_weight = None  # .to(device) moves packed and scales, not this copy
+        return super()._apply(fn, *args, **kwargs)
 
     def _cuda_kernels(self, rows: torch.Tensor) -> dict:
         """The decode kernels this shape can use on CUDA: torch's tinygemm (its own weight layout,
