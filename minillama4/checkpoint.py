@@ -401,7 +401,11 @@ def save_pretrained(model, path, max_shard_size="5GB", form: str = "v5") -> None
     n = len(shards)
     names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
     written = names + ([INDEX] if n > 1 else [])
-    created = not path.exists()
+    created = None  # the outermost folder this call makes (mkdir may make several)
+    if not path.exists():
+        created = path
+        while not created.parent.exists():
+            created = created.parent
     path.mkdir(parents=True, exist_ok=True)
     try:
         for fname, shard in zip(names, shards):
@@ -415,8 +419,13 @@ def save_pretrained(model, path, max_shard_size="5GB", form: str = "v5") -> None
     except BaseException:  # e.g. a full disk: leave no temporary files behind
         for fname in written + ["config.json"]:
             (path / (fname + ".tmp")).unlink(missing_ok=True)
-        if created and not any(path.iterdir()):
-            path.rmdir()  # a folder this call made stays only with a checkpoint in it
+        if created is not None:  # the folders this call made stay only with a checkpoint in them
+            folder = path
+            while folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+                if folder == created:
+                    break
+                folder = folder.parent
         raise
     for old in list(path.glob("model*.safetensors")) + [path / INDEX]:
         if old.exists() and old.name not in written:

@@ -51,14 +51,16 @@ class Experts(nn.Module):
         self.reset_parameters(seed=(torch.initial_seed() + layer) % 2**63)
 
     @torch.no_grad()
-    def reset_parameters(self, seed: int = 0) -> None:
+    def reset_parameters(self, seed: int | None = None) -> None:
         """normal(0, initializer_range), as the model's init_weights, so that a model built with
-        Llama4Text(cfg) works before any init (torch.empty memory may hold NaN). From a generator of
-        its own: the global one is left as it was, so Llama4Text.random(seed) draws what it always
-        drew (nn.Linear's own init uses the global one). Nothing to do on the "meta" device."""
+        Llama4Text(cfg) works before any init (torch.empty memory may hold NaN). The constructor
+        passes a seed (torch.initial_seed() + layer) for a generator of its own: the global one is
+        left as it was, so Llama4Text.random(seed) draws what it always drew. Called without one
+        (generic re-init code), it draws from the global generator, as nn.Linear's does. Nothing
+        to do on the "meta" device."""
         if self.gate_up_proj.is_meta:
             return
-        g = torch.Generator(device=self.gate_up_proj.device).manual_seed(seed)
+        g = None if seed is None else torch.Generator(device=self.gate_up_proj.device).manual_seed(seed)
         self.gate_up_proj.normal_(0.0, self.std, generator=g)
         self.down_proj.normal_(0.0, self.std, generator=g)
 

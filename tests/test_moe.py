@@ -132,6 +132,14 @@ def test_fast_path_with_rows_grouped_mm_cannot_take(dtype, intermediate):
         ref = moe(x)
         moe.dispatch = "fast"
         torch.testing.assert_close(moe(x), ref, rtol=1e-5, atol=1e-6)
+    from minillama4 import moe as moe_module
+
+    weights = (moe.experts.gate_up_proj, moe.experts.down_proj)
+    assert not moe_module.grouped_mm_supported(x.reshape(-1, 64), *weights)
+    if hasattr(torch, "_grouped_mm"):  # an aligned size (16 in fp32 and bf16) still takes the grouped path
+        aligned = MoE(small_text(num_local_experts=2, intermediate_size=16), layer=0).to(dtype)
+        assert moe_module.grouped_mm_supported(x.reshape(-1, 64), aligned.experts.gate_up_proj,
+                                               aligned.experts.down_proj)
 
 
 def test_router_outputs_keep_gradients_and_selection_bias_only_changes_choice():

@@ -115,7 +115,7 @@ def test_bad_setups_runs_and_empty_loads_are_refused():
         SweepSetup(tail=0)
     with pytest.raises(ValueError, match="preset='huge': expected one of"):
         SweepSetup(preset="huge")
-    with pytest.raises(ValueError, match=r"preset='scout': expected one of \('tiny', 'small'\)"):
+    with pytest.raises(ValueError, match=r"preset='scout': expected one of \('tiny', 'small', 'tiny_multimodal'\)"):
         SweepSetup(preset="scout")  # a sweep would build and train full Scout
     with pytest.raises(ValueError, match="switch_aux=nan: must be a finite number >= 0"):
         BalancingRun(switch_aux=float("nan"))

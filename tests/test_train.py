@@ -167,7 +167,7 @@ def test_arithmetic_accuracy_counts_exact_answers():
         arithmetic_accuracy(_ArithmeticStub(), n=0)
     with pytest.raises(ValueError, match="ops='/'"):
         arithmetic_accuracy(_ArithmeticStub(), n=1, ops="/")
-    with pytest.raises(TypeError, match="tokenizer must be a ByteTokenizer, got str"):
+    with pytest.raises(TypeError, match="tokenizer must be a ByteTokenizer or HFTokenizer, got str"):
         arithmetic_accuracy(_ArithmeticStub(), tokenizer="tok")
 
 

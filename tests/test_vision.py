@@ -120,6 +120,35 @@ def test_a_generated_patch_token_is_text(decode):
     assert torch.equal(out, ref)
 
 
+@pytest.mark.parametrize("decode", ["eager", "static"])
+def test_a_generated_patch_token_after_an_image_prompt_is_text(tmp_path, decode):
+    """The same with images in the prompt: they fill the prompt's slots, the generated <|patch|>
+    is embedded as text (the reference builds the embeddings by hand over the whole sequence)."""
+    vision = VISION["r05_56px"]
+    _, ours = hf_pair(vision, tmp_path, seed=3)
+    g = torch.Generator().manual_seed(2)
+    pixels = torch.randn(4, 3, 56, 56, generator=g)
+    ids = two_image_prompt(vision, g)
+    t = ids.shape[1]
+    with torch.no_grad():
+        w = ours.language_model.lm_head.weight
+        w[PATCH] = 3 * w[int(ours(ids, pixel_values=pixels)[0, -1].argmax())]
+        out = ours.generate(ids, 3, pixel_values=pixels, decode=decode)
+
+        def full(seq):  # images in the prompt's slots only
+            is_image = torch.zeros_like(seq, dtype=torch.bool)
+            is_image[:, :t] = seq[:, :t] == PATCH
+            h = ours.language_model.model.embed_tokens(seq).masked_scatter(is_image[..., None],
+                                                                           ours.image_features(pixels))
+            return ours.language_model(seq, inputs_embeds=h, is_image=is_image)
+
+        ref = ids
+        for _ in range(3):
+            ref = torch.cat([ref, full(ref)[:, -1].argmax(-1, keepdim=True)], 1)
+    assert out[0, t] == PATCH
+    assert torch.equal(out, ref)
+
+
 def test_multimodal_round_trip_and_text_only_load(tmp_path):
     hf, ours = hf_pair(VISION["r05_56px"], tmp_path / "hf")
     ours.save_pretrained(tmp_path / "ours")

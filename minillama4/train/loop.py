@@ -24,7 +24,7 @@ import dataclasses
 import itertools
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -36,7 +36,7 @@ from ..balance import balancing_losses, expert_load, update_selection_bias
 from ..checks import check_finite_loss, check_int, check_real, check_type
 from ..data import TokenCorpus, arithmetic_problem, random_batches, sequential_batches
 from ..moe import MoE
-from ..tokenizer import ByteTokenizer
+from ..tokenizer import ByteTokenizer, HFTokenizer
 
 
 @dataclass
@@ -232,7 +232,7 @@ def _check_eval_data(name: str, data, seq_len: int, vocab_size: int | None = Non
     elif not isinstance(data, Iterable) or isinstance(data, (str, bytes)):
         raise TypeError(f"{name} must be a TokenCorpus, token ids [n] or an iterable of [b, t+1] batches, "
                         f"got {type(data).__name__}")
-    elif reread and iter(data) is data:  # an iterator: the first evaluation would use it up, the next find nothing
+    elif reread and isinstance(data, Iterator):  # the first evaluation would use it up, the next find nothing
         raise TypeError(f"{name} is a one-pass iterator ({type(data).__name__}): evaluation reads it several "
                         "times; pass a list of [b, t+1] batches or token ids [n]")
 
@@ -416,8 +416,10 @@ def arithmetic_predictions(model, n: int = 100, seed: int = 12345, max_digits: i
     check_type("model", model, torch.nn.Module, "pass a model such as Llama4Text")
     check_int("n", n, 1)  # n=0 answered 0.0, read as 0% correct
     _check_arithmetic(max_digits, ops)  # also when no problem would be drawn
-    if tokenizer is not None:
-        check_type("tokenizer", tokenizer, ByteTokenizer)
+    if tokenizer is not None:  # encode, decode and eos_id: the byte tokenizer or a checkpoint's
+        check_type("tokenizer", tokenizer, (ByteTokenizer, HFTokenizer))
+        if tokenizer.eos_id is None:
+            raise ValueError("tokenizer has no <|end_of_text|> id, which starts each problem's prompt")
     tok = tokenizer or ByteTokenizer()
     rng = random.Random(seed)
     problems = [arithmetic_problem(rng, max_digits, ops) for _ in range(n)]

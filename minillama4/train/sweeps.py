@@ -72,7 +72,9 @@ class BalancingRun:
         return {k: getattr(self, k) for k in METHOD_KEYS}
 
 
-TRAINABLE_PRESETS = ("tiny", "small")  # the presets a sweep can train on a CPU (the others: billions of weights)
+# the presets a sweep can train on a CPU (a sweep trains the text model: tiny_multimodal's is tiny's);
+# scout, maverick and behemoth have billions of weights
+TRAINABLE_PRESETS = ("tiny", "small", "tiny_multimodal")
 
 
 @dataclass(frozen=True)
