@@ -48,7 +48,9 @@ def expert_load(top_ids: torch.Tensor, n_experts: int) -> torch.Tensor:
     flat = rearrange(top_ids, "n k -> (n k)")
     try:
         load = torch.bincount(flat, minlength=n_experts)
-    except RuntimeError:  # a negative id (bincount's own message does not say which)
+    except RuntimeError:  # a negative id (bincount's own message does not say which); anything else is re-raised
+        if int(flat.min()) >= 0:
+            raise
         load = None
     # an id >= e made the load longer than e: checked on the result, so valid ids cost no extra host read
     if load is None or load.shape[0] > n_experts:

@@ -264,7 +264,9 @@ class TokenCorpus:
 def tokenize_segments(segments: list[Segment], tokenizer: ByteTokenizer | None = None) -> TokenCorpus:
     """Encode every segment followed by <|end_of_text|>; label each token with its segment's domain.
     Special-token strings inside the text are encoded as plain bytes, never as special ids."""
-    check_type("segments", segments, (list, tuple), "e.g. from mixed_corpus")
+    if isinstance(segments, (str, bytes)) or not hasattr(segments, "__iter__"):
+        raise TypeError(f"segments must be a list of Segment, got {type(segments).__name__}; e.g. from mixed_corpus")
+    segments = list(segments)  # a generator: read once, here
     for i, seg in enumerate(segments):  # all checked before any is encoded
         check_type(f"segments[{i}]", seg, Segment, "Segment(domain, text), e.g. from mixed_corpus")
         if seg.domain not in DOMAINS:

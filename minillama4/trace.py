@@ -144,9 +144,10 @@ class RouterTrace:
 def load_stats(load: torch.Tensor) -> dict:
     """Imbalance of one layer's expert load: max/mean (1 = perfect), coefficient of variation
     (std/mean, 0 = perfect) and the entropy of the load distribution (log e = perfect)."""
-    if not isinstance(load, torch.Tensor) or load.dim() != 1:  # a [layers, e] load read as one layer gave entropy_frac 3
-        raise ValueError(f"load must be one layer's token copies per expert [e], got "
-                         f"{tuple(load.shape) if isinstance(load, torch.Tensor) else type(load).__name__}; "
+    if not isinstance(load, torch.Tensor):
+        raise TypeError(f"load must be a Tensor, got {type(load).__name__}")
+    if load.dim() != 1:  # a [layers, e] load read as one layer gave entropy_frac 3
+        raise ValueError(f"load must be one layer's token copies per expert [e], got {tuple(load.shape)}; "
                          "for [layers, e] use balance.imbalance")
     load = load.float()
     if load.numel() and float(load.min()) < 0:  # a negative count gave a negative entropy

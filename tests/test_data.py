@@ -160,7 +160,7 @@ def test_corpus_arguments_are_refused_before_any_work():
         tokenize_segments(["hello"])  # used to fail with AttributeError
     with pytest.raises(ValueError, match=r"segments\[1\].domain='poetry': expected one of \('prose', 'code', 'math'\)"):
         tokenize_segments([Segment("prose", "x"), Segment("poetry", "x")])  # was "tuple.index(x): x not in tuple"
-    with pytest.raises(TypeError, match="segments must be a list or tuple, got str"):
+    with pytest.raises(TypeError, match="segments must be a list of Segment, got str"):
         tokenize_segments("hello")
     corpus = TokenCorpus(torch.arange(5), torch.zeros(5, dtype=torch.long))
     with pytest.raises(TypeError, match="held_out='0.1': must be a number in \\(0, 1\\)"):

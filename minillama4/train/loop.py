@@ -424,13 +424,14 @@ def arithmetic_predictions(model, n: int = 100, seed: int = 12345, max_digits: i
     rng = random.Random(seed)
     problems = [arithmetic_problem(rng, max_digits, ops) for _ in range(n)]
     newline = tok.encode("\n")[0]
+    prompts = [[tok.eos_id] + tok.encode(prompt) for prompt, _ in problems]
     by_length: dict[int, list[int]] = {}
-    for i, (prompt, _) in enumerate(problems):
-        by_length.setdefault(len(prompt), []).append(i)
+    for i, ids in enumerate(prompts):  # by tokens, not characters: a BPE tokenizer groups digits
+        by_length.setdefault(len(ids), []).append(i)
     predicted = [""] * n
     for length in sorted(by_length):
         rows = by_length[length]
-        ids = torch.tensor([[tok.eos_id] + tok.encode(problems[i][0]) for i in rows])
+        ids = torch.tensor([prompts[i] for i in rows])
         out = model.generate(ids, max_new_tokens=2 * max_digits + 1, stop_tokens=[newline])
         for i, new in zip(rows, out[:, ids.shape[1]:].tolist()):
             predicted[i] = tok.decode(new).split("\n")[0]

@@ -74,6 +74,12 @@ def sft_batch(examples, tokenizer: ByteTokenizer | None = None) -> tuple[torch.T
     return pad_batch([e[0] for e in encoded], [e[1] for e in encoded], tok.pad_id)
 
 
+def _check_targets(mask: torch.Tensor) -> None:
+    if not bool(mask[:, 1:].any()):
+        raise ValueError(f"mask {tuple(mask.shape)} has no True after position 0: no token to train on "
+                         "(expected True on the assistant's response and <|eot|>, as sft_batch makes it)")
+
+
 def masked_sft_loss(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy over the tokens where mask is True (assistant tokens).
     logits [b, t, v] from model(ids); position t is scored against ids[:, t+1] iff mask[:, t+1].
@@ -85,10 +91,8 @@ def masked_sft_loss(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor)
     if logits.dim() != 3 or ids.dim() != 2 or tuple(mask.shape) != tuple(ids.shape) or logits.shape[:2] != ids.shape:
         raise ValueError(f"logits {tuple(logits.shape)}, ids {tuple(ids.shape)}, mask {tuple(mask.shape)}: "
                          "expected logits [b, t, v] and ids and mask [b, t] of the same b and t")
-    # a read to the host, but train_sft reads the loss right after (loss.item()): it waits for nothing more
-    if not bool(mask[:, 1:].any()):
-        raise ValueError(f"mask {tuple(mask.shape)} has no True after position 0: no token to train on "
-                         "(expected True on the assistant's response and <|eot|>, as sft_batch makes it)")
+    if mask.device.type == "cpu":  # a host read on a GPU would wait for the forward: train_sft checks
+        _check_targets(mask)        # sft_batch's CPU mask before moving it
     target_mask = rearrange(mask[:, 1:], "b t -> (b t)").float()
     ce = F.cross_entropy(rearrange(logits[:, :-1].float(), "b t v -> (b t) v"),
                          rearrange(ids[:, 1:], "b t -> (b t)"), reduction="none")
@@ -237,6 +241,7 @@ def _train_sft(model, examples, cfg: SFTConfig, eval_problems, tok: ByteTokenize
         for group in optimizer.param_groups:
             group["lr"] = lr
         ids, mask = sft_batch([examples[i] for i in index], tok)
+        _check_targets(mask)  # on the CPU copy: no wait for the device
         ids, mask = ids.to(model.device), mask.to(model.device)
         loss = masked_sft_loss(model(ids), ids, mask)
         loss_value = loss.item()  # read for the history anyway: checked before the update

@@ -507,7 +507,7 @@ def memory_by_format(param_counts: Mapping, gpu_gib: float = 80.0, *, formats=FO
     line at one GPU's memory. param_counts: {name: ParamCount or config}. Weights only: the KV
     cache and activations come on top."""
     check_type("param_counts", param_counts, Mapping, "e.g. {'scout': configs.scout()}")
-    check_real("gpu_gib", gpu_gib, low=0, low_open=True)  # 0 failed on a log axis ("math domain error")
+    check_real("gpu_gib", gpu_gib, low=0, low_open=log_y)  # 0 failed on a log axis ("math domain error")
     pcs = {name: _as_count(v) for name, v in param_counts.items()}
     names = list(pcs)
     fig = go.Figure([
@@ -594,10 +594,9 @@ def load_over_training(loads, layer: int = 0, *, steps=None, layers=None, normal
         a = a[:, _load_row(layer, layers, a.shape[1])]
     elif a.ndim != 2:
         raise ValueError(f"loads must be [steps, layers, experts] or [steps, experts], got shape {a.shape}")
-    elif layers is not None or layer != 0:  # nothing to pick: a [layers, e] matrix would be read as steps
-        raise ValueError(f"layer={layer!r}, layers={layers!r}: loads of shape {a.shape} is one layer's "
-                         "[steps, experts], with no layer axis to pick from; pass [steps, layers, experts] "
-                         "to choose a layer")
+    elif layers is not None:  # nothing to pick from (`layer` then only names the layer in the title)
+        raise ValueError(f"layers={layers!r}: loads of shape {a.shape} is one layer's [steps, experts], with no "
+                         "layer axis to pick from; pass [steps, layers, experts] to choose a layer")
     n_steps, n_experts = a.shape
     if n_experts == 0:
         raise ValueError(f"loads has no experts (shape {a.shape}): expected [steps, layers, experts] or "

@@ -185,14 +185,14 @@ def rl_curves(history, *, window: int = 5, title: str = "Online RL (GRPO)") -> g
 
 def curriculum_figure(history, *, title: str = "Curriculum: which levels RL draws prompts from") -> go.Figure:
     """A step x level grid: filled where the level was active (prompts drawn from it)."""
-    _check_fields("history", history, ("active_levels", "probe"), "train.rl.train_rl (an RLHistory or its to_dict())")
+    _check_fields("history", history, ("active_levels",), "train.rl.train_rl (an RLHistory or its to_dict())")
     active = _get(history, "active_levels")
     levels = list(range(1, 1 + max(max(a) for a in active))) if active else []
     z = np.array([[1.0 if lv in a else 0.0 for a in active] for lv in levels])
     fig = go.Figure(go.Heatmap(z=z, x=np.arange(1, len(active) + 1), y=[str(lv) for lv in levels],
                                colorscale=[[0, "#f1f1f1"], [1, "#2ca02c"]], showscale=False,
                                hovertemplate="step %{x}, level %{y}: %{z}<extra></extra>"))
-    probe = _get(history, "probe")
+    probe = history.get("probe") if isinstance(history, Mapping) else getattr(history, "probe", None)  # optional
     if probe:
         text = ", ".join(f"L{int(k)} {float(v):.0%}" for k, v in sorted(probe.items(), key=lambda kv: int(kv[0])))
         title += f"<br><sup>pass@1 probe before RL: {text}</sup>"
