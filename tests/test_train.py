@@ -269,3 +269,21 @@ def test_evaluate_refuses_data_without_a_window():
     with pytest.raises(ValueError, match="data holds 100 tokens, too few for one window of seq_len \\+ 1 = 129"):
         evaluate(model, ids)
     assert model.training  # left as it was
+
+
+def test_arithmetic_predictions_batch_by_tokens_with_a_bpe_like_tokenizer(tmp_path):
+    """A checkpoint's tokenizer groups digits (here in pairs): "1+234=" and "12+34=" have the same
+    characters but 5 and 4 tokens. Batching by characters gave ragged batches (torch.tensor raised)."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+
+    from minillama4.tokenizer import HFTokenizer
+
+    vocab = {w: i for i, w in enumerate([str(d) for d in range(100)] + ["+", "=", "\n", "<|end_of_text|>", "<unk>"])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(pattern=Regex(r"\d\d|\d|."), behavior="isolated")
+    tok.add_special_tokens(["<|end_of_text|>"])
+    tok.save(str(tmp_path / "tokenizer.json"))
+    hf = HFTokenizer(tmp_path / "tokenizer.json")
+    assert len(hf.encode("1+234=")) == 5 and len(hf.encode("12+34=")) == 4
+    rows = arithmetic_predictions(tiny(), n=16, seed=3, max_digits=3, tokenizer=hf)
+    assert len(rows) == 16 and all(p.endswith("=") for p, _, _ in rows)
