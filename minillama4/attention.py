@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from einops import einsum, rearrange
 from torch import nn
 
-from .checks import check_int
+from .checks import check_bool, check_int
 from .config import TextConfig
 from .layers import _fused, apply_rope, fused_ok, project, rms_norm
 
@@ -80,8 +80,7 @@ class KVCache:
 
     def __init__(self, cfg: TextConfig, batch: int, max_len: int, dtype, device, ring: bool = True):
         batch, max_len = check_int("batch", batch, 1), check_int("max_len", max_len, 1)
-        if not isinstance(ring, bool):
-            raise TypeError(f"ring={ring!r}: must be True or False")
+        check_bool("ring", ring)
         slots = [min(cfg.attention_chunk_size, max_len) if ring and cfg.is_chunked(layer) else max_len
                  for layer in range(cfg.num_hidden_layers)]
         _check_memory(cfg, batch, max_len, slots, dtype, device)

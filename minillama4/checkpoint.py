@@ -28,6 +28,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .config import Llama4Config, from_hf_dict, to_hf_dict
+from .checks import check_seed
 from .devices import as_device, as_dtype
 from .model import Llama4, Llama4Text
 
@@ -289,7 +290,6 @@ def random_model(config, quantize: str | None = None, which: str = "ffn", dtype=
     int4: no full-precision detour), for benchmarks without a checkpoint. Text-only for a
     TextConfig or a config without vision, else the multimodal Llama4. The memory plan is checked
     first, like from_pretrained."""
-    from .model import check_seed
     from .quant import randomize_int4
 
     check_seed(seed)

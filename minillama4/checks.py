@@ -51,6 +51,16 @@ def check_real(name: str, value, low: float | None = None, high: float | None = 
     return float(value)
 
 
+def check_seed(value, allow_none: bool = False, name: str = "seed") -> None:
+    """A seed torch's random generators take: an integer in [-2**63, 2**64) (or None, if allowed)."""
+    if value is None and allow_none:
+        return
+    if not is_int(value):
+        raise TypeError(f"{name}={value!r}: must be {'None or ' if allow_none else ''}an integer")
+    if not -2**63 <= value < 2**64:
+        raise ValueError(f"{name}={value}: must lie in [-2**63, 2**64), what torch's random generators take")
+
+
 def check_bool(name: str, value) -> bool:
     """True or False only: a string "no" or the int 0 as a flag is a mistake (bool("no") is True)."""
     if not isinstance(value, bool):

@@ -20,7 +20,7 @@ import numbers
 
 import torch
 
-from .checks import check_int, is_int
+from .checks import check_int, check_seed, is_int
 
 # Temperatures in (0, MIN_TEMPERATURE) sample as temperature 0 (greedy). Dividing the logits by them
 # can overflow float32 to inf (NaN probabilities, or a uniform draw), and sampling at them already is
@@ -55,10 +55,7 @@ def _check_sampling(temperature, top_p, seed) -> None:
         raise ValueError(f"temperature={temperature} must be a finite number >= 0 (0 is greedy)")
     if not 0 < top_p <= 1:  # NaN fails this too
         raise ValueError(f"top_p={top_p} must be in (0, 1]")
-    if seed is not None and not is_int(seed):
-        raise TypeError(f"seed={seed!r}: must be None or an integer")
-    if seed is not None and not -2**63 <= seed < 2**64:  # what torch's generator takes
-        raise ValueError(f"seed={seed}: must be in [-2**63, 2**64)")
+    check_seed(seed, allow_none=True)
 
 
 def stop_ids(stop_tokens, vocab_size: int) -> list[int]:

@@ -14,7 +14,6 @@ Axes: b batch, t tokens, d model dim, v vocab, n image tiles, p tokens per tile,
 from __future__ import annotations
 
 import dataclasses
-import numbers
 import reprlib
 
 import torch
@@ -22,6 +21,7 @@ from einops import rearrange
 from torch import nn
 
 from .attention import Attention, KVCache
+from .checks import check_seed
 from .config import Llama4Config, TextConfig
 from .devices import as_device, as_dtype
 from .layers import RMSNorm, SwiGLU, add_rms_norm, rope_angles, rope_inv_freq
@@ -47,14 +47,6 @@ def _check_config(cls, config, multimodal: bool = False) -> None:
                   "dataclasses.replace(config, num_hidden_layers=6, moe_layers=None, no_rope_layers=None)")
         raise ValueError(f"{e} (a field changed after the config was made? Make a new one instead, e.g. {remake}, "
                          "which derives moe_layers and no_rope_layers again)") from None
-
-
-def check_seed(seed) -> None:
-    """A seed torch's generators take: an integer in [-2**63, 2**64)."""
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-        raise TypeError(f"seed={seed!r}: must be an integer")
-    if not -2**63 <= seed < 2**64:
-        raise ValueError(f"seed={seed}: must lie in [-2**63, 2**64), what torch's random generators take")
 
 
 def _random_args(config, seed, dtype, device):
