@@ -438,6 +438,15 @@ def test_attention_figures():
     assert fig.layout.yaxis.type != "log"
     assert lviz.needle_attention_figure({"a": {8: 0.5}}, log_y=True).layout.yaxis.type == "log"
     assert list(fig.data[2].y) == [1 / 32, 1 / 64]
+    # a bare list failed on .items(); lengths that are not positive integers drew 1 / length wrongly
+    with pytest.raises(TypeError, match="weights must be a Mapping, got list"):
+        lviz.needle_attention_figure([0.5, 0.3])
+    with pytest.raises(ValueError, match="weights is empty"):
+        lviz.needle_attention_figure({})
+    with pytest.raises(TypeError, match=r"weights\['a'\] must be a Mapping, got list"):
+        lviz.needle_attention_figure({"a": [0.5]})
+    with pytest.raises(ValueError, match=r"weights\['a'\] has keys \['32'\]: expected sequence lengths"):
+        lviz.needle_attention_figure({"a": {"32": 0.5}})
     row = lviz.attention_row_figure(torch.tensor([0.1, 0.6, 0.3]), ["a", "=", "3"], {"value": [2]})
     assert list(row.data[1].x) == [2] and list(row.data[1].y) == pytest.approx([0.3])
     with pytest.raises(ValueError, match="tokens"):

@@ -273,6 +273,10 @@ def test_pass_rate_and_pruning_figures():
     fig = pv.pass_rate_by_level({"base (raw a+b=)": {1: 1.0, 2: 0.5}, "SFT": {"1": 1.0, "2": 0.75}},
                                 counts={1: 4, 2: 4})
     assert [t.name for t in fig.data] == ["base (raw a+b=)", "SFT"] and list(fig.data[1].y) == [1.0, 0.75]
+    with pytest.raises(ValueError, match="rates is empty"):
+        pv.pass_rate_by_level({})
+    with pytest.raises(TypeError, match=r"rates\['SFT'\] must be a Mapping, got list"):
+        pv.pass_rate_by_level({"SFT": [1.0, 0.75]})
     fig = pv.pruning_figure([0.9, 0.1, 0.5, 0.8], [1, 3, 2, 1], drop_fraction=0.5)
     kept, dropped = fig.data[-2], fig.data[-1]
     assert list(kept.x) == ["1", "2", "3"] and list(kept.y) == [0, 1, 1] and list(dropped.y) == [2, 0, 0]
@@ -328,6 +332,15 @@ def test_variant_explorer_redraws_on_change():
     ex.controls["kind"].value = "b"
     assert calls[-1] == (0.5, "b") and ex.figure.layout.title.text == "0.5 b"
     assert len(ex.output.outputs) == 1
+    # bad options or a build that is not a figure function are named, not an IndexError or AttributeError
+    with pytest.raises(ValueError, match="options is empty"):
+        pv.variant_explorer({}, build)
+    with pytest.raises(ValueError, match=r"options\['frac'\] is empty"):
+        pv.variant_explorer({"frac": []}, build)
+    with pytest.raises(TypeError, match="build and note must be functions"):
+        pv.variant_explorer({"frac": [0.0]}, "build")
+    with pytest.raises(TypeError, match=r"build\(...\)'s result must be a Figure, got NoneType"):
+        pv.variant_explorer({"frac": [0.0]}, lambda frac: None)
 
 
 # ------------------------------------------------------------------------------ the cached pipeline of notebook 07

@@ -189,6 +189,13 @@ def test_loss_curves_accepts_history_likes():
     assert list(aux.data[0].y) == [0.5, 0.25]
     with pytest.raises(ValueError, match="2 steps but 3"):
         viz.loss_curves({"bad": {"step": [0, 1], "loss": [1, 2, 3]}})
+    # one run passed bare failed as an AttributeError on .items(); no runs drew an empty figure
+    with pytest.raises(TypeError, match=r"histories must be a Mapping, got list; \{run name: history\}"):
+        viz.loss_curves([3.0, 2.0])
+    with pytest.raises(ValueError, match="histories is empty"):
+        viz.loss_curves({})
+    with pytest.raises(ValueError, match="param_counts is empty"):
+        viz.memory_by_format({})
 
 
 def test_load_over_training():

@@ -66,6 +66,13 @@ def test_dropped_fraction_bars_in_percent():
     assert len(fig.data) == 3 and fig.data[1].name == "capacity factor 1.25"
     assert list(fig.data[0].y) == pytest.approx([50.0, 10.0]) and list(fig.data[0].x) == ["a", "b"]
     assert fig.data[0].text[0] == "50.0%"
+    # a row of the wrong length was reshaped across runs (or failed to reshape) instead of named
+    with pytest.raises(ValueError, match=r"table\['b'\] has 2 entries, expected 3 \(one per capacity factor"):
+        dropped_fraction_bars({"a": [0.5, 0.25, 0.0], "b": [0.1, 0.0]})
+    with pytest.raises(ValueError, match="table is empty"):
+        dropped_fraction_bars({})
+    with pytest.raises(TypeError, match="table must be a Mapping, got list"):
+        dropped_fraction_bars([0.5, 0.25, 0.0])
 
 
 def test_final_load_heatmap_rows_are_shares(sweep):

@@ -2,6 +2,7 @@
 checked by setting control values and reading what it exposes."""
 
 import base64
+import re
 import struct
 import zlib
 
@@ -47,6 +48,10 @@ def test_png_uri_round_trip_and_tiles():
     img = shapes.draw(shapes.Scene("red", "plus", 40, 30, 20), seed=0)
     assert np.array_equal(decode_png(fusion.png_uri(img)), img.permute(1, 2, 0).numpy())
     assert np.array_equal(decode_png(fusion.png_uri(img.permute(1, 2, 0).numpy())), img.permute(1, 2, 0).numpy())
+    # RGBA bytes were written as RGB (a garbled picture); a 2-D array failed to unpack
+    for bad in (np.zeros((8, 8, 4), np.uint8), np.zeros((8, 8), np.uint8), np.zeros((0, 8, 3), np.uint8)):
+        with pytest.raises(ValueError, match=rf"image has shape {re.escape(str(bad.shape))}: expected an RGB"):
+            fusion.png_uri(bad)
     px = shapes.pixel_values(img[None], VISION)
     assert fusion.tile_to_uint8(px[0]).equal(img)  # bf16 normalisation is exact for 0..255
 
@@ -150,6 +155,8 @@ def test_routing_and_accuracy_figures(model):
 
 
 def test_fusion_explorer(model):
+    with pytest.raises(TypeError, match="model must be a Llama4, got Llama4Text; a multimodal model"):
+        fusion.fusion_explorer(model.language_model)  # the text half has no image path
     ex = fusion.fusion_explorer(model, questions=("colour", "position", "caption"), max_new_tokens=6)
     assert list(ex.said) == ["colour", "position", "caption"] and all(len(a) <= 6 for a in ex.said.values())
     assert [o[1] for o in ex.question.options] == ["colour", "position", "caption"]

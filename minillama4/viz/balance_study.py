@@ -28,7 +28,7 @@ import plotly.graph_objects as go
 from ..train.sweeps import (CAPACITY_FACTORS, METHOD_KEYS, dropped_fractions, record_loads,
                             sweep_index)
 from ..checks import check_type
-from .plots import _array, _check_result, _hline, _style, load_over_training, loss_curves
+from .plots import _array, _check_len, _check_mapping, _check_result, _hline, _style, load_over_training, loss_curves
 from .widgets import _Explorer, show_figure
 
 METHOD_LABELS = {"switch_aux": "Switch auxiliary loss", "z_loss": "router z-loss",
@@ -79,7 +79,11 @@ def dropped_fraction_bars(table: Mapping, factors: Sequence[float] = CAPACITY_FA
                           title: str | None = None) -> go.Figure:
     """Grouped bars: for each run (x) the fraction of token copies dropped at each capacity factor.
     table: {run name: [fraction per factor]} (fractions in 0..1, shown as percent)."""
+    _check_mapping("table", table, "{run name: [dropped fraction per capacity factor]}, e.g. "
+                "{name: dropped_fractions(record, factors)}")
     names = list(table)
+    for n in names:  # a row of another length was reshaped into the wrong bars, or failed to reshape
+        _check_len(f"table[{n!r}]", len(table[n]), len(factors), "capacity factor in factors")
     values = _array([list(map(float, table[n])) for n in names]).reshape(len(names), len(factors))
     x = [n.replace(" + ", " +<br>") for n in names]  # long combined names on two lines
     fig = go.Figure([go.Bar(x=x, y=100 * values[:, i], name=f"capacity factor {f:g}",

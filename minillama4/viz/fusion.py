@@ -37,6 +37,7 @@ from plotly.subplots import make_subplots
 from .. import shapes as sh
 from ..attention_maps import record_attention
 from ..config import VisionConfig
+from ..model import Llama4
 from ..vision import pixel_shuffle
 from ..checks import check_int, check_type, is_int
 from .plots import _array, _check_len, _style, expert_colours
@@ -56,6 +57,10 @@ def png_uri(image) -> str:
     a = _array(image)
     if a.ndim == 3 and a.shape[0] in (1, 3) and a.shape[-1] not in (1, 3):
         a = np.transpose(a, (1, 2, 0))
+    # a 4-channel image was written as RGB with its bytes misread (a garbled picture), a 2-D one failed
+    if a.ndim != 3 or a.shape[-1] not in (1, 3) or 0 in a.shape:
+        raise ValueError(f"image has shape {tuple(_array(image).shape)}: expected an RGB or one-channel "
+                         "image [c, y, x] or [y, x, c] with c 1 or 3 and at least one pixel")
     a = np.ascontiguousarray(np.clip(a, 0, 255).astype(np.uint8))
     if a.shape[-1] == 1:
         a = np.repeat(a, 3, axis=-1)
@@ -414,6 +419,7 @@ def fusion_explorer(model, shapes_cfg=None, questions=None, max_new_tokens: int 
     model's greedy answers to `questions` (default: all of shapes.QUESTIONS) and, for the chosen
     question and layer, the attention of the question's last token over the image tokens, per
     head and averaged."""
+    check_type("model", model, Llama4, "a multimodal model, e.g. the one this notebook trains on shapes")
     cfg = shapes_cfg or sh.ShapesConfig()
     questions = tuple(questions or sh.QUESTIONS)
     colour = widgets.Dropdown(options=list(cfg.colours), value=cfg.colours[0], description="colour")

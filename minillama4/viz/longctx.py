@@ -22,10 +22,10 @@ import ipywidgets as widgets
 import numpy as np
 import plotly.graph_objects as go
 
-from ..checks import check_choice, check_int, check_real, check_type
+from ..checks import check_choice, check_int, check_real, check_type, is_int
 from ..config import Llama4Config, TextConfig
 from ..longctx import GIB, KVMemory, accuracy_table, format_bytes, kv_cache_memory
-from .plots import _array, _check_result, _hline, _style
+from .plots import _array, _check_mapping, _check_result, _hline, _style
 from .widgets import _Explorer, show_figure
 
 FULL_COLOUR, RING_COLOUR, ROPE_COLOUR = "#d9534f", "#3b6fb6", "#7f7f7f"
@@ -177,9 +177,14 @@ def needle_attention_figure(weights: Mapping[str, Mapping[int, float]], *, train
     """Mean attention weight a query puts on the token it must copy, against sequence length, one
     line per setting ({label: {seq_len: weight}}; `colours` {label: colour} overrides the blues),
     with 1 / length (attention spread evenly over the context) as a reference."""
+    _check_mapping("weights", weights, "{setting label: {sequence length: mean attention weight}}")
     blues = ["#08306b", "#2171b5", "#6baed6", "#9ecae1"]
     traces, lens = [], set()
     for i, (label, by_len) in enumerate(weights.items()):
+        _check_mapping(f"weights[{label!r}]", by_len, "{sequence length: mean attention weight}")
+        if not all(is_int(n) and n > 0 for n in by_len):  # 1 / length is drawn beside them
+            raise ValueError(f"weights[{label!r}] has keys {list(by_len)[:8]}: expected sequence lengths "
+                             "(positive integers)")
         x = sorted(by_len)
         lens.update(x)
         colour = (colours or {}).get(label, blues[i % len(blues)])

@@ -96,6 +96,14 @@ def _check_ids(name: str, ids, n: int, what: str, bound: str = "") -> None:
                          + (f" ({bound})" if bound else ""))
 
 
+def _check_mapping(name: str, value, hint: str) -> None:
+    """A figure's {legend name: data} input: a non-empty mapping. A list failed as an AttributeError
+    on .items(), and an empty dict drew an empty figure with no hint of why."""
+    check_type(name, value, Mapping, hint)
+    if not value:
+        raise ValueError(f"{name} is empty: expected {hint}")
+
+
 def _check_len(name: str, got: int, want: int, per: str) -> None:
     """`name` has one entry per `per` (want of them): refuse a list that would be cut or padded."""
     if got != want:
@@ -506,7 +514,7 @@ def memory_by_format(param_counts: Mapping, gpu_gib: float = 80.0, *, formats=FO
     """Weight memory (GiB, `ParamCount.memory_gib`) per model at each number format, with a dashed
     line at one GPU's memory. param_counts: {name: ParamCount or config}. Weights only: the KV
     cache and activations come on top."""
-    check_type("param_counts", param_counts, Mapping, "e.g. {'scout': configs.scout()}")
+    _check_mapping("param_counts", param_counts, "e.g. {'scout': configs.scout()}")
     check_real("gpu_gib", gpu_gib, low=0, low_open=log_y)  # 0 failed on a log axis ("math domain error")
     pcs = {name: _as_count(v) for name, v in param_counts.items()}
     names = list(pcs)
@@ -556,6 +564,7 @@ def loss_curves(histories: Mapping, *, key: str = "loss", log_y: bool = False,
     """One line per run: `key` (default "loss") against step. histories: {name: history}, each a
     mapping with "step" and key lists, an object with .step and .<key>, a list of records, or a
     plain list of values."""
+    _check_mapping("histories", histories, "{run name: history}, e.g. {'aux loss': history.to_dict()}")
     traces = []
     for name, h in histories.items():
         steps, values = _series(h, key)

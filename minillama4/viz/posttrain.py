@@ -23,8 +23,8 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from ..checks import check_int, check_real
-from .plots import _check_fields, _check_len, _style
+from ..checks import check_int, check_real, check_type
+from .plots import _check_fields, _check_len, _check_mapping, _style
 from .widgets import _Explorer, show_figure
 
 STAGE_COLOURS = {"base": "#7f7f7f", "base (raw a+b=)": "#7f7f7f", "base (chat)": "#c7c7c7", "SFT": "#1f77b4",
@@ -62,8 +62,10 @@ def pass_rate_by_level(rates: Mapping[str, Mapping], *, title: str = "Pass rate 
                        counts: Mapping | None = None) -> go.Figure:
     """Grouped bars: one group per level, one bar per model (stage), height = greedy pass rate.
     rates: {stage name: {level: pass rate}}; counts: optional {level: problems per level}."""
+    _check_mapping("rates", rates, "{stage name: {level: pass rate}}, e.g. {'SFT': evaluation.pass_rate}")
     fig = go.Figure()
     for i, (name, r) in enumerate(rates.items()):
+        check_type(f"rates[{name!r}]", r, Mapping, "{level: pass rate}")
         r = _levels(r)
         levels = sorted(r)
         fig.add_bar(x=[str(lv) for lv in levels], y=[r[lv] for lv in levels], name=name,
@@ -285,9 +287,16 @@ class VariantExplorer(_Explorer):
     """Controls over precomputed runs; `build(**values)` returns the figure for a combination."""
 
     def __init__(self, options: Mapping[str, Sequence], build: Callable[..., go.Figure], note: Callable | None = None):
+        _check_mapping("options", options, "{build's keyword argument: [its values]}")
+        if not callable(build) or not (note is None or callable(note)):
+            raise TypeError(f"build and note must be functions of the options' values, got "
+                            f"{type(build).__name__} and {type(note).__name__}")
         self.controls = {}
         for name, values in options.items():
+            check_type(f"options[{name!r}]", values, Sequence, "a list of the values to choose from")
             values = list(values)
+            if not values:
+                raise ValueError(f"options[{name!r}] is empty: expected at least one value to choose")
             label = name.replace("_", " ")
             if all(isinstance(v, (int, float)) for v in values):
                 ctl = widgets.SelectionSlider(options=values, value=values[0], description=label,
@@ -311,6 +320,7 @@ class VariantExplorer(_Explorer):
     def refresh(self) -> None:
         values = self.values()
         self.figure = self.build(**values)
+        check_type("build(...)'s result", self.figure, go.Figure, "build must return a plotly Figure")
         self.text.value = self.note(**values) if self.note else ""
         show_figure(self.output, self.figure)
 
