@@ -13,10 +13,14 @@ Canvas choice (Hugging Face `get_best_fit`): for each canvas the no-distortion s
 min(canvas_h / h, canvas_w / w); take the smallest scale >= 1 if any canvas upscales, else the
 largest (least shrinking) scale; among canvases with that scale, the smallest area.
 
-Resizing is bilinear with antialiasing in torch (`F.interpolate`); Pillow is needed only to
-open image files. Like Hugging Face, rescaling and normalising happen in bfloat16 by default
-("as in the original implementation"); pass dtype=torch.float32 to skip that rounding.
-Simplification: torchvision's uint8 resize kernel rounds differently by at most one grey level.
+Resizing is bilinear with antialiasing in torch (`F.interpolate`), called the way torchvision's
+resize calls it (uint8 images with torch's uint8 kernel), and the resized size is floored from the
+same float32 / float64 scales as Hugging Face's; Pillow is needed only to open image files. Like
+Hugging Face, rescaling and normalising happen in bfloat16 by default ("as in the original
+implementation"); pass dtype=torch.float32 to skip that rounding. Against transformers 5.24 /
+torchvision 0.29.1 the tiles, thumbnail and prompt are bit-identical on 18 test images, and the tile
+grid and resized size agree for every image up to 99 x 99 px (tests/test_image_reference.py; with
+torch's unvectorised CPU kernels one value in 11,760 of a float-resized case is one grey level off).
 
 Input contract: a PIL image (converted to RGB), a numpy array [y, x, 3] or a tensor [3, y, x], of
 any integer or float dtype, with values 0..255 (like the processor's default do_rescale=True).
@@ -29,6 +33,7 @@ Axes: c channels, y x pixel rows / columns, ty tx tile rows / columns, n tiles.
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 
@@ -69,17 +74,32 @@ def choose_tiles(height: int, width: int, tile: int, max_tiles: int = 16) -> tup
 
 
 def resized_size(height: int, width: int, canvas_h: int, canvas_w: int, tile: int) -> tuple[int, int]:
-    """Size after resizing without distortion toward the canvas, upscaling at most to one tile."""
+    """Size after resizing without distortion toward the canvas, upscaling at most to one tile:
+    the limiting side becomes its target, the other floor(side * scale)."""
     target_h = min(max(height, tile), canvas_h)
     target_w = min(max(width, tile), canvas_w)
-    if target_w / width < target_h / height:
-        return max(min(int(height * target_w / width), target_h), 1), target_w
-    return target_h, max(min(int(width * target_h / height), target_w), 1)
+    # Hugging Face computes a side's scale in float32 when the canvas limits that side (the canvas
+    # side is a torch int64 scalar there), else in float64, and floors side * scale, which can land
+    # one pixel short: 83 x 83 px onto a 56 x 56 canvas becomes 56 x 55. Kept for identical inputs.
+    scale_h = torch.tensor(target_h) / height if canvas_h < max(height, tile) else target_h / height
+    scale_w = torch.tensor(target_w) / width if canvas_w < max(width, tile) else target_w / width
+    if scale_w < scale_h:
+        return max(min(math.floor(height * scale_w), target_h), 1), target_w
+    return target_h, max(min(math.floor(width * scale_h), target_w), 1)
 
 
 def _resize(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    out = F.interpolate(image[None].float(), size=size, mode="bilinear", antialias=True, align_corners=False)[0]
-    return out.round().clamp(0, 255) if not image.is_floating_point() else out
+    """Bilinear with antialiasing, as torchvision's resize does it, in the image's dtype: uint8 on the
+    CPU with torch's own uint8 kernel, float32 and float64 as they are, anything else in float32 and
+    back (integers rounded). The same size is returned untouched."""
+    if tuple(image.shape[-2:]) == tuple(size):
+        return image
+    native = (torch.float32, torch.float64) + ((torch.uint8,) if image.device.type == "cpu" else ())
+    x = image[None] if image.dtype in native else image[None].float()
+    out = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)[0]
+    if out.dtype == image.dtype:
+        return out
+    return (out if image.is_floating_point() else out.round()).to(image.dtype)
 
 
 def _normalise(pixels: torch.Tensor, dtype) -> torch.Tensor:
@@ -97,8 +117,13 @@ def to_tensor(image) -> torch.Tensor:
                         f"[3, height, width], got {image!r}{hint}")
     import numpy as np
 
-    if hasattr(image, "convert"):  # PIL
-        image = image.convert("RGB")
+    if hasattr(image, "convert"):  # PIL: transparency is composited onto white, like Hugging Face
+        if "A" in image.getbands() or image.info.get("transparency") is not None:
+            from PIL import Image
+
+            rgba = image.convert("RGBA")
+            image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+        image = np.array(image.convert("RGB"))  # a copy: np.asarray of a PIL image is read-only
     array = np.asarray(image)
     if array.dtype.kind not in "uif":  # bool, object, complex, strings
         raise TypeError(f"image must hold integer or float pixel values 0..255, got a {type(image).__name__} "
