@@ -9,6 +9,13 @@ from __future__ import annotations
 from .config import to_hf_dict
 
 
+def _transformers_older_than(version: str) -> bool:
+    import transformers
+    from packaging.version import Version
+
+    return Version(transformers.__version__) < Version(version)
+
+
 def hf_text_config(cfg, attn_implementation: str = "sdpa"):
     """Our TextConfig / Llama4Config -> transformers.Llama4TextConfig."""
     from transformers import Llama4TextConfig
@@ -19,6 +26,10 @@ def hf_text_config(cfg, attn_implementation: str = "sdpa"):
     d = to_hf_dict(full, text_only=True)
     for key in ("architectures", "model_type", "torch_dtype"):
         d.pop(key)
+    if d.get("attention_chunk_size") is None and _transformers_older_than("5.24"):
+        # transformers 5.17 still treats the RoPE layers as chunked without a chunk size and fails
+        # building their mask and cache; one chunk as long as the context is full causal attention
+        d["attention_chunk_size"] = d["max_position_embeddings"]
     hcfg = Llama4TextConfig(**d)
     hcfg._attn_implementation = attn_implementation
     return hcfg
