@@ -21,8 +21,8 @@ Nothing is downloaded; every domain comes from this Python installation or a see
     trace.load(layer, mask=labels[:, :-1].flatten() == DOMAINS.index("code"))   # [e]
 
 Simplifications and caveats: the prose and code depend on the Python version (patch releases
-edit docstrings and source), so texts are deterministic for one installation, not across
-installations; the tokenizer is the course's byte-level one, so one token is one UTF-8 byte; an
+edit docstrings and source), so texts are deterministic for one installation (the same in a script,
+a Jupyter kernel and pytest: tests/test_data.py checks it), not across installations; the tokenizer is the course's byte-level one, so one token is one UTF-8 byte; an
 <|end_of_text|> token closes every segment and carries that segment's domain label; the held-out
 split is the last tokens of the shuffled stream (a document can straddle the cut).
 
@@ -36,6 +36,7 @@ import importlib
 import inspect
 import numbers
 import random
+import sys
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Iterator, NamedTuple
@@ -58,6 +59,23 @@ PROSE_MODULES = (
     "subprocess", "tarfile", "tempfile", "textwrap", "threading", "time", "typing", "unittest.case",
     "urllib.parse", "uuid", "zipfile",
 )
+# What other code adds to the stdlib's classes at run time is not prose of this Python: copy/pickle
+# cache __slotnames__ (a list, whose type's docstring add() would take) on a class the first time one
+# of its objects is copied (pytest copies an argparse.Namespace), and transformers patches
+# logging.Logger with warning_once & co. Without skipping them the prose seen under pytest, or after
+# importing transformers, differed from the one scripts and Jupyter kernels see.
+RUNTIME_ATTRIBUTES = frozenset({"__slotnames__"})
+
+
+def _from_stdlib(obj) -> bool:
+    """False for a function or class that a non-stdlib package defined (and patched onto a class).
+    Objects without a loaded module of their own (instances, namedtuple's generated __new__ whose
+    __module__ is "namedtuple_<name>") count as the stdlib's."""
+    module = getattr(obj, "__module__", None)
+    if not isinstance(module, str) or module not in sys.modules:
+        return True
+    return module.partition(".")[0] in sys.stdlib_module_names
+
 CODE_MODULES = (
     "argparse", "ast", "base64", "bisect", "calendar", "collections", "configparser", "contextlib",
     "copy", "csv", "dataclasses", "datetime", "difflib", "enum", "fractions", "functools", "glob",
@@ -113,8 +131,10 @@ def prose_documents() -> tuple[str, ...]:
                 continue  # Jupyter kernels replace builtins.input: skip it so scripts and notebooks agree
             add(obj)
             if inspect.isclass(obj):
-                for member in vars(obj).values():  # definition order
-                    add(member.__func__ if isinstance(member, (classmethod, staticmethod)) else member)
+                for attr, member in vars(obj).items():  # definition order
+                    member = member.__func__ if isinstance(member, (classmethod, staticmethod)) else member
+                    if attr not in RUNTIME_ATTRIBUTES and _from_stdlib(member):
+                        add(member)
     return tuple(docs)
 
 

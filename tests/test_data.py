@@ -63,6 +63,31 @@ def test_mixed_corpus_is_deterministic_and_balanced():
         mixed_corpus(domains=("poetry",))
 
 
+def test_the_corpus_under_pytest_is_the_one_scripts_and_notebooks_see():
+    """Same Python, same texts: a fresh interpreter (as a script or a Jupyter kernel runs) and this
+    pytest process build identical prose and code, though here an argparse.Namespace has been copied
+    (that leaves a __slotnames__ list on the class) and transformers has patched logging.Logger with
+    warning_once & co. Before data.RUNTIME_ATTRIBUTES and data._from_stdlib they did not, so the
+    learning thresholds of the tests were tuned on a corpus no notebook trained on."""
+    import argparse
+    import copy
+    import hashlib
+    import logging
+    import subprocess
+    import sys
+
+    transformers = pytest.importorskip("transformers")  # a dev dependency: always there under make test
+    transformers.logging.get_logger("probe")  # imports its logging module, which patches the class
+    copy.copy(argparse.Namespace(a=1))  # what pytest's option handling does
+    assert "__slotnames__" in vars(argparse.Namespace) and "warning_once" in vars(logging.Logger)
+    prose_documents.cache_clear()
+    here = hashlib.sha256(repr((prose_documents(), code_documents())).encode()).hexdigest()
+    script = ("import hashlib; from minillama4.data import prose_documents, code_documents; "
+              "print(hashlib.sha256(repr((prose_documents(), code_documents())).encode()).hexdigest())")
+    fresh = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert fresh.stdout.strip() == here
+
+
 def test_tokenize_labels_every_token():
     segments = mixed_corpus(seed=0, chars_per_domain=5_000)
     corpus = tokenize_segments(segments)
