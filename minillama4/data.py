@@ -69,8 +69,8 @@ RUNTIME_ATTRIBUTES = frozenset({"__slotnames__"})
 
 def _from_stdlib(obj) -> bool:
     """False for a function or class that a non-stdlib package defined (and patched onto a class).
-    Objects without a loaded module of their own (instances, namedtuple's generated __new__ whose
-    __module__ is "namedtuple_<name>") count as the stdlib's."""
+    Objects with no __module__ (instances of builtin types such as str or list) or one that names no
+    loaded module (namedtuple's generated __new__: "namedtuple_<name>") count as the stdlib's."""
     module = getattr(obj, "__module__", None)
     if not isinstance(module, str) or module not in sys.modules:
         return True

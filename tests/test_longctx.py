@@ -438,6 +438,7 @@ def test_attention_figures():
     assert fig.layout.yaxis.type != "log"
     assert lviz.needle_attention_figure({"a": {8: 0.5}}, log_y=True).layout.yaxis.type == "log"
     assert list(fig.data[2].y) == [1 / 32, 1 / 64]
+    assert list(lviz.needle_attention_figure({"a": {32.0: 0.5, np.int64(64): 0.25}}).data[0].x) == [32.0, 64]
     # a bare list failed on .items(); lengths that are not positive integers drew 1 / length wrongly
     with pytest.raises(TypeError, match="weights must be a Mapping, got list"):
         lviz.needle_attention_figure([0.5, 0.3])

@@ -3,6 +3,7 @@ sampling helpers; and the post-training figures (minillama4.viz.posttrain)."""
 
 import random
 
+import numpy as np
 import pytest
 import torch
 
@@ -337,6 +338,10 @@ def test_variant_explorer_redraws_on_change():
         pv.variant_explorer({}, build)
     with pytest.raises(ValueError, match=r"options\['frac'\] is empty"):
         pv.variant_explorer({"frac": []}, build)
+    with pytest.raises(TypeError, match=r"options\['kind'\] must be a list of the values"):  # not "a", "b"
+        pv.variant_explorer({"frac": [0.0], "kind": "ab"}, build)
+    ex = pv.variant_explorer({"frac": np.array([0.0, 0.5]), "kind": {"a": 1, "b": 2}.keys()}, build)
+    assert list(ex.controls["frac"].options) == [0.0, 0.5] and list(ex.controls["kind"].options) == ["a", "b"]
     with pytest.raises(TypeError, match="build and note must be functions"):
         pv.variant_explorer({"frac": [0.0]}, "build")
     with pytest.raises(TypeError, match=r"build\(...\)'s result must be a Figure, got NoneType"):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import html
 import math
+import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -22,7 +23,7 @@ import ipywidgets as widgets
 import numpy as np
 import plotly.graph_objects as go
 
-from ..checks import check_choice, check_int, check_real, check_type, is_int
+from ..checks import check_choice, check_int, check_real, check_type
 from ..config import Llama4Config, TextConfig
 from ..longctx import GIB, KVMemory, accuracy_table, format_bytes, kv_cache_memory
 from .plots import _array, _check_mapping, _check_result, _hline, _style
@@ -182,9 +183,9 @@ def needle_attention_figure(weights: Mapping[str, Mapping[int, float]], *, train
     traces, lens = [], set()
     for i, (label, by_len) in enumerate(weights.items()):
         _check_mapping(f"weights[{label!r}]", by_len, "{sequence length: mean attention weight}")
-        if not all(is_int(n) and n > 0 for n in by_len):  # 1 / length is drawn beside them
+        if not all(isinstance(n, numbers.Real) and not isinstance(n, bool) and n > 0 for n in by_len):
             raise ValueError(f"weights[{label!r}] has keys {list(by_len)[:8]}: expected sequence lengths "
-                             "(positive integers)")
+                             "(positive numbers; 1 / length is drawn beside them)")
         x = sorted(by_len)
         lens.update(x)
         colour = (colours or {}).get(label, blues[i % len(blues)])

@@ -16,7 +16,7 @@ Axes: levels are the task's difficulty levels (digits + carries).
 from __future__ import annotations
 
 import html
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import ipywidgets as widgets
 import numpy as np
@@ -293,7 +293,9 @@ class VariantExplorer(_Explorer):
                             f"{type(build).__name__} and {type(note).__name__}")
         self.controls = {}
         for name, values in options.items():
-            check_type(f"options[{name!r}]", values, Sequence, "a list of the values to choose from")
+            if isinstance(values, (str, bytes, Mapping)) or not isinstance(values, Iterable):  # "ab" -> a, b
+                raise TypeError(f"options[{name!r}] must be a list of the values to choose from (or any "
+                                f"iterable of them), got {type(values).__name__}")
             values = list(values)
             if not values:
                 raise ValueError(f"options[{name!r}] is empty: expected at least one value to choose")
