@@ -48,6 +48,10 @@ def test_png_uri_round_trip_and_tiles():
     img = shapes.draw(shapes.Scene("red", "plus", 40, 30, 20), seed=0)
     assert np.array_equal(decode_png(fusion.png_uri(img)), img.permute(1, 2, 0).numpy())
     assert np.array_equal(decode_png(fusion.png_uri(img.permute(1, 2, 0).numpy())), img.permute(1, 2, 0).numpy())
+    # a tensor [3, y, 3] is channels-first like every tensor (it was read as a 3-row picture)
+    narrow = torch.randint(0, 256, (3, 5, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    assert np.array_equal(decode_png(fusion.png_uri(narrow)), narrow.permute(1, 2, 0).numpy())
+    assert np.array_equal(decode_png(fusion.png_uri(narrow.numpy())), narrow.numpy())  # an array: [y, x, c]
     # RGBA bytes were written as RGB (a garbled picture); a 2-D array failed to unpack
     for bad in (np.zeros((8, 8, 4), np.uint8), np.zeros((8, 8), np.uint8), np.zeros((0, 8, 3), np.uint8)):
         with pytest.raises(ValueError, match=rf"image has shape {re.escape(str(bad.shape))}: expected an RGB"):

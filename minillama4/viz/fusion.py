@@ -55,7 +55,10 @@ ATTENTION_SCALE = "Magma"
 def png_uri(image) -> str:
     """uint8 image [c, y, x] (or [y, x, c] numpy) -> a 'data:image/png;base64,...' URI."""
     a = _array(image)
-    if a.ndim == 3 and a.shape[0] in (1, 3) and a.shape[-1] not in (1, 3):
+    # a tensor is [c, y, x] (torch's layout); an array is [y, x, c] unless only its first axis can
+    # be the channels ([3, y, 3] used to be read as a 3-row picture even when it came as a tensor)
+    channels_first = isinstance(image, torch.Tensor) or (a.ndim == 3 and a.shape[-1] not in (1, 3))
+    if a.ndim == 3 and channels_first and a.shape[0] in (1, 3):
         a = np.transpose(a, (1, 2, 0))
     # a 4-channel image was written as RGB with its bytes misread (a garbled picture), a 2-D one failed
     if a.ndim != 3 or a.shape[-1] not in (1, 3) or 0 in a.shape:
