@@ -21,10 +21,11 @@ Nothing is downloaded; every domain comes from this Python installation or a see
     trace.load(layer, mask=labels[:, :-1].flatten() == DOMAINS.index("code"))   # [e]
 
 Simplifications and caveats: the prose and code depend on the Python version (patch releases
-edit docstrings and source), so texts are deterministic for one installation (the same in a script,
-a Jupyter kernel and pytest: tests/test_data.py checks it), not across installations; the tokenizer is the course's byte-level one, so one token is one UTF-8 byte; an
-<|end_of_text|> token closes every segment and carries that segment's domain label; the held-out
-split is the last tokens of the shuffled stream (a document can straddle the cut).
+edit docstrings and source), so texts are deterministic for one installation (the same in a
+script, a Jupyter kernel and pytest: tests/test_data.py checks it), not across installations; the
+tokenizer is the course's byte-level one, so one token is one UTF-8 byte; an <|end_of_text|>
+token closes every segment and carries that segment's domain label; the held-out split is the last
+tokens of the shuffled stream (a document can straddle the cut).
 
 Axes: n tokens of the stream, b batch, t tokens of a window.
 """
@@ -75,6 +76,7 @@ def _from_stdlib(obj) -> bool:
     if not isinstance(module, str) or module not in sys.modules:
         return True
     return module.partition(".")[0] in sys.stdlib_module_names
+
 
 CODE_MODULES = (
     "argparse", "ast", "base64", "bisect", "calendar", "collections", "configparser", "contextlib",

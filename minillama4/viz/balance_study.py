@@ -80,7 +80,7 @@ def dropped_fraction_bars(table: Mapping, factors: Sequence[float] = CAPACITY_FA
     """Grouped bars: for each run (x) the fraction of token copies dropped at each capacity factor.
     table: {run name: [fraction per factor]} (fractions in 0..1, shown as percent)."""
     _check_mapping("table", table, "{run name: [dropped fraction per capacity factor]}, e.g. "
-                "{name: dropped_fractions(record, factors)}")
+                                   "{name: dropped_fractions(record, factors)}")
     names = list(table)
     for n in names:  # a row of another length was reshaped into the wrong bars, or failed to reshape
         _check_len(f"table[{n!r}]", len(table[n]), len(factors), "capacity factor in factors")
